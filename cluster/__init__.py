@@ -1,0 +1,1 @@
+"""Operating breedlabel on a Ray cluster: job submission, runtime env, schedules, config checks."""

@@ -1,0 +1,70 @@
+"""`breedlabel` command line: one subcommand per step, exit codes mapped in one place.
+
+Each subcommand lives in its own module, which exposes
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int      # the exit code
+and imports heavy libraries (TensorFlow, Ray, OpenVINO) inside `run`, so `--help` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from core.errors import EXIT_FAILED, EXIT_USAGE, BreedlabelError
+
+# name -> (module, one-line help). Explicit: a command exists because it is listed here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("jobs.train", "train a breed classifier and export a bundle"),
+    "predict": ("jobs.predict", "print the top-k breeds of one or more images"),
+    "evaluate": ("jobs.evaluate", "measure a bundle on a folder-per-class dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="breedlabel",
+        description="Train dog-breed classifiers and label large image archives with Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip().splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._module.run(args))
+    except BreedlabelError as exc:
+        print(f"breedlabel {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"breedlabel {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def usage_error(message: str) -> int:
+    """For checks argparse cannot express; same exit code as argparse's own."""
+    print(f"breedlabel: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
