@@ -14,4 +14,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest_plugins = [
     "tests.fixtures.shared_data",
     "tests.fixtures.ray_local",
+    "tests.fixtures.s3",
+    "tests.fixtures.models",
 ]

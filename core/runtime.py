@@ -1,0 +1,214 @@
+"""Execute a bundle's SavedModel: OpenVINO on CPU, TensorFlow on GPU (chosen at load time).
+
+Why two: on CPU OpenVINO reads the SavedModel directly and runs it several times faster than
+TensorFlow with the same top-1 (see DESIGN.md); on a GPU TensorFlow is the natural choice.
+Never loads through Keras, so the bundle has no Keras version coupling. Every runtime takes
+uint8 [N,H,W,3] and returns float32 probabilities [N,C].
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from core.bundle import INPUT_NAME, OUTPUT_NAME, SIGNATURE, Bundle, cache_root, check_output_width
+from core.errors import BundleError, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "openvino", "tensorflow")
+OV_MODES = ("sync", "async")
+OV_HINTS = ("THROUGHPUT", "LATENCY")
+OV_CACHE_ENV = "BREEDLABEL_OV_CACHE"  # "0" disables the converted-model cache
+
+
+class Runtime(Protocol):
+    name: str
+    input_size: tuple[int, int]
+    num_classes: int
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def _check_batch(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (*size, 3):
+        raise InputError(f"runtime input must be uint8 [N,{size[0]},{size[1]},3], got {arr.dtype} "
+                         f"{list(arr.shape)}; decode with core.images at the bundle's input_size")
+    return np.ascontiguousarray(arr)
+
+
+# ---------------------------------------------------------------- OpenVINO
+
+
+def _convert_openvino(bundle: Bundle):
+    """SavedModel -> ov.Model, cached as IR next to the bundle cache keyed by model_id (~1 s saved)."""
+    import openvino as ov
+
+    use_cache = os.environ.get(OV_CACHE_ENV, "1") != "0"
+    xml = cache_root() / "openvino" / bundle.model_id / "model.xml"
+    if use_cache and xml.is_file():
+        try:
+            return ov.Core().read_model(str(xml))
+        except Exception:  # a damaged cache entry: convert again
+            log.debug("ignoring unreadable OpenVINO cache %s", xml)
+    model = ov.convert_model(bundle.model_path)
+    if use_cache:
+        try:
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            tmp = xml.with_name(f".tmp-{os.getpid()}.xml")
+            ov.save_model(model, str(tmp), compress_to_fp16=False)  # fp16 weights would cost parity
+            os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(tmp, xml)
+        except OSError as exc:
+            log.debug("could not cache converted model at %s: %s", xml, exc)
+    return model
+
+
+class OpenVINORuntime:
+    """Compiled for the host CPU. mode="sync": one infer of the whole batch (LATENCY hint);
+    mode="async": the batch split over an AsyncInferQueue (THROUGHPUT hint)."""
+
+    name = "openvino"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, *, mode: str = "sync",
+                 hint: str | None = None, precision: str | None = None):
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        if mode not in OV_MODES:
+            raise ConfigError(f"openvino mode {mode!r} is not one of {list(OV_MODES)}")
+        hint = hint or ("LATENCY" if mode == "sync" else "THROUGHPUT")
+        if hint not in OV_HINTS:
+            raise ConfigError(f"openvino hint {hint!r} is not one of {list(OV_HINTS)}")
+        self.input_size = bundle.input_size
+        self.mode = mode
+        model = _convert_openvino(bundle)
+        config: dict = {hints.performance_mode: getattr(hints.PerformanceMode, hint)}
+        if threads:
+            config[props.inference_num_threads] = int(threads)
+        if precision:  # default: bf16 where the CPU has it (AMX/AVX512-BF16), else f32
+            config[hints.inference_precision] = getattr(ov.Type, precision)
+        self._compiled = ov.Core().compile_model(model, "CPU", config)
+        out_shape = self._compiled.output(0).get_partial_shape()
+        width = out_shape[-1].get_length() if out_shape[-1].is_static else None
+        check_output_width(bundle, width)
+        self.num_classes = bundle.num_classes
+        self.precision = str(self._compiled.get_property(hints.inference_precision))
+        self._nreq = int(self._compiled.get_property(props.optimal_number_of_infer_requests))
+        self._request = self._compiled.create_infer_request()
+        self._queue = ov.AsyncInferQueue(self._compiled, self._nreq) if mode == "async" else None
+        log.debug("openvino: mode=%s hint=%s precision=%s requests=%d", mode, hint, self.precision, self._nreq)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        arr = _check_batch(images, self.input_size)
+        if len(arr) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        if self._queue is None or len(arr) == 1:
+            result = self._request.infer({0: arr}, share_inputs=True)
+            return np.array(result[0], dtype=np.float32, copy=True)
+        return self._predict_async(arr)
+
+    def _predict_async(self, arr: np.ndarray) -> np.ndarray:
+        out = np.empty((len(arr), self.num_classes), np.float32)
+        chunks = np.array_split(np.arange(len(arr)), min(self._nreq, len(arr)))
+
+        def done(request, start: int) -> None:
+            res = request.get_output_tensor(0).data
+            out[start:start + len(res)] = res
+
+        self._queue.set_callback(done)
+        for idx in chunks:
+            self._queue.start_async({0: arr[idx[0]:idx[-1] + 1]}, int(idx[0]))
+        self._queue.wait_all()
+        return out
+
+
+# ---------------------------------------------------------------- TensorFlow
+
+
+class TensorFlowRuntime:
+    """tf.saved_model.load + the serving signature; GPU memory growth on."""
+
+    name = "tensorflow"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # already initialised by an earlier load: keep what is set
+                pass
+        if threads:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                log.debug("tensorflow already initialised; threads=%s not applied", threads)
+        self.input_size = bundle.input_size
+        self._loaded = tf.saved_model.load(bundle.model_path)
+        if SIGNATURE not in self._loaded.signatures:
+            raise BundleError(f"bundle {bundle.path}: the SavedModel has no {SIGNATURE!r} signature; "
+                              "re-export the bundle with breedlabel")
+        self._fn = self._loaded.signatures[SIGNATURE]
+        out = self._fn.structured_outputs.get(OUTPUT_NAME)
+        if out is None:
+            raise BundleError(f"bundle {bundle.path}: signature {SIGNATURE!r} has no {OUTPUT_NAME!r} output")
+        check_output_width(bundle, out.shape[-1])
+        self.num_classes = bundle.num_classes
+        self._tf = tf
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        arr = _check_batch(images, self.input_size)
+        if len(arr) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        out = self._fn(**{INPUT_NAME: self._tf.constant(arr)})[OUTPUT_NAME]
+        return out.numpy().astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------- choice
+
+
+def gpu_visible() -> bool:
+    """Cheap check (no TF import): an NVIDIA device node and CUDA_VISIBLE_DEVICES not hiding it."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidia0").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def _tf_sees_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def load_runtime(bundle: Bundle, runtime: str = "auto", threads: int | None = None, **ov_options) -> Runtime:
+    """auto = OpenVINO on CPU, TensorFlow when a GPU is visible or OpenVINO cannot run the graph.
+
+    ov_options (mode, hint, precision) go to OpenVINORuntime.
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is not one of {list(RUNTIMES)}")
+    if runtime == "tensorflow" or (runtime == "auto" and gpu_visible() and _tf_sees_gpu()):
+        return TensorFlowRuntime(bundle, threads)
+    try:
+        return OpenVINORuntime(bundle, threads, **ov_options)
+    except (BundleError, ConfigError):
+        raise
+    except ImportError as exc:
+        if runtime == "openvino":
+            raise ConfigError(f"--runtime openvino: openvino is not installed ({exc}); "
+                              "install it or use --runtime tensorflow") from exc
+        reason = f"openvino is not available ({exc})"
+    except Exception as exc:  # conversion/compilation failures of an unusual graph
+        if runtime == "openvino":
+            raise BundleError(f"bundle {bundle.path}: OpenVINO cannot convert/compile the model "
+                              f"({type(exc).__name__}: {exc}); use --runtime tensorflow") from exc
+        reason = f"OpenVINO cannot run this model ({type(exc).__name__}: {str(exc)[:200]})"
+    log.warning("runtime auto: %s; falling back to TensorFlow", reason)
+    return TensorFlowRuntime(bundle, threads)
