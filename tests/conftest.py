@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.ray_local",
     "tests.fixtures.s3",
     "tests.fixtures.models",
+    "tests.fixtures.images",
 ]
