@@ -1,0 +1,155 @@
+"""Images in, top-k breeds out: the bundle's decode settings + a runtime + top-k.
+
+The one predictor behind `breedlabel predict`, `evaluate` and the UI. Per-image problems
+(not an image, truncated, unreadable) are kept per image as a short reason, never raised,
+so one bad file does not cost the others their answers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from core.breeds import Breed
+from core.bundle import Bundle, load_bundle
+from core.errors import ConfigError, ImageDecodeError, StorageError
+from core.images import decode_image
+
+log = logging.getLogger(__name__)
+
+REASON_NOT_FOUND = "file not found"
+REASON_UNREADABLE = "cannot read file"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Defaults for predict (shown by `breedlabel predict --help`)."""
+
+    top_k: int = 3
+    runtime: str = "auto"
+    threads: int | None = None
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Prediction:
+    breed_id: str
+    breed: str  # Breed.name, as in labels.json
+    prob: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One input's outcome: `predictions` when labelled, else `error` (a short reason)."""
+
+    source: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    probs: np.ndarray | None = field(default=None, repr=False, compare=False)  # only if asked for
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def top_k(probs: np.ndarray, classes: Sequence[Breed], k: int = 3) -> list[list[Prediction]]:
+    """Per row, the k most probable classes, sorted by probability (desc; ties by class order)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ConfigError(f"top_k: probabilities of shape {list(probs.shape)} do not match "
+                          f"{len(classes)} classes")
+    k = max(1, min(int(k), len(classes)))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [
+        [Prediction(classes[j].id, classes[j].name, float(row[j])) for j in idx]
+        for row, idx in zip(probs, order)
+    ]
+
+
+class Predictor:
+    """Loads a bundle and a runtime once; decodes with the card's input_size + resize_policy."""
+
+    def __init__(self, bundle_uri: str | Bundle, runtime: str = "auto", threads: int | None = None,
+                 batch_size: int = PredictConfig.batch_size, **runtime_options):
+        from core.runtime import load_runtime
+
+        self.bundle = bundle_uri if isinstance(bundle_uri, Bundle) else load_bundle(str(bundle_uri))
+        self.runtime = load_runtime(self.bundle, runtime, threads, **runtime_options)
+        self.batch_size = max(1, int(batch_size))
+        self.size = self.bundle.input_size
+        self.policy = self.bundle.resize_policy
+
+    @property
+    def classes(self) -> list[Breed]:
+        return self.bundle.classes
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,3] at the bundle's input size -> float32 probs [N,C], in batches."""
+        parts = [self.runtime.predict(images[i:i + self.batch_size])
+                 for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_bytes(self, datas: Sequence[bytes], k: int = PredictConfig.top_k,
+                      sources: Sequence[str] | None = None, with_probs: bool = False) -> list[ImageResult]:
+        """Decode + predict; a bad image gets an error result, the others their top-k."""
+        sources = list(sources) if sources is not None else [f"image {i}" for i in range(len(datas))]
+        results: list[ImageResult | None] = [None] * len(datas)
+        good: list[int] = []
+        arrays: list[np.ndarray] = []
+        sizes: list[tuple[int, int]] = []
+        for i, (data, source) in enumerate(zip(datas, sources)):
+            try:
+                decoded = decode_image(data, size=self.size, policy=self.policy, source=source)
+            except ImageDecodeError as exc:
+                results[i] = ImageResult(source, error=exc.reason)
+                continue
+            good.append(i)
+            arrays.append(decoded.array)
+            sizes.append((decoded.width, decoded.height))
+        if good:
+            probs = self.predict_arrays(np.stack(arrays))
+            rows = zip(good, top_k(probs, self.classes, k), sizes, probs)
+            for i, preds, (w, h), row in rows:
+                results[i] = ImageResult(sources[i], preds, width=w, height=h, probs=row if with_probs else None)
+        return results  # type: ignore[return-value]
+
+    def predict_paths(self, paths: Sequence[str], k: int = PredictConfig.top_k,
+                      with_probs: bool = False) -> list[ImageResult]:
+        """Like predict_bytes for files or URIs; unreadable ones get an error result."""
+        results: list[ImageResult] = []
+        for start in range(0, len(paths), self.batch_size):
+            chunk = [str(p) for p in paths[start:start + self.batch_size]]
+            datas, errors = zip(*(_read(p) for p in chunk)) if chunk else ((), ())
+            readable = [i for i, err in enumerate(errors) if err is None]
+            done = self.predict_bytes([datas[i] for i in readable], k, [chunk[i] for i in readable], with_probs)
+            by_index = dict(zip(readable, done))
+            results.extend(by_index.get(i) or ImageResult(chunk[i], error=errors[i]) for i in range(len(chunk)))
+        return results
+
+
+def _read(path: str) -> tuple[bytes, str | None]:
+    """Bytes of a local path or a URI; (b"", reason) when it cannot be read."""
+    if "://" in path:
+        from core import storage
+
+        try:
+            return storage.read_bytes(path), None
+        except storage.ObjectNotFoundError:
+            return b"", REASON_NOT_FOUND
+        except StorageError as exc:
+            log.debug("cannot read %s: %s", path, exc)
+            return b"", REASON_UNREADABLE
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(), None
+    except FileNotFoundError:
+        return b"", REASON_NOT_FOUND
+    except IsADirectoryError:
+        return b"", "is a directory"
+    except OSError as exc:
+        return b"", f"{REASON_UNREADABLE} ({exc.strerror or exc})"
+
