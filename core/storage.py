@@ -1,0 +1,466 @@
+"""One way to read, write and list objects at a URI: a local path, `file://…` or `s3://bucket/key`.
+
+S3 goes through boto3 for object calls (its paginator streams listings page by page, so
+work can start before a bucket of millions of keys is listed) and through
+`pyarrow.fs.S3FileSystem` for Parquet/datasets (`get_filesystem`). The endpoint comes from
+an explicit `S3Options(endpoint_url=...)` or `AWS_ENDPOINT_URL`, the region from
+`AWS_REGION`/`AWS_DEFAULT_REGION`, credentials from the standard AWS chain: they are never
+passed around, logged or written by this module.
+
+Every failure is a `StorageError` naming the URI, what is wrong and what to do; a missing
+object is the subclass `ObjectNotFoundError`, which callers turn into a row error.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
+from urllib.parse import unquote, urlparse
+
+from core.errors import StorageError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
+DEFAULT_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
+_READ_BUFFER = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+class ObjectNotFoundError(StorageError):
+    """The object does not exist (or vanished between listing and reading)."""
+
+    reason = "not found"
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        super().__init__(f"{uri}: not found; check the path, or whether it was deleted since listing")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Explicit S3 settings; unset fields fall back to the AWS environment variables."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def resolved(self) -> "S3Options":
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return S3Options(endpoint_url=endpoint or None, region=region or None)
+
+
+@dataclass(frozen=True)
+class ParsedURI:
+    scheme: str  # "file" or "s3"
+    bucket: str  # "" for local files
+    path: str  # local path, or the S3 key (no leading slash)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    size: int
+
+
+def parse_uri(uri: str) -> ParsedURI:
+    """Split a URI into scheme, bucket and path; other schemes are a StorageError."""
+    if not uri:
+        raise StorageError("empty URI; give a local path, file://PATH or s3://BUCKET/KEY")
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: no bucket name; write s3://BUCKET/KEY")
+        return ParsedURI("s3", parsed.netloc, parsed.path.lstrip("/"))
+    if uri.startswith("file://"):
+        return ParsedURI("file", "", unquote(urlparse(uri).path))
+    if _SCHEME.match(uri):
+        raise StorageError(f"{uri}: unsupported URI scheme; use a local path, file://PATH or s3://BUCKET/KEY")
+    return ParsedURI("file", "", uri)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def normalize_uri(uri: str) -> str:
+    """Local paths become absolute plain paths (Ray workers run elsewhere); S3 URIs are kept."""
+    p = parse_uri(uri)
+    return uri if p.scheme == "s3" else os.path.abspath(os.path.expanduser(p.path))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI, keeping its style (path, file:// or s3://)."""
+    parts = tuple(p.strip("/") for p in parts if p)
+    if parse_uri(uri).scheme == "s3" or uri.startswith("file://"):
+        return "/".join([uri.rstrip("/"), *parts]) if parts else uri
+    return os.path.join(uri, *parts)
+
+
+def matches_extensions(name: str, extensions: Iterable[str] | None) -> bool:
+    """Case-insensitive suffix test; `None` accepts every name (extension-less keys too)."""
+    if extensions is None:
+        return True
+    lower = name.lower()
+    return any(lower.endswith(ext if ext.startswith(".") else "." + ext) for ext in (e.lower() for e in extensions))
+
+
+# --- S3 clients -----------------------------------------------------------------------------
+
+_client_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint_url: str | None, region: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    with _client_lock:  # boto3 sessions are not thread-safe to create
+        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def s3_client(s3: S3Options | None = None):
+    """The (cached, thread-safe) boto3 S3 client for these options."""
+    opts = (s3 or S3Options()).resolved()
+    return _client(opts.endpoint_url, opts.region)
+
+
+@contextmanager
+def _s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[None]:
+    """Map botocore failures to StorageErrors that say what to do."""
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
+                                     EndpointConnectionError, NoCredentialsError)
+
+    endpoint = (s3 or S3Options()).resolved().endpoint_url or "the AWS default endpoint"
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _NOT_FOUND_CODES:
+            raise ObjectNotFoundError(uri) from None
+        if code == "NoSuchBucket":
+            raise StorageError(f"{uri}: bucket {parse_uri(uri).bucket!r} does not exist at {endpoint}; "
+                               "check the bucket name, AWS_ENDPOINT_URL and region") from None
+        if code in _DENIED_CODES:
+            raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "
+                               "check the credentials and the bucket policy") from None
+        raise StorageError(f"{uri}: cannot {action}: {code or exc}") from None
+    except NoCredentialsError:
+        raise StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                           "or AWS_PROFILE, or run where an instance/pod role provides them") from None
+    except (EndpointConnectionError, ConnectTimeoutError):
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} to {action}; "
+                           "check AWS_ENDPOINT_URL and the network") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"{uri}: cannot {action}: {exc}") from None
+
+
+@contextmanager
+def _local_errors(uri: str, action: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        raise ObjectNotFoundError(uri) from None
+    except PermissionError:
+        raise StorageError(f"{uri}: permission denied while trying to {action}; check file permissions") from None
+    except IsADirectoryError:
+        raise StorageError(f"{uri}: is a directory, cannot {action}; give a file") from None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot {action}: {exc.strerror or exc}") from None
+
+
+# --- objects ----------------------------------------------------------------------------------
+
+def read_bytes(uri: str, *, s3: S3Options | None = None) -> bytes:
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        with _s3_errors(uri, "read", s3):
+            return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path)["Body"].read()
+    with _local_errors(uri, "read"), open(p.path, "rb") as f:
+        return f.read()
+
+
+def read_range(uri: str, offset: int, length: int, *, s3: S3Options | None = None) -> bytes:
+    """`length` bytes from `offset` (fewer at the end of the object)."""
+    if length <= 0:
+        return b""
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        with _s3_errors(uri, "read", s3):
+            rng = f"bytes={offset}-{offset + length - 1}"
+            return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path, Range=rng)["Body"].read()
+    with _local_errors(uri, "read"), open(p.path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def write_bytes(uri: str, data: bytes, *, s3: S3Options | None = None) -> None:
+    """Write a whole object; local writes go to a temp file renamed into place (atomic)."""
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        with _s3_errors(uri, "write", s3):
+            s3_client(s3).put_object(Bucket=p.bucket, Key=p.path, Body=data)
+        return
+    with _local_errors(uri, "write"):
+        parent = os.path.dirname(os.path.abspath(p.path))
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(p.path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def stat(uri: str, *, s3: S3Options | None = None) -> FileInfo:
+    """Size of one file/object; ObjectNotFoundError when absent (or a directory)."""
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        with _s3_errors(uri, "stat", s3):
+            return FileInfo(uri, int(s3_client(s3).head_object(Bucket=p.bucket, Key=p.path)["ContentLength"]))
+    if not os.path.isfile(p.path):
+        raise ObjectNotFoundError(uri)
+    with _local_errors(uri, "stat"):
+        return FileInfo(uri, os.path.getsize(p.path))
+
+
+def exists(uri: str, *, s3: S3Options | None = None) -> bool:
+    """True for an existing file/object (local directories count too)."""
+    if parse_uri(uri).scheme == "file":
+        return os.path.exists(parse_uri(uri).path)
+    try:
+        stat(uri, s3=s3)
+        return True
+    except ObjectNotFoundError:
+        return False
+
+
+def is_dir(uri: str, *, s3: S3Options | None = None) -> bool:
+    """A local directory, or an S3 prefix with at least one object under it."""
+    p = parse_uri(uri)
+    if p.scheme == "file":
+        return os.path.isdir(p.path)
+    return next(iter(list_files(uri, extensions=None, page_size=1, s3=s3)), None) is not None
+
+
+def delete(uri: str, *, missing_ok: bool = True, s3: S3Options | None = None) -> None:
+    p = parse_uri(uri)
+    if p.scheme == "s3":  # S3 deletes are idempotent: no way to tell "missing" without a HEAD
+        if not missing_ok and not exists(uri, s3=s3):
+            raise ObjectNotFoundError(uri)
+        with _s3_errors(uri, "delete", s3):
+            s3_client(s3).delete_object(Bucket=p.bucket, Key=p.path)
+        return
+    try:
+        with _local_errors(uri, "delete"):
+            os.remove(p.path)
+    except ObjectNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def delete_tree(uri: str, *, s3: S3Options | None = None) -> None:
+    """Remove a directory/prefix and everything under it (e.g. an abandoned staging area)."""
+    p = parse_uri(uri)
+    if p.scheme == "file":
+        shutil.rmtree(p.path, ignore_errors=True)
+        return
+    batch: list[dict] = []
+    for info in list_files(uri, extensions=None, s3=s3):
+        batch.append({"Key": parse_uri(info.uri).path})
+        if len(batch) == 1000:
+            _delete_batch(uri, p.bucket, batch, s3)
+            batch = []
+    if batch:
+        _delete_batch(uri, p.bucket, batch, s3)
+
+
+def _delete_batch(uri: str, bucket: str, keys: list[dict], s3: S3Options | None) -> None:
+    with _s3_errors(uri, "delete", s3):
+        s3_client(s3).delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def copy(src: str, dst: str, *, s3: S3Options | None = None) -> None:
+    """Copy one object between any two URIs (server-side within S3)."""
+    ps, pd = parse_uri(src), parse_uri(dst)
+    if ps.scheme == "s3" and pd.scheme == "s3":
+        with _s3_errors(src, f"copy to {dst}", s3):
+            s3_client(s3).copy({"Bucket": ps.bucket, "Key": ps.path}, pd.bucket, pd.path)
+    elif ps.scheme == "file" and pd.scheme == "file":
+        with _local_errors(src, f"copy to {dst}"):
+            os.makedirs(os.path.dirname(os.path.abspath(pd.path)), exist_ok=True)
+            tmp = f"{pd.path}.{os.getpid()}.tmp"
+            shutil.copyfile(ps.path, tmp)
+            os.replace(tmp, pd.path)
+    elif ps.scheme == "file":
+        with _local_errors(src, "read"), _s3_errors(dst, "upload", s3):
+            s3_client(s3).upload_file(ps.path, pd.bucket, pd.path)
+    else:
+        write_bytes(dst, read_bytes(src, s3=s3), s3=s3)
+
+
+def rename(src: str, dst: str, *, s3: S3Options | None = None) -> None:
+    """Publish a staged file: atomic `os.replace` locally, copy + delete on S3."""
+    ps, pd = parse_uri(src), parse_uri(dst)
+    if ps.scheme == pd.scheme == "file":
+        with _local_errors(src, f"rename to {dst}"):
+            os.makedirs(os.path.dirname(os.path.abspath(pd.path)), exist_ok=True)
+            os.replace(ps.path, pd.path)
+        return
+    copy(src, dst, s3=s3)
+    delete(src, s3=s3)
+
+
+# --- listing -------------------------------------------------------------------------------
+
+def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
+               page_size: int = DEFAULT_PAGE_SIZE, s3: S3Options | None = None) -> Iterator[FileInfo]:
+    """Files under a directory/prefix, recursively, streamed (S3: one page at a time).
+
+    Order is deterministic: sorted within each directory (local) or page (S3 pages are in
+    key order already). A local file given directly yields itself if it matches.
+    """
+    exts = tuple(extensions) if extensions is not None else None
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        yield from _list_s3(uri, p, exts, page_size, s3)
+        return
+    if os.path.isfile(p.path):
+        if matches_extensions(p.path, exts):
+            yield FileInfo(uri, os.path.getsize(p.path))
+        return
+    if not os.path.isdir(p.path):
+        raise StorageError(f"{uri}: no such file or directory; check the path")
+    yield from _list_local(uri, p.path, exts)
+
+
+def _list_local(uri: str, root: str, exts: tuple[str, ...] | None,
+                rel: tuple[str, ...] = ()) -> Iterator[FileInfo]:
+    """Depth-first in S3 key order (a directory sorts as `name/`): same order for both schemes."""
+    path = os.path.join(root, *rel)
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in it)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list {path}: {exc.strerror}; check permissions") from None
+    for key, entry in entries:
+        if key.endswith("/"):
+            yield from _list_local(uri, root, exts, (*rel, entry.name))
+        elif matches_extensions(entry.name, exts):
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue  # vanished while listing
+            yield FileInfo(join(uri, *rel, entry.name), size)
+
+
+def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: int,
+             s3: S3Options | None) -> Iterator[FileInfo]:
+    prefix = p.path if not p.path or p.path.endswith("/") else p.path + "/"
+    paginator = s3_client(s3).get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=p.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+    with _s3_errors(uri, "list", s3):
+        for page in pages:
+            keys = sorted((o["Key"], o["Size"]) for o in page.get("Contents", ()))
+            for key, size in keys:
+                if not key.endswith("/") and matches_extensions(key, exts):
+                    yield FileInfo(f"s3://{p.bucket}/{key}", int(size))
+
+
+# --- file handles -----------------------------------------------------------------------
+
+class _S3RangeReader(io.RawIOBase):
+    """Seekable raw reader over one S3 object with HTTP range GETs (for zip's random access)."""
+
+    def __init__(self, uri: str, size: int, s3: S3Options | None):
+        self._uri, self._size, self._s3, self._pos = uri, size, s3, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = read_range(self._uri, self._pos, n, s3=self._s3)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def open_input(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
+    """A seekable binary file (e.g. for `zipfile`); S3 reads are buffered range requests."""
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        size = stat(uri, s3=s3).size
+        return io.BufferedReader(_S3RangeReader(uri, size, s3), buffer_size=_READ_BUFFER)
+    with _local_errors(uri, "open"):
+        return open(p.path, "rb")
+
+
+def open_stream(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
+    """A forward-only stream of the whole object in one request (e.g. for streaming tar)."""
+    p = parse_uri(uri)
+    if p.scheme == "s3":
+        with _s3_errors(uri, "read", s3):
+            return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path)["Body"]
+    return open_input(uri)
+
+
+def get_filesystem(uri: str, *, s3: S3Options | None = None):
+    """`(pyarrow.fs.FileSystem, path)` so pyarrow.parquet / pyarrow.dataset can read and write there."""
+    import pyarrow.fs as pafs
+
+    p = parse_uri(uri)
+    if p.scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(p.path)
+    opts = (s3 or S3Options()).resolved()
+    return _arrow_s3(opts.endpoint_url, opts.region or _bucket_region(p.bucket, opts)), posixpath.join(p.bucket, p.path)
+
+
+def _bucket_region(bucket: str, opts: S3Options) -> str:
+    if opts.endpoint_url:
+        return "us-east-1"
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return "us-east-1"
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(endpoint_url: str | None, region: str):
+    import pyarrow.fs as pafs
+
+    kwargs: dict = {"region": region}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint_url
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)

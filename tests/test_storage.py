@@ -1,0 +1,155 @@
+"""core.storage against the local filesystem and a real S3 endpoint (moto_server over HTTP)."""
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core import storage
+from core.errors import StorageError
+from core.storage import FileInfo, ObjectNotFoundError, S3Options
+
+
+@pytest.fixture
+def bucket(moto_s3) -> str:
+    return moto_s3.make_bucket(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def root(request, tmp_path) -> str:
+    """The same tests over a plain path, a file:// URI and an S3 prefix."""
+    if request.param == "s3":
+        return request.getfixturevalue("bucket") + "/root"
+    if request.param == "file":
+        return f"file://{tmp_path}"
+    return str(tmp_path)
+
+
+def test_parse_uri():
+    assert storage.parse_uri("s3://b/k/x.jpg") == storage.ParsedURI("s3", "b", "k/x.jpg")
+    assert storage.parse_uri("file:///tmp/a%20b.jpg") == storage.ParsedURI("file", "", "/tmp/a b.jpg")
+    assert storage.parse_uri("rel/x.jpg") == storage.ParsedURI("file", "", "rel/x.jpg")
+    for bad in ("", "gs://b/k", "https://host/x", "s3:///key"):
+        with pytest.raises(StorageError):
+            storage.parse_uri(bad)
+
+
+def test_join_keeps_style():
+    assert storage.join("s3://b/p/", "a/", "/x.jpg") == "s3://b/p/a/x.jpg"
+    assert storage.join("file:///t", "a", "x") == "file:///t/a/x"
+    assert storage.join("/t", "a", "x") == os.path.join("/t", "a", "x")
+
+
+def test_round_trip(root):
+    uri = storage.join(root, "dir", "a.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"hello world")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b"hello world"
+    assert storage.read_range(uri, 6, 100) == b"world"
+    assert storage.stat(uri).size == 11
+    with storage.open_input(uri) as f:
+        f.seek(-5, os.SEEK_END)
+        assert f.read() == b"world"
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    with pytest.raises(ObjectNotFoundError, match="not found"):
+        storage.read_bytes(uri)
+    with pytest.raises(ObjectNotFoundError):
+        storage.delete(uri, missing_ok=False)
+
+
+def test_copy_rename_delete_tree(root):
+    src, dst = storage.join(root, "_staging", "p.bin"), storage.join(root, "out", "p.bin")
+    storage.write_bytes(src, b"part")
+    storage.copy(src, storage.join(root, "copy.bin"))
+    storage.rename(src, dst)
+    assert not storage.exists(src) and storage.read_bytes(dst) == b"part"
+    assert storage.read_bytes(storage.join(root, "copy.bin")) == b"part"
+    storage.delete_tree(storage.join(root, "out"))
+    assert not storage.exists(dst)
+
+
+def test_local_write_is_atomic_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "x.json"
+    storage.write_bytes(str(target), b"1")
+    storage.write_bytes(str(target), b"2")
+    assert target.read_bytes() == b"2"
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_cross_scheme_copy(tmp_path, bucket):
+    local = str(tmp_path / "a.bin")
+    storage.write_bytes(local, b"abc")
+    storage.copy(local, f"{bucket}/a.bin")
+    storage.copy(f"{bucket}/a.bin", str(tmp_path / "b.bin"))
+    assert (tmp_path / "b.bin").read_bytes() == b"abc"
+
+
+def test_list_extensions_and_order(root):
+    for name in ("b/2.JPG", "a/1.png", "a/0.jpeg", "c.txt", "blob", "z.webp"):
+        storage.write_bytes(storage.join(root, name), b"x" * 3)
+    names = [i.uri[len(root):].lstrip("/") for i in storage.list_files(root)]
+    assert names == ["a/0.jpeg", "a/1.png", "b/2.JPG", "z.webp"]
+    every = [i.uri[len(root):].lstrip("/") for i in storage.list_files(root, extensions=None)]
+    assert every == ["a/0.jpeg", "a/1.png", "b/2.JPG", "blob", "c.txt", "z.webp"]
+    assert all(i.size == 3 for i in storage.list_files(root, extensions=None))
+    assert list(storage.list_files(storage.join(root, "a"), extensions=("png",))) == [
+        FileInfo(storage.join(root, "a", "1.png"), 3)
+    ]
+
+
+def test_s3_listing_streams_page_by_page(moto_s3, bucket, monkeypatch):
+    client = moto_s3.client()
+    name = storage.parse_uri(bucket).bucket
+    for i in range(300):  # 3 pages of 100: enough to prove pagination, cheap on 2 cores
+        client.put_object(Bucket=name, Key=f"many/{i:05d}.jpg", Body=b"")
+    calls = []
+    real = storage.s3_client(None)
+    orig = real._make_api_call
+
+    def counting(op, params):
+        calls.append((op, params.get("MaxKeys")))
+        return orig(op, params)
+
+    monkeypatch.setattr(real, "_make_api_call", counting)
+    stream = storage.list_files(f"{bucket}/many", page_size=100)
+    first = list(itertools.islice(stream, 10))
+    assert calls == [("ListObjectsV2", 100)]  # work can start after one page
+    rest = list(stream)
+    assert [c[0] for c in calls] == ["ListObjectsV2"] * 3
+    keys = [i.uri for i in first + rest]
+    assert len(keys) == 300 and keys == sorted(keys)
+
+
+def test_s3_errors_are_clear(moto_s3, tmp_path):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        list(storage.list_files("s3://no-such-bucket-here/x"))
+    with pytest.raises(StorageError, match="no such file or directory"):
+        list(storage.list_files(str(tmp_path / "missing")))
+    dead = S3Options(endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
+        storage.read_bytes("s3://b/k", s3=dead)
+
+
+def test_s3_no_credentials(moto_s3, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    opts = S3Options(region="eu-west-3")  # a fresh client: the cached one holds credentials
+    with pytest.raises(StorageError, match="no AWS credentials found") as err:
+        storage.read_bytes("s3://b/k", s3=opts)
+    assert "testing" not in str(err.value)
+
+
+def test_parquet_via_get_filesystem(bucket):
+    fs, path = storage.get_filesystem(f"{bucket}/ds/part-0.parquet")
+    table = pa.table({"uri": ["a", "b"], "prob": pa.array([0.5, 0.25], pa.float32())})
+    pq.write_table(table, path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    assert [i.uri for i in storage.list_files(f"{bucket}/ds", extensions=(".parquet",))] == [
+        f"{bucket}/ds/part-0.parquet"
+    ]
