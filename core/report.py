@@ -18,6 +18,7 @@ import numpy as np
 
 from core import plots
 from core.errors import BreedlabelError, InputError
+from core.evaluate import confusion_counts, per_class_accuracy, top_k_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,9 @@ def class_names(classes: Sequence[Any]) -> list[str]:
     return [getattr(c, "display", None) or str(c) for c in classes]
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
-
-
 def topk_accuracy(y_true: np.ndarray, probs: np.ndarray, max_k: int = MAX_K) -> np.ndarray:
     """accuracy[k-1] = share of images whose true class is among the k most probable."""
-    true_prob = probs[np.arange(len(y_true)), y_true]
-    rank = (probs > true_prob[:, None]).sum(axis=1)
-    ks = np.arange(1, min(max_k, probs.shape[1]) + 1)
-    return (rank[None, :] < ks[:, None]).mean(axis=1)
+    return np.array([top_k_accuracy(probs, y_true, k) for k in range(1, min(max_k, probs.shape[1]) + 1)])
 
 
 def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS):
@@ -220,7 +213,7 @@ def write_report(out_dir: str | os.PathLike, y_true: Sequence[int] | np.ndarray,
     y_true, probs = _check_inputs(y_true, probs, classes, image_paths)
     names = class_names(classes)
     y_pred = probs.argmax(axis=1)
-    matrix = confusion_matrix(y_true, y_pred, len(names))
+    matrix = confusion_counts(y_pred, y_true, len(names))
     summary, sections = _draw(y_true, y_pred, probs, matrix, names, image_paths, history)
     out = str(out_dir).rstrip("/")
     for name, _, _, png in sections:
@@ -234,7 +227,7 @@ def write_report(out_dir: str | os.PathLike, y_true: Sequence[int] | np.ndarray,
 
 def _draw(y_true, y_pred, probs, matrix, names, image_paths, history):
     support = matrix.sum(axis=1)
-    accuracy = np.divide(np.diag(matrix), support, out=np.zeros(len(names)), where=support > 0)
+    accuracy = np.nan_to_num(per_class_accuracy(matrix))
     topk = topk_accuracy(y_true, probs)
     conf, acc, counts, edges, ece = calibration(y_true, probs)
     pairs = confused_pairs(matrix)
