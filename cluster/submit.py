@@ -1,0 +1,258 @@
+"""Submit breedlabel jobs to a Ray cluster's job API, follow them, and turn the end into an exit code.
+
+A thin layer over `ray.job_submission.JobSubmissionClient` (the same API as `ray job submit`).
+What it adds is what a scheduler needs: the job's entrypoint is `python -m jobs.<kind> …`
+(wrapped in `cluster.locked` for label jobs, so two runs on one output never overlap), the
+job's metadata records what it writes, and the exit code comes from the label run's manifest,
+not from Ray's status alone (DESIGN.md: Ray can report SUCCEEDED for a run that did not finish).
+
+Exit codes: 0 done; 3 done but the error rate exceeded --max-error-rate; 75 skipped (another
+run holds the output's lease); 2 usage error in the job's options; 1 anything else (failed,
+stopped, no manifest).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, TextIO
+
+from cluster.lease import DEFAULT_TTL_S, EXIT_LEASE_HELD
+from core.errors import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, JobError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ENTRYPOINT_MODULES: Mapping[str, str] = {"label": "jobs.label", "train": "jobs.train", "tune": "jobs.tune"}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# job metadata keys: what `breedlabel jobs status` needs later to judge a finished job
+META_KIND = "breedlabel_kind"
+META_OUTPUT = "breedlabel_output"
+META_RUN_ID = "breedlabel_run_id"
+POLL_S = 2.0
+
+
+def default_address() -> str:
+    """The job API address: $RAY_API_SERVER_ADDRESS, else an http $RAY_ADDRESS, else localhost."""
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(name, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return DEFAULT_ADDRESS
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One job to submit. `job_args` are the job's own options, passed through unchanged."""
+
+    kind: str
+    job_args: tuple[str, ...]
+    runtime_env: dict[str, Any]
+    output: str | None = None       # label: the --out URI (lease + manifest)
+    run_id: str | None = None       # label: passed as --run-id when the job takes it
+    lease: bool = True
+    lease_ttl_s: float = DEFAULT_TTL_S
+    submission_id: str | None = None
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    exit_code: int
+    status: str
+    message: str
+    manifest: dict | None = field(default=None, compare=False)
+
+
+def build_entrypoint(req: JobRequest) -> str:
+    """The shell command the job runs on the cluster (also what plain `ray job submit` takes)."""
+    if req.kind not in ENTRYPOINT_MODULES:
+        raise ConfigError(f"unknown job {req.kind!r}; use one of {', '.join(ENTRYPOINT_MODULES)}")
+    job = ["python", "-m", ENTRYPOINT_MODULES[req.kind], *req.job_args]
+    if req.run_id and "--run-id" not in req.job_args:
+        job += ["--run-id", req.run_id]
+    if req.kind == "label" and req.lease and req.output:
+        lock = ["python", "-m", "cluster.locked", "--output", req.output, "--ttl", f"{req.lease_ttl_s:g}"]
+        if req.run_id:
+            lock += ["--run-id", req.run_id]
+        job = [*lock, "--", *job]
+    return shlex.join(job)
+
+
+def connect(address: str):
+    """A JobSubmissionClient, or a JobError saying how to reach the head."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise JobError(
+            f"cannot reach the Ray job API at {address} ({exc}). Is the head up? For a cluster "
+            "started with `ray up ray_cluster.yaml`, run `ray dashboard ray_cluster.yaml` to "
+            "forward it to http://127.0.0.1:8265, or pass --address http://HEAD:8265") from exc
+
+
+def _call(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:  # the SDK's error for HTTP failures and unknown jobs
+        raise JobError(f"{what}: {exc}") from exc
+
+
+def submit(client, req: JobRequest) -> str:
+    """Submit and return the submission id."""
+    metadata = {META_KIND: req.kind}
+    if req.output:
+        metadata[META_OUTPUT] = req.output
+    if req.run_id:
+        metadata[META_RUN_ID] = req.run_id
+    return _call(
+        "submitting the job", client.submit_job,
+        entrypoint=build_entrypoint(req),
+        runtime_env=req.runtime_env,
+        metadata=metadata,
+        submission_id=req.submission_id or f"breedlabel-{req.kind}-{uuid.uuid4().hex[:12]}",
+        entrypoint_num_cpus=req.entrypoint_num_cpus,
+        entrypoint_num_gpus=req.entrypoint_num_gpus,
+    )
+
+
+def job_info(client, job_id: str):
+    return _call(f"job {job_id}", client.get_job_info, job_id)
+
+
+def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
+    """Stream the job's output until it ends (the websocket closes at a terminal state)."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError as exc:  # connection closed early: fall back to polling in wait()
+        print(f"breedlabel: log stream ended early ({exc}); waiting by polling", file=sys.stderr)
+
+
+def wait(client, job_id: str, *, timeout_s: float | None = None, poll_s: float = POLL_S):
+    """Block until the job reaches a terminal status; JobError on timeout (the job keeps running)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        info = job_info(client, job_id)
+        if _status(info) in TERMINAL:
+            return info
+        if deadline is not None and time.monotonic() >= deadline:
+            raise JobError(f"job {job_id} is still {_status(info)} after {timeout_s:.0f} s; it keeps "
+                           f"running: `breedlabel jobs status {job_id}` or `breedlabel jobs stop {job_id}`")
+        time.sleep(poll_s)
+
+
+def _status(info) -> str:
+    return getattr(info.status, "value", str(info.status))
+
+
+def read_run_manifest(output: str, run_id: str | None, started_ms: int | None = None) -> dict | None:
+    """The run's manifest: by run id when known, else the newest one finished after the job started.
+
+    Why by finish time: a label run that resumes a crashed one keeps the older run id.
+    """
+    from core.output import MANIFEST_FILE, M_FINISHED_AT, Output
+
+    out = Output(output)
+    if run_id:
+        return out.read_json(out.published(run_id, MANIFEST_FILE))
+    floor = (started_ms or 0) / 1000 - 2.0
+    runs = [m for m in out.finished_runs() if _epoch(m.get(M_FINISHED_AT)) >= floor]
+    return max(runs, key=lambda m: _epoch(m.get(M_FINISHED_AT))) if runs else None
+
+
+def _epoch(value: Any) -> float:
+    """Seconds since the epoch from a number or an ISO-8601 string; -inf when absent or odd."""
+    import datetime as dt
+
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return float("-inf")
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def outcome(info) -> Outcome:
+    """Judge a finished job: the label run's manifest decides; Ray's status only for other jobs."""
+    status, code = _status(info), info.driver_exit_code
+    meta = info.metadata or {}
+    if code == EXIT_LEASE_HELD:
+        return Outcome(EXIT_LEASE_HELD, status, f"skipped: another run holds the lease of "
+                       f"{meta.get(META_OUTPUT, 'the output')} (its holder is in the job's log)")
+    if status == "STOPPED":
+        return Outcome(EXIT_FAILED, status, "stopped before it finished")
+    if meta.get(META_KIND) == "label" and meta.get(META_OUTPUT):
+        return _label_outcome(status, code, meta, info.start_time)
+    if status == "SUCCEEDED":
+        return Outcome(EXIT_OK, status, "succeeded")
+    return Outcome(code if code in (EXIT_USAGE, EXIT_ERROR_BUDGET) else EXIT_FAILED, status,
+                   f"failed (exit code {code}): {info.message or ''}".strip())
+
+
+def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms) -> Outcome:
+    from core.errors import StorageError
+    from core.output import M_ERROR_RATE, M_EXIT_CODE, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED
+
+    output, run_id = meta[META_OUTPUT], meta.get(META_RUN_ID)
+    if code == EXIT_USAGE:
+        return Outcome(EXIT_USAGE, status, "the label job rejected its options (see its log)")
+    try:
+        manifest = read_run_manifest(output, run_id, started_ms)
+    except StorageError as exc:
+        return Outcome(EXIT_FAILED, status, f"Ray says {status}, but the run manifest cannot be read "
+                       f"from here to confirm it: {exc}")
+    if manifest is None:
+        return Outcome(EXIT_FAILED, status, f"Ray says {status}, but run {run_id or '(latest)'} wrote no "
+                       f"manifest under {output}: the run did not finish (its rows are not published)")
+    m_code = int(manifest.get(M_EXIT_CODE, EXIT_OK))
+    counts = (f"{manifest.get(M_IMAGES, '?')} images, {manifest.get(M_LABELLED, '?')} labelled, "
+              f"{manifest.get(M_SKIPPED, 0)} skipped as already labelled")
+    if m_code == EXIT_ERROR_BUDGET:
+        return Outcome(EXIT_ERROR_BUDGET, status, f"done, but the error rate {manifest.get(M_ERROR_RATE)} "
+                       f"exceeded {manifest.get(M_MAX_ERROR_RATE)} ({counts}); all rows written", manifest)
+    return Outcome(m_code, status, f"done: {counts}", manifest)
+
+
+def stop(client, job_id: str) -> bool:
+    return bool(_call(f"stopping job {job_id}", client.stop_job, job_id))
+
+
+def logs(client, job_id: str) -> str:
+    return _call(f"logs of job {job_id}", client.get_job_logs, job_id)
+
+
+def list_rows(client) -> list[dict[str, str]]:
+    """One row per job, newest first: id, status, kind, start time, entrypoint."""
+    rows = []
+    for job in _call("listing jobs", client.list_jobs):
+        meta = job.metadata or {}
+        start = job.start_time or 0
+        rows.append({
+            "id": job.submission_id or job.job_id or "-",
+            "status": getattr(job.status, "value", str(job.status)),
+            "kind": meta.get(META_KIND, "-"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "-",
+            "entrypoint": job.entrypoint,
+            "_start": start,
+        })
+    rows.sort(key=lambda r: r["_start"], reverse=True)
+    return rows
+
+
+def describe(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = [f"{'ID':40} {'STATUS':10} {'KIND':6} {'STARTED':19} ENTRYPOINT"]
+    for r in rows:
+        entry = r["entrypoint"] if len(r["entrypoint"]) <= 60 else r["entrypoint"][:57] + "..."
+        lines.append(f"{r['id']:40} {r['status']:10} {r['kind']:6} {r['started']:19} {entry}")
+    return "\n".join(lines)

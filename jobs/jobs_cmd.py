@@ -1,0 +1,71 @@
+"""Inspect and control jobs on a Ray cluster: status, logs, stop, list.
+
+    breedlabel jobs list --address http://127.0.0.1:8265
+    breedlabel jobs status JOB_ID [--wait]
+    breedlabel jobs logs JOB_ID [--follow]
+    breedlabel jobs stop JOB_ID
+
+`status` exits like `breedlabel submit --wait` once the job has ended (0 done, 3 over the
+error budget, 75 skipped, 2 bad options, 1 failed/stopped; a label job is judged by its run
+manifest) and 0 while it is still pending or running.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cluster import submit as sub
+from core.errors import EXIT_FAILED, EXIT_OK, ConfigError
+
+ACTIONS = ("status", "logs", "stop", "list")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=ACTIONS, help="what to do")
+    parser.add_argument("job_id", nargs="?", default=None, help="submission id (not for list)")
+    parser.add_argument("--address", default=sub.default_address(),
+                        help="Ray job API (dashboard) address; $RAY_ADDRESS if it is http(s)://")
+    parser.add_argument("--wait", action="store_true", help="status: wait for the job to end")
+    parser.add_argument("--wait-timeout", type=float, default=None, metavar="S",
+                        help="status --wait: give up after S seconds")
+    parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+
+
+def _status(client, args: argparse.Namespace) -> int:
+    info = sub.wait(client, args.job_id, timeout_s=args.wait_timeout) if args.wait \
+        else sub.job_info(client, args.job_id)
+    status = getattr(info.status, "value", str(info.status))
+    if status not in sub.TERMINAL:
+        print(f"{args.job_id} {status}")
+        return EXIT_OK
+    result = sub.outcome(info)
+    print(f"{args.job_id} {status}: {result.message}")
+    return result.exit_code
+
+
+def _stop(client, job_id: str) -> int:
+    if sub.stop(client, job_id):
+        info = sub.wait(client, job_id, timeout_s=60)
+        print(f"{job_id} {getattr(info.status, 'value', info.status)}")
+        return EXIT_OK
+    print(f"{job_id} was not running", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.job_id:
+        raise ConfigError(f"jobs {args.action}: give the job's submission id "
+                          "(`breedlabel jobs list` shows them)")
+    client = sub.connect(args.address)
+    if args.action == "list":
+        print(sub.describe(sub.list_rows(client)))
+        return EXIT_OK
+    if args.action == "status":
+        return _status(client, args)
+    if args.action == "stop":
+        return _stop(client, args.job_id)
+    if args.follow:
+        sub.follow_logs(client, args.job_id)
+    else:
+        sys.stdout.write(sub.logs(client, args.job_id))
+    return EXIT_OK

@@ -1,0 +1,168 @@
+"""Submit a label, train or tune job to a Ray cluster through its job API.
+
+    breedlabel submit label s3://b/photos/ --model s3://b/bundles/m --out s3://b/labels/ \\
+        --incremental --address http://127.0.0.1:8265 --wait
+
+Everything that is not one of the options below is the job's own arguments, exactly as for
+`breedlabel label|train|tune` (put them after `--` if one clashes with a submit option). The
+options are checked here with the job's own parser before anything is sent. Paths must be
+absolute or URIs: the job runs in its own working directory on the cluster.
+
+Prints the submission id on stdout. Without --wait the exit code only says whether the job
+was accepted; with --wait (or --follow) it is the job's: 0 done, 3 done but over the error
+budget, 75 skipped (another run holds the output's lease), 2 bad job options, 1 failed/stopped.
+A label job counts as done only if its run manifest is there (read from the output URI, so
+the submitter needs read access to it).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from typing import Sequence
+
+from cluster import lease as leases
+from cluster import runtime_env as renv
+from cluster import submit as sub
+from core.errors import EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
+
+
+def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Submit's own options (shared with the pass-through extraction parser)."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    parser.add_argument("--address", default=d(sub.default_address()),
+                        help="Ray job API (dashboard) address; $RAY_ADDRESS if it is http(s)://")
+    parser.add_argument("--wait", action="store_true", default=d(False),
+                        help="wait for the end; exit with the job's code")
+    parser.add_argument("--follow", action="store_true", default=d(False),
+                        help="stream the job's log while waiting (implies --wait)")
+    parser.add_argument("--wait-timeout", type=float, default=d(None), metavar="S",
+                        help="give up waiting after S seconds (the job keeps running)")
+    parser.add_argument("--runtime-env", choices=renv.MODES, default=d(renv.DEFAULT_MODE),
+                        help="how code and dependencies reach the nodes (see cluster/runtime_env.py)")
+    parser.add_argument("--working-dir", default=d(None), metavar="DIR",
+                        help="code to upload (default: this breedlabel checkout)")
+    parser.add_argument("--env", action="append", default=d([]), metavar="NAME=VALUE",
+                        help="extra environment variable for the job (never credentials)")
+    parser.add_argument("--no-lease", action="store_true", default=d(False),
+                        help="label: do not take the output's lease (allows overlapping runs)")
+    parser.add_argument("--lease-ttl", type=float, default=d(leases.DEFAULT_TTL_S), metavar="S",
+                        help="label: lease lifetime, renewed every S/3 while the job runs")
+    parser.add_argument("--submission-id", default=d(None), help="job id to use (default: generated)")
+    parser.add_argument("--entrypoint-num-cpus", type=float, default=d(None),
+                        help="CPUs reserved for the job's driver")
+    parser.add_argument("--entrypoint-num-gpus", type=float, default=d(None),
+                        help="GPUs reserved for the job's driver")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", choices=list(sub.ENTRYPOINT_MODULES), help="which job to run")
+    add_submit_options(parser)
+    parser.add_argument("job_args", nargs=argparse.REMAINDER, metavar="JOB_ARGS",
+                        help="the job's own arguments (as for `breedlabel JOB`)")
+
+
+def split_args(args: argparse.Namespace) -> list[str]:
+    """Pull submit's options out of the pass-through arguments; return the job's arguments."""
+    rest = list(args.job_args)
+    cut = rest.index("--") if "--" in rest else len(rest)
+    extractor = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_submit_options(extractor, defaults=False)
+    found, job_args = extractor.parse_known_args(rest[:cut])
+    for name, value in vars(found).items():
+        if name == "env":
+            value = [*args.env, *value]
+        setattr(args, name, value)
+    return job_args + rest[cut + 1:]
+
+
+def _job_namespace(kind: str, job_args: list[str]) -> tuple[argparse.Namespace | None, bool]:
+    """Parse the job's arguments with the job's own parser (usage errors before submitting)."""
+    try:
+        module = importlib.import_module(sub.ENTRYPOINT_MODULES[kind])
+    except ImportError:
+        return None, False
+    parser = argparse.ArgumentParser(prog=f"breedlabel submit {kind}")
+    module.add_arguments(parser)
+    takes_run_id = any("--run-id" in a.option_strings for a in parser._actions)
+    return parser.parse_args(job_args), takes_run_id  # exits 2 on a usage error
+
+
+def _check_paths(job_args: Sequence[str]) -> None:
+    for value in job_args:
+        if not value.startswith("-") and "://" not in value and not os.path.isabs(value) \
+                and os.path.exists(value):
+            raise ConfigError(f"{value}: relative path; the job runs in its own working directory on "
+                              f"the cluster. Give {os.path.abspath(value)} or an s3:// URI")
+
+
+def _lease_skip(output: str) -> int | None:
+    """Skip before submitting when a live run holds the lease (the job checks again, atomically)."""
+    try:
+        holder = leases.read_lease(output)
+    except (BreedlabelError, OSError) as exc:  # no access from here: the job decides
+        print(f"breedlabel submit: note: cannot read the lease of {output} from here ({exc})",
+              file=sys.stderr)
+        return None
+    now = time.time()
+    if holder is not None and not holder.expired(now):
+        print(f"breedlabel submit: skipped: {leases.LeaseHeldError(leases.lease_uri(output), holder, now)}",
+              file=sys.stderr)
+        return leases.EXIT_LEASE_HELD
+    return None
+
+
+def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--env {pair!r}: use NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def build_request(args: argparse.Namespace, job_args: list[str]) -> sub.JobRequest:
+    from core.output import new_run_id
+
+    ns, takes_run_id = _job_namespace(args.job, job_args)
+    _check_paths(job_args)
+    output = getattr(ns, "out", None) if args.job == "label" else None
+    run_id = None
+    if args.job == "label":
+        run_id = getattr(ns, "run_id", None) or (new_run_id() if takes_run_id else None)
+    return sub.JobRequest(
+        kind=args.job, job_args=tuple(job_args),
+        runtime_env=renv.build_runtime_env(args.runtime_env, working_dir=args.working_dir,
+                                           env_vars=_env_vars(args.env)),
+        output=output, run_id=run_id, lease=not args.no_lease, lease_ttl_s=args.lease_ttl,
+        submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
+        entrypoint_num_gpus=args.entrypoint_num_gpus)
+
+
+def run(args: argparse.Namespace) -> int:
+    job_args = split_args(args)
+    try:
+        req = build_request(args, job_args)
+    except SystemExit as exc:  # the job's parser rejected its options (message already printed)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if req.kind == "label" and req.lease and req.output:
+        skipped = _lease_skip(req.output)
+        if skipped is not None:
+            return skipped
+    client = sub.connect(args.address)
+    job_id = sub.submit(client, req)
+    print(job_id, flush=True)
+    print(f"breedlabel submit: submitted {req.kind} job {job_id} to {args.address}; "
+          f"`breedlabel jobs status {job_id}`, `breedlabel jobs logs {job_id} --follow`",
+          file=sys.stderr)
+    if not (args.wait or args.follow):
+        return EXIT_OK
+    if args.follow:
+        sub.follow_logs(client, job_id)
+    result = sub.outcome(sub.wait(client, job_id, timeout_s=args.wait_timeout))
+    stream = sys.stdout if result.exit_code == EXIT_OK else sys.stderr
+    print(f"breedlabel submit: job {job_id} {result.status}: {result.message}", file=stream)
+    return result.exit_code
