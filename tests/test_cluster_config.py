@@ -1,0 +1,194 @@
+"""ray_cluster.yaml against Ray's own schema; schedule recipes name real entry points; submit's
+option handling and exit-code mapping (no cluster needed: fake job infos, real manifests)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster import check
+from cluster import runtime_env as renv
+from cluster import submit as sub
+from core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    return yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+
+
+def test_cluster_yaml_validates_against_the_schema_inside_ray(cluster_config):
+    schema_path = check.ray_schema_path()
+    assert schema_path.is_file() and schema_path.parent.name == "autoscaler" and schema_path.parent.parent.name == "ray"
+    jsonschema.validate(cluster_config, json.loads(schema_path.read_text()))
+    assert check.check_cluster_config(REPO / "ray_cluster.yaml") == []
+
+
+def test_cluster_yaml_shape(cluster_config):
+    types = cluster_config["available_node_types"]
+    head = cluster_config["head_node_type"]
+    assert "GPU" not in types[head]["resources"] and "g5" not in types[head]["node_config"]["InstanceType"]
+    gpu = {n: t for n, t in types.items() if n != head}
+    assert {t["node_config"]["InstanceType"] for t in gpu.values()} >= {"g5.2xlarge", "g5.12xlarge"}
+    assert all(t["min_workers"] == 0 for t in gpu.values())
+    assert cluster_config["idle_timeout_minutes"] > 0
+    assert any("breedlabel" in c and "pip install" in c for c in cluster_config["setup_commands"])
+    assert "." in cluster_config["file_mounts"].values()
+    assert all("IamInstanceProfile" in t["node_config"] for t in gpu.values())
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda c: c["available_node_types"]["gpu_1x"].update(min_workers="zero"), "not of type 'integer'"),
+    (lambda c: c.update(bogus_key=1), "Additional properties"),
+    (lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=2), "min_workers must be 0"),
+    (lambda c: c.update(idle_timeout_minutes=0), "idle_timeout_minutes"),
+    (lambda c: c.update(setup_commands=["echo hi"]), "install breedlabel"),
+    (lambda c: c["provider"].update(aws_secret_access_key="abc"), "credentials"),
+])
+def test_check_catches_broken_configs(tmp_path, cluster_config, mutate, expect):
+    broken = copy.deepcopy(cluster_config)
+    mutate(broken)
+    path = tmp_path / "ray_cluster.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    problems = check.check_cluster_config(path)
+    assert any(expect in p for p in problems), problems
+
+
+def test_schedules_parse_and_name_existing_entry_points():
+    assert check.check_schedules() == []
+    names = {p.name for p in check.SCHEDULES_DIR.iterdir()}
+    assert {"crontab", "cronjob.yaml", "rayjob.yaml"} <= names
+    cron = [c for c in check.commands_in(check.SCHEDULES_DIR / "crontab")]
+    assert any("breedlabel" in c and "submit" in c and "--incremental" in c for c in cron)
+
+
+def test_kubernetes_manifests(tmp_path):
+    (cronjob,) = check.load_yaml_docs(check.SCHEDULES_DIR / "cronjob.yaml")
+    assert cronjob["kind"] == "CronJob" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["breedlabel"] and container["args"][:2] == ["submit", "label"]
+    assert "--incremental" in container["args"] and "--wait" in container["args"]
+    (rayjob,) = check.load_yaml_docs(check.SCHEDULES_DIR / "rayjob.yaml")
+    assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"] == "ray.io/v1"
+    entry = rayjob["spec"]["entrypoint"]
+    assert entry.startswith("python -m cluster.locked") and "-m jobs.label" in entry and "--incremental" in entry
+    for doc in (cronjob, rayjob):
+        assert "AWS_SECRET" not in yaml.safe_dump(doc)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["breedlabel", "sumbit", "label"], "no such subcommand"),
+    (["python", "-m", "jobs.lable", "x"], "no such module"),
+    (["breedlabel", "submit", "label", "s3://b/in", "--model", "s3://b/m", "--out", "s3://b/o",
+      "--incremantal"], "unrecognized arguments"),
+    (["python", "-m", "cluster.locked", "--output", "s3://b/o", "--", "python", "-m", "jobs.label",
+      "s3://b/in"], "--model"),
+    (["curl", "http://x"], "not a breedlabel entry point"),
+])
+def test_check_catches_bad_commands(argv, expect):
+    problems = check.check_command(argv)
+    assert any(expect in p for p in problems), problems
+
+
+# --- submit: options, entrypoint, runtime env --------------------------------------------------
+
+def _submit_args(argv: list[str]):
+    from jobs import submit as submit_cli
+
+    parser = argparse.ArgumentParser()
+    submit_cli.add_arguments(parser)
+    ns = parser.parse_args(argv)
+    return ns, submit_cli.split_args(ns)
+
+
+def test_submit_options_anywhere_job_options_pass_through(tmp_path):
+    ns, job_args = _submit_args(["label", "/data/in", "--model", "/m", "--out", "/o", "--incremental",
+                                 "--address", "http://h:8265", "--wait", "--env", "A=1", "--", "--address", "auto"])
+    assert ns.address == "http://h:8265" and ns.wait and ns.env == ["A=1"]
+    assert job_args == ["/data/in", "--model", "/m", "--out", "/o", "--incremental", "--address", "auto"]
+
+
+def test_label_entrypoint_holds_the_lease():
+    req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m"), runtime_env={},
+                         output="/o", lease_ttl_s=120)
+    assert sub.build_entrypoint(req) == ("python -m cluster.locked --output /o --ttl 120 -- "
+                                         "python -m jobs.label /in --out /o --model /m")
+    no_lease = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
+    assert sub.build_entrypoint(no_lease) == "python -m jobs.train --workers 2"
+
+
+def test_runtime_env_modes():
+    upload = renv.build_runtime_env("upload")
+    assert upload["working_dir"] == str(REPO) and ".venv" in upload["excludes"] and "tests/" in upload["excludes"]
+    assert upload["env_vars"]["TF_USE_LEGACY_KERAS"] == "1" and "pip" not in upload
+    pip = renv.build_runtime_env("upload+pip")["pip"]["packages"]
+    assert any(p.startswith("ray[") and "==2.60.0" in p for p in pip) and not any("extra" in p for p in pip)
+    assert "working_dir" not in renv.build_runtime_env("installed")
+    with pytest.raises(ConfigError, match="credential"):
+        renv.build_runtime_env("upload", env_vars={"AWS_SECRET_ACCESS_KEY": "x"})
+
+
+def test_relative_paths_are_refused(tmp_path, monkeypatch):
+    from jobs import submit as submit_cli
+
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="relative path"):
+        submit_cli._check_paths(["photos", "--out", "s3://b/o"])
+
+
+# --- exit codes: the manifest decides -----------------------------------------------------------
+
+@dataclass
+class FakeInfo:
+    status: str
+    driver_exit_code: int | None
+    metadata: dict
+    start_time: int = 0
+    message: str = ""
+
+
+def _write_manifest(out: str, run_id: str, exit_code: int) -> None:
+    from core import output as o
+
+    dest = o.Output(out)
+    dest.write_json(dest.published(run_id, o.MANIFEST_FILE), {
+        o.M_RUN_ID: run_id, o.M_STATUS: o.STATUS_COMPLETE, o.M_EXIT_CODE: exit_code, o.M_IMAGES: 5,
+        o.M_LABELLED: 4, o.M_SKIPPED: 0, o.M_ERROR_RATE: 0.2, o.M_MAX_ERROR_RATE: 0.1,
+        o.M_FINISHED_AT: "2030-01-01T00:00:00+00:00"})
+
+
+def test_exit_codes_follow_the_manifest(tmp_path):
+    out = str(tmp_path / "labels")
+    meta = {sub.META_KIND: "label", sub.META_OUTPUT: out, sub.META_RUN_ID: "r1"}
+    # Ray says SUCCEEDED but nothing was published: failed
+    assert sub.outcome(FakeInfo("SUCCEEDED", 0, meta)).exit_code == 1
+    _write_manifest(out, "r1", 0)
+    done = sub.outcome(FakeInfo("SUCCEEDED", 0, meta))
+    assert done.exit_code == 0 and "5 images" in done.message
+    _write_manifest(out, "r2", 3)
+    over = sub.outcome(FakeInfo("FAILED", 3, {**meta, sub.META_RUN_ID: "r2"}))
+    assert over.exit_code == 3 and "error rate" in over.message
+    # no run id known: the newest manifest finished after the job started
+    latest = sub.outcome(FakeInfo("FAILED", 3, {sub.META_KIND: "label", sub.META_OUTPUT: out},
+                                  start_time=1_000))
+    assert latest.exit_code in (0, 3)
+    assert sub.outcome(FakeInfo("FAILED", 75, meta)).exit_code == 75
+    assert sub.outcome(FakeInfo("STOPPED", None, meta)).exit_code == 1
+    assert sub.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
+    assert sub.outcome(FakeInfo("SUCCEEDED", 0, {sub.META_KIND: "train"})).exit_code == 0
+    assert sub.outcome(FakeInfo("FAILED", 1, {sub.META_KIND: "train"})).exit_code == 1
+
+
+def test_cli_registers_submit_and_jobs():
+    from jobs.cli import COMMANDS
+
+    assert COMMANDS["submit"][0] == "jobs.submit" and COMMANDS["jobs"][0] == "jobs.jobs_cmd"
