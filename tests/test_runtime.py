@@ -1,0 +1,123 @@
+"""Runtimes: OpenVINO agrees with TensorFlow (top-1, max |Δprob| ≤ 0.02), explicit names,
+the auto choice and its TensorFlow fallback; plus the same parity on real photos when a
+trained bundle is given (BREEDLABEL_TEST_BUNDLE)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from core.bundle import load_bundle
+from core.errors import ConfigError, InputError
+from core.runtime import load_runtime
+
+MAX_DPROB = 0.02
+MIN_AGREEMENT = 0.995
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return load_bundle(str(tiny_bundle))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BREEDLABEL_CACHE", str(tmp_path / "cache"))
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _assert_parity(p_ov: np.ndarray, p_tf: np.ndarray, min_agreement: float = 1.0) -> None:
+    assert p_ov.dtype == np.float32 and p_ov.shape == p_tf.shape
+    assert float(np.abs(p_ov - p_tf).max()) <= MAX_DPROB
+    assert float(np.mean(p_ov.argmax(1) == p_tf.argmax(1))) >= min_agreement
+
+
+@pytest.fixture(scope="module")
+def tf_runtime(bundle):
+    rt = load_runtime(bundle, "tensorflow")
+    assert rt.name == "tensorflow" and rt.input_size == (32, 32)
+    return rt
+
+
+@pytest.mark.parametrize("options", [{"mode": "sync"}, {"mode": "async", "threads": 1}])
+def test_openvino_matches_tensorflow(bundle, tf_runtime, options):
+    x = _images(33)
+    ov_rt = load_runtime(bundle, "openvino", **options)
+    assert ov_rt.name == "openvino" and ov_rt.input_size == (32, 32)
+    _assert_parity(ov_rt.predict(x), tf_runtime.predict(x))
+    assert ov_rt.predict(x[:1]).shape == (1, 4)
+    assert ov_rt.predict(x[:0]).shape == (0, 4)
+
+
+def test_converted_model_cache_is_used(bundle, tmp_path):
+    first = load_runtime(bundle, "openvino")
+    assert (tmp_path / "cache" / "openvino" / bundle.model_id / "model.xml").is_file()
+    second = load_runtime(bundle, "openvino")
+    x = _images(4)
+    np.testing.assert_allclose(first.predict(x), second.predict(x), atol=1e-6)
+
+
+def test_auto_is_openvino_on_cpu(bundle, monkeypatch):
+    monkeypatch.setattr("core.runtime.gpu_visible", lambda: False)
+    assert load_runtime(bundle, "auto").name == "openvino"
+
+
+def test_auto_falls_back_to_tensorflow_with_one_log_line(bundle, monkeypatch, caplog):
+    def broken(_bundle):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr("core.runtime.gpu_visible", lambda: False)
+    monkeypatch.setattr("core.runtime._convert_openvino", broken)
+    with caplog.at_level(logging.WARNING, logger="core.runtime"):
+        rt = load_runtime(bundle, "auto")
+    assert rt.name == "tensorflow"
+    lines = [r for r in caplog.records if r.name == "core.runtime"]
+    assert len(lines) == 1 and "falling back to TensorFlow" in lines[0].getMessage()
+
+
+def test_explicit_openvino_failure_is_an_error(bundle, monkeypatch):
+    from core.errors import BundleError
+
+    monkeypatch.setattr("core.runtime._convert_openvino", lambda _b: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(BundleError, match="--runtime tensorflow"):
+        load_runtime(bundle, "openvino")
+
+
+def test_bad_names_and_inputs(bundle):
+    with pytest.raises(ConfigError, match="runtime 'onnx'"):
+        load_runtime(bundle, "onnx")
+    with pytest.raises(ConfigError, match="mode"):
+        load_runtime(bundle, "openvino", mode="fast")
+    rt = load_runtime(bundle, "openvino")
+    with pytest.raises(InputError, match="uint8"):
+        rt.predict(np.zeros((2, 32, 32, 3), np.float32))
+    with pytest.raises(InputError, match=r"\[N,32,32,3\]"):
+        rt.predict(np.zeros((2, 16, 16, 3), np.uint8))
+
+
+@pytest.mark.shared_data
+def test_parity_on_real_photos(sample_bucket_dir, stanford_dogs_dir):
+    """A trained bundle on real photos: ≥ 99.5 % top-1 agreement, max |Δprob| ≤ 0.02."""
+    path = os.environ.get("BREEDLABEL_TEST_BUNDLE")
+    if not path:
+        pytest.skip("set BREEDLABEL_TEST_BUNDLE to a trained bundle to run the real-photo parity test")
+    from core.predict import Predictor
+
+    photos = sorted(str(p) for p in sample_bucket_dir.rglob("*") if p.is_file())
+    photos += sorted(str(p) for p in stanford_dogs_dir.rglob("*.jpg"))[::25]
+    ov = Predictor(path, runtime="openvino")
+    tf_rt = load_runtime(ov.bundle, "tensorflow")
+    results = ov.predict_paths(photos, k=1, with_probs=True)
+    kept = [r for r in results if r.ok]
+    assert len(kept) >= 0.95 * len(photos)
+    from core.images import decode_image
+
+    arrays = np.stack([decode_image(open(r.source, "rb").read(), size=ov.size, policy=ov.policy).array
+                       for r in kept])
+    p_tf = np.concatenate([tf_rt.predict(arrays[i:i + 64]) for i in range(0, len(arrays), 64)])
+    _assert_parity(np.stack([r.probs for r in kept]), p_tf, MIN_AGREEMENT)
