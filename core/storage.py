@@ -30,6 +30,8 @@ from core.errors import StorageError
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 DEFAULT_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
 _READ_BUFFER = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
+_TAIL = 1 << 20  # cached end of a remote seekable file: a zip's central directory
+_WHOLE_READ_MAX = 4 << 20  # remote files up to this size are opened with one GET
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -384,10 +386,16 @@ def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: in
 # --- file handles -----------------------------------------------------------------------
 
 class _S3RangeReader(io.RawIOBase):
-    """Seekable raw reader over one S3 object with HTTP range GETs (for zip's random access)."""
+    """Seekable raw reader over one S3 object with HTTP range GETs (for zip's random access).
+
+    The last `_TAIL` bytes are fetched once and kept: a zip's end record and central
+    directory live there and are read in several small seeks.
+    """
 
     def __init__(self, uri: str, size: int, s3: S3Options | None):
         self._uri, self._size, self._s3, self._pos = uri, size, s3, 0
+        self._tail_start = max(0, size - _TAIL)
+        self._tail: bytes | None = None
 
     def readable(self) -> bool:
         return True
@@ -407,7 +415,13 @@ class _S3RangeReader(io.RawIOBase):
         n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
-        data = read_range(self._uri, self._pos, n, s3=self._s3)
+        if self._pos >= self._tail_start:
+            if self._tail is None:
+                self._tail = read_range(self._uri, self._tail_start, self._size - self._tail_start, s3=self._s3)
+            start = self._pos - self._tail_start
+            data = self._tail[start: start + n]
+        else:
+            data = read_range(self._uri, self._pos, min(n, self._tail_start - self._pos), s3=self._s3)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -418,6 +432,8 @@ def open_input(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
     p = parse_uri(uri)
     if p.scheme == "s3":
         size = stat(uri, s3=s3).size
+        if size <= _WHOLE_READ_MAX:  # one GET beats several range requests
+            return io.BytesIO(read_bytes(uri, s3=s3))
         return io.BufferedReader(_S3RangeReader(uri, size, s3), buffer_size=_READ_BUFFER)
     with _local_errors(uri, "open"):
         return open(p.path, "rb")

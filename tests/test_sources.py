@@ -1,0 +1,215 @@
+"""core.sources: folders, prefixes, archives (local and S3) and manifests into items and bytes."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import uuid
+import zipfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core import sources, storage
+from core.errors import InputError
+from core.sources import InputItem, ItemData
+
+# Archive members in archive order; bytes need not be real images here (decoding is core.images').
+MEMBERS = {"dogs/b.jpg": b"B" * 300, "dogs/a.PNG": b"A" * 10, "notes.txt": b"n",
+           "__MACOSX/dogs/._b.jpg": b"x", "dogs/sub/c.webp": b"C" * 7}
+IMAGES = ["dogs/b.jpg", "dogs/a.PNG", "dogs/sub/c.webp"]
+
+
+def _tar(compress: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compress}") as tf:
+        for name, data in MEMBERS.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in MEMBERS.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+ARCHIVES = {"batch.tar": lambda: _tar(""), "batch.tar.gz": lambda: _tar("gz"),
+            "batch.tgz": lambda: _tar("gz"), "batch.zip": _zip}
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    if request.param == "s3":
+        moto_s3 = request.getfixturevalue("moto_s3")
+        return moto_s3.make_bucket(f"src-{uuid.uuid4().hex[:12]}") + "/in"
+    return str(tmp_path)
+
+
+def _put(root: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(root, name), data)
+
+
+def test_folder_is_listed_recursively_and_sorted(root):
+    _put(root, {"b/2.jpg": b"22", "a/1.JPEG": b"1", "a.png": b"333", "skip.txt": b"t"})
+    items = list(sources.iter_items([root]))
+    rel = [i.uri[len(storage.normalize_uri(root)):] for i in items]
+    assert rel == ["/a.png", "/a/1.JPEG", "/b/2.jpg"]
+    assert [i.size for i in items] == [3, 1, 2]
+    assert [sources.read_item(i) for i in items] == [b"333", b"1", b"22"]
+    assert [d.data for d in sources.iter_item_bytes(items)] == [b"333", b"1", b"22"]
+
+
+def test_single_file_and_extension_less(root):
+    _put(root, {"one.jpg": b"1", "blobs/k1": b"k"})
+    one = storage.join(root, "one.jpg")
+    assert list(sources.iter_items([one])) == [InputItem(storage.normalize_uri(one), size=1)]
+    blobs = list(sources.iter_items([storage.join(root, "blobs")], extensions=None))
+    assert [sources.read_item(i) for i in blobs] == [b"k"]
+
+
+def test_local_relative_paths_become_absolute(tmp_path, monkeypatch):
+    _put(str(tmp_path), {"x/1.jpg": b"1"})
+    monkeypatch.chdir(tmp_path)
+    assert [i.uri for i in sources.iter_items(["x"])] == [str(tmp_path / "x" / "1.jpg")]
+
+
+@pytest.mark.parametrize("name", list(ARCHIVES))
+def test_archive_members_listed_and_read_once(root, name):
+    uri = storage.join(root, name)
+    storage.write_bytes(uri, ARCHIVES[name]())
+    items = list(sources.iter_items([uri]))
+    assert [(i.member, i.size) for i in items] == [(m, len(MEMBERS[m])) for m in IMAGES]
+    assert {i.uri for i in items} == {storage.normalize_uri(uri)}
+    got = list(sources.iter_archive_members(uri))
+    assert [(g.item.member, g.data, g.error) for g in got] == [(m, MEMBERS[m], None) for m in IMAGES]
+    assert sources.read_item(items[1]) == MEMBERS[IMAGES[1]]
+    reversed_batch = [items[2], items[0]]
+    assert [d.data for d in sources.iter_item_bytes(reversed_batch)] == [MEMBERS[IMAGES[2]], MEMBERS[IMAGES[0]]]
+    whole = list(sources.iter_items([uri], expand_archives=False))
+    assert len(whole) == 1 and whole[0].is_archive
+    assert [d.item.member for d in sources.iter_item_bytes(whole)] == IMAGES
+
+
+def test_archives_inside_a_folder_are_expanded(root):
+    _put(root, {"a.jpg": b"a", "z/batch.zip": _zip()})
+    items = list(sources.iter_items([root]))
+    assert [(os.path.basename(i.uri), i.member) for i in items] == [("a.jpg", None)] + [
+        ("batch.zip", m) for m in IMAGES
+    ]
+
+
+@pytest.mark.parametrize("name,data", [
+    ("bad.zip", b"PK\x03\x04 not really a zip"),
+    ("bad.tar.gz", b"\x1f\x8b\x08 garbage"),
+    ("bad.tar", b"x" * 1000),
+])
+def test_corrupt_archive_is_one_error_item(root, name, data):
+    uri = storage.join(root, name)
+    storage.write_bytes(uri, data)
+    items = list(sources.iter_items([uri]))
+    assert len(items) == 1 and items[0].member is None
+    assert items[0].error.startswith("corrupt archive")
+    got = list(sources.iter_archive_members(uri))
+    assert len(got) == 1 and got[0].data is None and got[0].error.startswith("corrupt archive")
+    assert list(sources.iter_item_bytes(items)) == [ItemData(items[0], None, items[0].error)]
+
+
+def test_truncated_archive_keeps_what_was_read(root):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 20_000
+            tf.addfile(info, io.BytesIO(os.urandom(20_000)))  # incompressible: the cut lands in b
+    uri = storage.join(root, "cut.tgz")
+    storage.write_bytes(uri, buf.getvalue()[:30_000])
+    items = list(sources.iter_items([uri]))
+    assert [(i.member, bool(i.error)) for i in items] == [("a.jpg", False), ("b.jpg", False), (None, True)]
+    got = [(g.item.member, g.data is not None, g.error) for g in sources.iter_archive_members(uri)]
+    assert got == [("a.jpg", True, None), ("b.jpg", False, "corrupt archive: ReadError"),
+                   (None, False, "corrupt archive: ReadError")]
+    rows = [(d.item.member, d.data is not None) for d in sources.iter_item_bytes(items)]
+    assert rows == [("a.jpg", True), ("b.jpg", False), (None, False)]
+
+
+def test_missing_member_is_a_row_error(tmp_path):
+    uri = str(tmp_path / "b.zip")
+    storage.write_bytes(uri, _zip())
+    ghost = InputItem(uri, "dogs/ghost.jpg")
+    assert list(sources.iter_item_bytes([ghost])) == [ItemData(ghost, None, "member not found")]
+    with pytest.raises(InputError, match="member not found"):
+        sources.read_item(ghost)
+
+
+def test_object_deleted_between_list_and_read(moto_s3):
+    root = moto_s3.make_bucket(f"gone-{uuid.uuid4().hex[:12]}")
+    _put(root, {"p/1.jpg": b"1", "p/2.jpg": b"2"})
+    items = list(sources.iter_items([f"{root}/p/"]))
+    storage.delete(items[0].uri)
+    with pytest.raises(storage.ObjectNotFoundError, match="not found"):
+        sources.read_item(items[0])
+    assert [(d.data, d.error) for d in sources.iter_item_bytes(items)] == [(None, "not found"), (b"2", None)]
+
+
+def test_manifests_txt_csv_parquet(root):
+    _put(root, {"imgs/1.jpg": b"1", "imgs/2.jpg": b"2", "b.tar": _tar("")})
+    base = storage.normalize_uri(root)
+    one, two, tar = (storage.join(base, p) for p in ("imgs/1.jpg", "imgs/2.jpg", "b.tar"))
+    expected = [InputItem(one), InputItem(two), InputItem(tar, "dogs/a.PNG")]
+    storage.write_bytes(storage.join(root, "m.txt"), f"# batch\n{one}\n\n  {two}\n".encode())
+    storage.write_bytes(storage.join(root, "m.csv"),
+                        f"uri,member\n{one},\n{two},\n{tar},dogs/a.PNG\n".encode())
+    fs, path = storage.get_filesystem(storage.join(root, "m.parquet"))
+    pq.write_table(pa.table({"uri": [one, two, tar], "member": [None, None, "dogs/a.PNG"]}), path, filesystem=fs)
+    assert list(sources.iter_items([], manifest=storage.join(root, "m.txt"))) == expected[:2]
+    for kind in ("csv", "parquet"):
+        items = list(sources.iter_items([], manifest=storage.join(root, f"m.{kind}")))
+        assert items == expected
+        assert [d.data for d in sources.iter_item_bytes(items)] == [b"1", b"2", MEMBERS["dogs/a.PNG"]]
+
+
+def test_manifest_relative_paths_and_archive_rows(tmp_path):
+    _put(str(tmp_path), {"imgs/1.jpg": b"1", "b.zip": _zip()})
+    (tmp_path / "m.txt").write_text("imgs/1.jpg\nb.zip\n")
+    items = list(sources.iter_items([], manifest=str(tmp_path / "m.txt")))
+    assert items[0] == InputItem(str(tmp_path / "imgs" / "1.jpg"))
+    assert [i.member for i in items[1:]] == IMAGES
+
+
+def test_input_errors_are_clear(tmp_path):
+    with pytest.raises(InputError, match="no inputs given"):
+        list(sources.iter_items([]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        list(sources.iter_items([str(tmp_path / "empty")]))
+    with pytest.raises(InputError, match="archive not found"):
+        list(sources.iter_items([str(tmp_path / "nope.zip")]))
+    (tmp_path / "m.csv").write_text("path\nx.jpg\n")
+    with pytest.raises(InputError, match="no 'uri' column"):
+        list(sources.iter_items([], manifest=str(tmp_path / "m.csv")))
+    with pytest.raises(InputError, match="unknown manifest type"):
+        list(sources.iter_items([], manifest=str(tmp_path / "m.json")))
+
+
+@pytest.mark.parametrize("name,whole_read_max,max_gets", [
+    ("batch.tar.gz", None, 1), ("batch.zip", None, 1), ("batch.zip", 0, 3)])
+def test_s3_archive_is_read_in_one_pass(moto_s3, monkeypatch, name, whole_read_max, max_gets):
+    if whole_read_max is not None:  # force the seekable range reader, tail smaller than the zip
+        monkeypatch.setattr(storage, "_WHOLE_READ_MAX", whole_read_max)
+        monkeypatch.setattr(storage, "_TAIL", 200)
+    uri = moto_s3.make_bucket(f"pass-{uuid.uuid4().hex[:12]}") + "/" + name
+    storage.write_bytes(uri, ARCHIVES[name]())
+    items = list(sources.iter_items([uri]))
+    client = storage.s3_client()
+    calls: list[str] = []
+    real = client._make_api_call
+    monkeypatch.setattr(client, "_make_api_call", lambda op, p: calls.append(op) or real(op, p))
+    assert [d.data for d in sources.iter_item_bytes(items)] == [MEMBERS[m] for m in IMAGES]
+    assert calls.count("GetObject") <= max_gets, calls
