@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jobs.train", "train a breed classifier and export a bundle"),
     "predict": ("jobs.predict", "print the top-k breeds of one or more images"),
     "evaluate": ("jobs.evaluate", "measure a bundle on a folder-per-class dataset"),
+    "label": ("jobs.label", "label images into Parquet with a Ray Data job"),
     "submit": ("jobs.submit", "submit a label/train/tune job to a Ray cluster (--address)"),
     "jobs": ("jobs.jobs_cmd", "status, logs, stop or list jobs on a Ray cluster"),
 }
