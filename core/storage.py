@@ -12,52 +12,32 @@ object is the subclass `ObjectNotFoundError`, which callers turn into a row erro
 """
 from __future__ import annotations
 
-import functools
 import io
 import os
 import posixpath
 import re
 import shutil
 import tempfile
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 from urllib.parse import unquote, urlparse
 
 from core.errors import StorageError
+from core.s3 import (READ_BUFFER_BYTES, ObjectNotFoundError, S3Options, S3RangeReader, arrow_s3,
+                     bucket_region, s3_client, s3_errors)
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "FileInfo", "ObjectNotFoundError", "ParsedURI", "S3Options", "copy", "delete",
+    "delete_tree", "exists", "get_filesystem", "is_dir", "is_s3", "join", "list_files",
+    "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri", "read_bytes",
+    "read_range", "rename", "s3_client", "stat", "write_bytes",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 DEFAULT_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
-_READ_BUFFER = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
-_TAIL = 1 << 20  # cached end of a remote seekable file: a zip's central directory
 _WHOLE_READ_MAX = 4 << 20  # remote files up to this size are opened with one GET
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
-_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-
-
-class ObjectNotFoundError(StorageError):
-    """The object does not exist (or vanished between listing and reading)."""
-
-    reason = "not found"
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        super().__init__(f"{uri}: not found; check the path, or whether it was deleted since listing")
-
-
-@dataclass(frozen=True)
-class S3Options:
-    """Explicit S3 settings; unset fields fall back to the AWS environment variables."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-
-    def resolved(self) -> "S3Options":
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return S3Options(endpoint_url=endpoint or None, region=region or None)
 
 
 @dataclass(frozen=True)
@@ -115,56 +95,6 @@ def matches_extensions(name: str, extensions: Iterable[str] | None) -> bool:
     return any(lower.endswith(ext if ext.startswith(".") else "." + ext) for ext in (e.lower() for e in extensions))
 
 
-# --- S3 clients -----------------------------------------------------------------------------
-
-_client_lock = threading.Lock()
-
-
-@functools.lru_cache(maxsize=8)
-def _client(endpoint_url: str | None, region: str | None):
-    import boto3
-    from botocore.config import Config
-
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-    with _client_lock:  # boto3 sessions are not thread-safe to create
-        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-
-
-def s3_client(s3: S3Options | None = None):
-    """The (cached, thread-safe) boto3 S3 client for these options."""
-    opts = (s3 or S3Options()).resolved()
-    return _client(opts.endpoint_url, opts.region)
-
-
-@contextmanager
-def _s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[None]:
-    """Map botocore failures to StorageErrors that say what to do."""
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
-                                     EndpointConnectionError, NoCredentialsError)
-
-    endpoint = (s3 or S3Options()).resolved().endpoint_url or "the AWS default endpoint"
-    try:
-        yield
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _NOT_FOUND_CODES:
-            raise ObjectNotFoundError(uri) from None
-        if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket {parse_uri(uri).bucket!r} does not exist at {endpoint}; "
-                               "check the bucket name, AWS_ENDPOINT_URL and region") from None
-        if code in _DENIED_CODES:
-            raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "
-                               "check the credentials and the bucket policy") from None
-        raise StorageError(f"{uri}: cannot {action}: {code or exc}") from None
-    except NoCredentialsError:
-        raise StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                           "or AWS_PROFILE, or run where an instance/pod role provides them") from None
-    except (EndpointConnectionError, ConnectTimeoutError):
-        raise StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} to {action}; "
-                           "check AWS_ENDPOINT_URL and the network") from None
-    except BotoCoreError as exc:
-        raise StorageError(f"{uri}: cannot {action}: {exc}") from None
-
 
 @contextmanager
 def _local_errors(uri: str, action: str) -> Iterator[None]:
@@ -185,7 +115,7 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
 def read_bytes(uri: str, *, s3: S3Options | None = None) -> bytes:
     p = parse_uri(uri)
     if p.scheme == "s3":
-        with _s3_errors(uri, "read", s3):
+        with s3_errors(uri, "read", s3):
             return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path)["Body"].read()
     with _local_errors(uri, "read"), open(p.path, "rb") as f:
         return f.read()
@@ -197,7 +127,7 @@ def read_range(uri: str, offset: int, length: int, *, s3: S3Options | None = Non
         return b""
     p = parse_uri(uri)
     if p.scheme == "s3":
-        with _s3_errors(uri, "read", s3):
+        with s3_errors(uri, "read", s3):
             rng = f"bytes={offset}-{offset + length - 1}"
             return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path, Range=rng)["Body"].read()
     with _local_errors(uri, "read"), open(p.path, "rb") as f:
@@ -209,7 +139,7 @@ def write_bytes(uri: str, data: bytes, *, s3: S3Options | None = None) -> None:
     """Write a whole object; local writes go to a temp file renamed into place (atomic)."""
     p = parse_uri(uri)
     if p.scheme == "s3":
-        with _s3_errors(uri, "write", s3):
+        with s3_errors(uri, "write", s3):
             s3_client(s3).put_object(Bucket=p.bucket, Key=p.path, Body=data)
         return
     with _local_errors(uri, "write"):
@@ -232,7 +162,7 @@ def stat(uri: str, *, s3: S3Options | None = None) -> FileInfo:
     """Size of one file/object; ObjectNotFoundError when absent (or a directory)."""
     p = parse_uri(uri)
     if p.scheme == "s3":
-        with _s3_errors(uri, "stat", s3):
+        with s3_errors(uri, "stat", s3):
             return FileInfo(uri, int(s3_client(s3).head_object(Bucket=p.bucket, Key=p.path)["ContentLength"]))
     if not os.path.isfile(p.path):
         raise ObjectNotFoundError(uri)
@@ -264,7 +194,7 @@ def delete(uri: str, *, missing_ok: bool = True, s3: S3Options | None = None) ->
     if p.scheme == "s3":  # S3 deletes are idempotent: no way to tell "missing" without a HEAD
         if not missing_ok and not exists(uri, s3=s3):
             raise ObjectNotFoundError(uri)
-        with _s3_errors(uri, "delete", s3):
+        with s3_errors(uri, "delete", s3):
             s3_client(s3).delete_object(Bucket=p.bucket, Key=p.path)
         return
     try:
@@ -292,7 +222,7 @@ def delete_tree(uri: str, *, s3: S3Options | None = None) -> None:
 
 
 def _delete_batch(uri: str, bucket: str, keys: list[dict], s3: S3Options | None) -> None:
-    with _s3_errors(uri, "delete", s3):
+    with s3_errors(uri, "delete", s3):
         s3_client(s3).delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
 
 
@@ -300,7 +230,7 @@ def copy(src: str, dst: str, *, s3: S3Options | None = None) -> None:
     """Copy one object between any two URIs (server-side within S3)."""
     ps, pd = parse_uri(src), parse_uri(dst)
     if ps.scheme == "s3" and pd.scheme == "s3":
-        with _s3_errors(src, f"copy to {dst}", s3):
+        with s3_errors(src, f"copy to {dst}", s3):
             s3_client(s3).copy({"Bucket": ps.bucket, "Key": ps.path}, pd.bucket, pd.path)
     elif ps.scheme == "file" and pd.scheme == "file":
         with _local_errors(src, f"copy to {dst}"):
@@ -309,7 +239,7 @@ def copy(src: str, dst: str, *, s3: S3Options | None = None) -> None:
             shutil.copyfile(ps.path, tmp)
             os.replace(tmp, pd.path)
     elif ps.scheme == "file":
-        with _local_errors(src, "read"), _s3_errors(dst, "upload", s3):
+        with _local_errors(src, "read"), s3_errors(dst, "upload", s3):
             s3_client(s3).upload_file(ps.path, pd.bucket, pd.path)
     else:
         write_bytes(dst, read_bytes(src, s3=s3), s3=s3)
@@ -375,7 +305,7 @@ def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: in
     prefix = p.path if not p.path or p.path.endswith("/") else p.path + "/"
     paginator = s3_client(s3).get_paginator("list_objects_v2")
     pages = paginator.paginate(Bucket=p.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
-    with _s3_errors(uri, "list", s3):
+    with s3_errors(uri, "list", s3):
         for page in pages:
             keys = sorted((o["Key"], o["Size"]) for o in page.get("Contents", ()))
             for key, size in keys:
@@ -385,48 +315,6 @@ def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: in
 
 # --- file handles -----------------------------------------------------------------------
 
-class _S3RangeReader(io.RawIOBase):
-    """Seekable raw reader over one S3 object with HTTP range GETs (for zip's random access).
-
-    The last `_TAIL` bytes are fetched once and kept: a zip's end record and central
-    directory live there and are read in several small seeks.
-    """
-
-    def __init__(self, uri: str, size: int, s3: S3Options | None):
-        self._uri, self._size, self._s3, self._pos = uri, size, s3, 0
-        self._tail_start = max(0, size - _TAIL)
-        self._tail: bytes | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        if self._pos >= self._tail_start:
-            if self._tail is None:
-                self._tail = read_range(self._uri, self._tail_start, self._size - self._tail_start, s3=self._s3)
-            start = self._pos - self._tail_start
-            data = self._tail[start: start + n]
-        else:
-            data = read_range(self._uri, self._pos, min(n, self._tail_start - self._pos), s3=self._s3)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
 def open_input(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
     """A seekable binary file (e.g. for `zipfile`); S3 reads are buffered range requests."""
     p = parse_uri(uri)
@@ -434,7 +322,7 @@ def open_input(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
         size = stat(uri, s3=s3).size
         if size <= _WHOLE_READ_MAX:  # one GET beats several range requests
             return io.BytesIO(read_bytes(uri, s3=s3))
-        return io.BufferedReader(_S3RangeReader(uri, size, s3), buffer_size=_READ_BUFFER)
+        return io.BufferedReader(S3RangeReader(uri, p.bucket, p.path, size, s3), buffer_size=READ_BUFFER_BYTES)
     with _local_errors(uri, "open"):
         return open(p.path, "rb")
 
@@ -443,7 +331,7 @@ def open_stream(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
     """A forward-only stream of the whole object in one request (e.g. for streaming tar)."""
     p = parse_uri(uri)
     if p.scheme == "s3":
-        with _s3_errors(uri, "read", s3):
+        with s3_errors(uri, "read", s3):
             return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path)["Body"]
     return open_input(uri)
 
@@ -456,27 +344,6 @@ def get_filesystem(uri: str, *, s3: S3Options | None = None):
     if p.scheme == "file":
         return pafs.LocalFileSystem(), os.path.abspath(p.path)
     opts = (s3 or S3Options()).resolved()
-    return _arrow_s3(opts.endpoint_url, opts.region or _bucket_region(p.bucket, opts)), posixpath.join(p.bucket, p.path)
+    return arrow_s3(opts.endpoint_url, opts.region or bucket_region(p.bucket, opts)), posixpath.join(p.bucket, p.path)
 
 
-def _bucket_region(bucket: str, opts: S3Options) -> str:
-    if opts.endpoint_url:
-        return "us-east-1"
-    import pyarrow.fs as pafs
-
-    try:
-        return pafs.resolve_s3_region(bucket)
-    except OSError:
-        return "us-east-1"
-
-
-@functools.lru_cache(maxsize=8)
-def _arrow_s3(endpoint_url: str | None, region: str):
-    import pyarrow.fs as pafs
-
-    kwargs: dict = {"region": region}
-    if endpoint_url:
-        parsed = urlparse(endpoint_url)
-        kwargs["endpoint_override"] = parsed.netloc or endpoint_url
-        kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(**kwargs)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core import sources, storage
+from core import s3, sources, storage
 from core.errors import InputError
 from core.sources import InputItem, ItemData
 
@@ -203,7 +203,7 @@ def test_input_errors_are_clear(tmp_path):
 def test_s3_archive_is_read_in_one_pass(moto_s3, monkeypatch, name, whole_read_max, max_gets):
     if whole_read_max is not None:  # force the seekable range reader, tail smaller than the zip
         monkeypatch.setattr(storage, "_WHOLE_READ_MAX", whole_read_max)
-        monkeypatch.setattr(storage, "_TAIL", 200)
+        monkeypatch.setattr(s3, "TAIL_BYTES", 200)
     uri = moto_s3.make_bucket(f"pass-{uuid.uuid4().hex[:12]}") + "/" + name
     storage.write_bytes(uri, ARCHIVES[name]())
     items = list(sources.iter_items([uri]))

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core import storage
+from core import s3, storage
 from core.errors import StorageError
 from core.storage import FileInfo, ObjectNotFoundError, S3Options
 
@@ -158,7 +158,7 @@ def test_parquet_via_get_filesystem(bucket):
 def test_s3_seekable_reader_large_object(bucket, monkeypatch):
     """Above the whole-read size: buffered range reads, with the tail fetched once."""
     monkeypatch.setattr(storage, "_WHOLE_READ_MAX", 1000)
-    monkeypatch.setattr(storage, "_TAIL", 3000)
+    monkeypatch.setattr(s3, "TAIL_BYTES", 3000)
     data = bytes(range(256)) * 40  # 10,240 bytes
     uri = f"{bucket}/big.bin"
     storage.write_bytes(uri, data)

@@ -1,0 +1,165 @@
+"""S3 plumbing behind core.storage: options, cached boto3 clients, error mapping, a seekable
+range reader and the pyarrow S3 filesystem. Use `core.storage`; this module is its back end.
+
+Credentials come from the standard AWS chain inside boto3 / the AWS SDK; they are never read,
+passed around, logged or written here.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+from urllib.parse import urlparse
+
+from core.errors import StorageError
+
+READ_BUFFER_BYTES = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
+TAIL_BYTES = 1 << 20  # cached end of a remote seekable file: a zip's end record + central directory
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+class ObjectNotFoundError(StorageError):
+    """A file or object (local or S3) that does not exist, or vanished between listing and reading."""
+
+    reason = "not found"
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        super().__init__(f"{uri}: not found; check the path, or whether it was deleted since listing")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Explicit S3 settings; unset fields fall back to the AWS environment variables."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def resolved(self) -> "S3Options":
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return S3Options(endpoint_url=endpoint or None, region=region or None)
+
+
+_client_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint_url: str | None, region: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    with _client_lock:  # boto3 sessions are not thread-safe to create
+        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def s3_client(s3: S3Options | None = None):
+    """The (cached, thread-safe) boto3 S3 client for these options."""
+    opts = (s3 or S3Options()).resolved()
+    return _client(opts.endpoint_url, opts.region)
+
+
+@contextmanager
+def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[None]:
+    """Map botocore failures to StorageErrors that say what to do."""
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
+                                     EndpointConnectionError, NoCredentialsError)
+
+    endpoint = (s3 or S3Options()).resolved().endpoint_url or "the AWS default endpoint"
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _NOT_FOUND_CODES:
+            raise ObjectNotFoundError(uri) from None
+        if code == "NoSuchBucket":
+            raise StorageError(f"{uri}: bucket {urlparse(uri).netloc!r} does not exist at {endpoint}; "
+                               "check the bucket name, AWS_ENDPOINT_URL and region") from None
+        if code in _DENIED_CODES:
+            raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "
+                               "check the credentials and the bucket policy") from None
+        raise StorageError(f"{uri}: cannot {action}: {code or exc}") from None
+    except NoCredentialsError:
+        raise StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                           "or AWS_PROFILE, or run where an instance/pod role provides them") from None
+    except (EndpointConnectionError, ConnectTimeoutError):
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} to {action}; "
+                           "check AWS_ENDPOINT_URL and the network") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"{uri}: cannot {action}: {exc}") from None
+
+
+class S3RangeReader(io.RawIOBase):
+    """Seekable raw reader over one S3 object with HTTP range GETs (for zip's random access).
+
+    The last `TAIL_BYTES` bytes are fetched once and kept: a zip's end record and central
+    directory live there and are read in several small seeks.
+    """
+
+    def __init__(self, uri: str, bucket: str, key: str, size: int, s3: S3Options | None):
+        self._uri, self._bucket, self._key, self._size, self._s3, self._pos = uri, bucket, key, size, s3, 0
+        self._tail_start = max(0, size - TAIL_BYTES)
+        self._tail: bytes | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _get(self, offset: int, length: int) -> bytes:
+        with s3_errors(self._uri, "read", self._s3):
+            rng = f"bytes={offset}-{offset + length - 1}"
+            return s3_client(self._s3).get_object(Bucket=self._bucket, Key=self._key, Range=rng)["Body"].read()
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        if self._pos >= self._tail_start:
+            if self._tail is None:
+                self._tail = self._get(self._tail_start, self._size - self._tail_start)
+            start = self._pos - self._tail_start
+            data = self._tail[start: start + n]
+        else:
+            data = self._get(self._pos, min(n, self._tail_start - self._pos))
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def bucket_region(bucket: str, opts: S3Options) -> str:
+    if opts.endpoint_url:
+        return "us-east-1"
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return "us-east-1"
+
+
+@functools.lru_cache(maxsize=8)
+def arrow_s3(endpoint_url: str | None, region: str):
+    import pyarrow.fs as pafs
+
+    kwargs: dict = {"region": region}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint_url
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
