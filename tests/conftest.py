@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.models",
     "tests.fixtures.images",
+    "tests.fixtures.ray_head",
 ]
