@@ -86,6 +86,7 @@ def connect(address: str):
     """A JobSubmissionClient, or a JobError saying how to reach the head."""
     from ray.job_submission import JobSubmissionClient
 
+    _enable_token_auth_if_available()
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -93,6 +94,22 @@ def connect(address: str):
             f"cannot reach the Ray job API at {address} ({exc}). Is the head up? For a cluster "
             "started with `ray up ray_cluster.yaml`, run `ray dashboard ray_cluster.yaml` to "
             "forward it to http://127.0.0.1:8265, or pass --address http://HEAD:8265") from exc
+
+
+def _enable_token_auth_if_available() -> None:
+    """Send the cluster's auth token when there is one, as `ray start` decides it.
+
+    Ray 2.60 clusters use token authentication by default. The token comes from $RAY_AUTH_TOKEN,
+    $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` prints it on the head); it
+    is sent in a header, never logged. $RAY_AUTH_MODE, when set, wins.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # older/newer Ray without this helper: RAY_AUTH_MODE=token still works
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _call(what: str, fn, *args, **kwargs):
