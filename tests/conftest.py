@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.images",
     "tests.fixtures.ray_head",
+    "tests.fixtures.label_output",
 ]

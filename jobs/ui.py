@@ -1,0 +1,161 @@
+"""Open a web page to classify dog photos and explore labelling runs (Gradio, local only).
+
+    breedlabel ui --model bundles/mobilenet_v2 --examples ../shared/data/sample_bucket --runs runs/labels
+
+Tab "Classify": drop or pick a photo, see the 3 most likely breeds. Tab "Runs": point at a
+label output (folder or s3://) to see its run manifests, breed histogram, unsure and error rows.
+The bundle and its runtime are loaded once per server. No analytics, no share links.
+"""
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio at import
+
+from core.errors import EXIT_OK  # noqa: E402
+from core.explore import ALL  # noqa: E402
+from core.predict import PredictConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UIConfig:
+    """Defaults for `breedlabel ui` (shown by --help)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    runs: str | None = None
+    examples: str | None = None
+    max_examples: int = 48
+    min_prob: float = 0.5
+    runtime: str = PredictConfig.runtime
+    threads: int | None = PredictConfig.threads
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = UIConfig()
+    parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle path or URI")
+    parser.add_argument("--host", default=d.host, help="address to listen on (keep 127.0.0.1 unless behind a proxy)")
+    parser.add_argument("--port", type=int, default=d.port, help="port to listen on")
+    parser.add_argument("--runs", default=d.runs, metavar="OUTPUT_URI",
+                        help="label output (folder or s3://bucket/prefix) preset in the Runs tab")
+    parser.add_argument("--examples", default=d.examples, metavar="DIR",
+                        help="local folder of example photos shown on the page (searched recursively)")
+    parser.add_argument("--max-examples", type=int, default=d.max_examples, help="examples shown at most")
+    parser.add_argument("--min-prob", type=float, default=d.min_prob,
+                        help="below this top-1 probability the page says the model is unsure")
+    parser.add_argument("--runtime", choices=("auto", "openvino", "tensorflow"), default=d.runtime)
+    parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.errors import ConfigError
+    from core.predict import Predictor
+    from jobs.ui_pages import ClassifyPage, ExplorerPage, find_examples
+
+    if not 0.0 <= args.min_prob <= 1.0:
+        raise ConfigError(f"--min-prob {args.min_prob}: give a probability between 0 and 1")
+    examples = find_examples(args.examples, args.max_examples)
+    predictor = Predictor(args.model, runtime=args.runtime, threads=args.threads)
+    page = ClassifyPage(predictor, args.min_prob)
+    app = build_app(page, ExplorerPage(), examples, args.runs or "")
+    log.info("model %s (%s runtime); open http://%s:%d", predictor.bundle.model_id[:12],
+             predictor.runtime.name, args.host, args.port)
+    app.queue(default_concurrency_limit=1)  # one inference at a time: the runtime uses every core
+    app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
+               show_error=True, quiet=True, footer_links=[])
+    return EXIT_OK
+
+
+def build_app(page, explorer, examples: list[str], runs_uri: str = ""):
+    """The Gradio Blocks: wiring only; the logic is in jobs.ui_pages."""
+    import gradio as gr
+
+    with gr.Blocks(title="breedlabel", analytics_enabled=False) as app:
+        gr.Markdown("# breedlabel: dog breeds")
+        with gr.Tab("Classify"):
+            _classify_tab(gr, page, examples)
+        with gr.Tab("Runs"):
+            _runs_tab(gr, explorer, runs_uri, page.min_prob)
+    return app
+
+
+def _classify_tab(gr, page, examples: list[str]) -> None:
+    with gr.Row():
+        with gr.Column():
+            upload = gr.File(label="Photo (drop a file here)", file_count="single", type="filepath",
+                             elem_id="photo-upload")
+            preview = gr.Image(label="Photo", type="filepath", interactive=False, height=320)
+        with gr.Column():
+            verdict = gr.Markdown(page.classify_file(None).message, elem_id="verdict")
+            top3 = gr.Label(label="Top 3 breeds", num_top_classes=3, elem_id="top3")
+            with gr.Accordion("Model card", open=False):
+                gr.Markdown(page.card_markdown(), elem_id="model-card")
+    if examples:
+        gallery = gr.Gallery(value=examples, label="Examples (click one)", columns=8, height=260,
+                             allow_preview=False, interactive=False, elem_id="examples")
+
+        def pick(evt: gr.SelectData):
+            return examples[evt.index]
+
+        gallery.select(pick, inputs=None, outputs=upload)
+
+    def classify(path):
+        v = page.classify_file(path)
+        return v.label, v.message, v.preview
+
+    upload.change(classify, inputs=upload, outputs=[top3, verdict, preview])
+
+
+def _runs_tab(gr, explorer, runs_uri: str, min_prob: float) -> None:
+    from jobs.ui_pages import ERROR_HEADERS, UNSURE_HEADERS
+
+    with gr.Row():
+        uri = gr.Textbox(value=runs_uri, label="Label output (folder or s3://bucket/prefix)", scale=4,
+                         elem_id="runs-uri")
+        load = gr.Button("Load", variant="primary", scale=1, elem_id="runs-load")
+    status = gr.Markdown(elem_id="runs-status")
+    manifests = gr.Dataframe(label="Finished runs (manifests)", interactive=False, wrap=True)
+    with gr.Row():
+        run_id = gr.Dropdown([ALL], value=ALL, label="Run")
+        breed = gr.Dropdown([ALL], value=ALL, label="Predicted breed", filterable=True)
+        threshold = gr.Slider(0, 1, value=min_prob, step=0.05, label="Unsure below")
+    histogram = gr.BarPlot(x="breed", y="images", sort="-y", x_label_angle=-60,
+                           label="Breed histogram (labelled rows)", height=320)
+    unsure_gallery = gr.Gallery(label="Least sure rows", columns=8, height=300, allow_preview=True)
+    unsure_rows = gr.Dataframe(headers=UNSURE_HEADERS, label="Least sure rows", interactive=False, wrap=True)
+    error_gallery = gr.Gallery(label="Error rows", columns=8, height=220, allow_preview=True)
+    error_rows = gr.Dataframe(headers=ERROR_HEADERS, label="Error rows", interactive=False, wrap=True)
+
+    outputs = [status, manifests, run_id, breed, histogram, unsure_gallery, unsure_rows,
+               error_gallery, error_rows]
+
+    def show(uri_value, run_value, breed_value, threshold_value, reload=False):
+        import pandas as pd
+
+        from core.explore import MANIFEST_FIELDS
+
+        v = explorer.view(uri_value, run_value, breed_value, threshold_value, reload=reload)
+        return (v.status,
+                pd.DataFrame(v.manifests, columns=list(MANIFEST_FIELDS)),
+                gr.Dropdown(choices=[ALL, *v.run_ids], value=run_value if run_value in v.run_ids else ALL),
+                gr.Dropdown(choices=[ALL, *((b.replace('_', ' '), b) for b in v.breeds)], value=breed_value if breed_value in v.breeds else ALL),
+                pd.DataFrame(v.histogram, columns=["breed", "images"]),
+                v.unsure_gallery, pd.DataFrame(v.unsure_rows, columns=UNSURE_HEADERS),
+                v.error_gallery, pd.DataFrame(v.error_rows, columns=ERROR_HEADERS))
+
+    inputs = [uri, run_id, breed, threshold]
+    load.click(lambda *a: show(*a, reload=True), inputs=inputs, outputs=outputs)
+    uri.submit(lambda *a: show(*a, reload=True), inputs=inputs, outputs=outputs)
+    for control in (run_id, breed):
+        control.input(show, inputs=inputs, outputs=outputs)
+    threshold.release(show, inputs=inputs, outputs=outputs)
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    sys.exit(main(["ui", *sys.argv[1:]]))
