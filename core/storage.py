@@ -24,6 +24,7 @@ from typing import IO, Iterable, Iterator
 from urllib.parse import unquote, urlparse
 
 from core.errors import StorageError
+from core.images import IMAGE_EXTENSIONS  # the formats the one decode path reads
 from core.s3 import (READ_BUFFER_BYTES, ObjectNotFoundError, S3Options, S3RangeReader, arrow_s3,
                      bucket_region, s3_client, s3_errors)
 
@@ -34,7 +35,6 @@ __all__ = [
     "read_range", "rename", "s3_client", "stat", "write_bytes",
 ]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 DEFAULT_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
 _WHOLE_READ_MAX = 4 << 20  # remote files up to this size are opened with one GET
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -169,10 +169,3 @@ def test_synthetic_classes_are_separable(tmp_path):
     centroids = np.stack([feats[ds.labels == c].mean(0) for c in range(6)])
     predicted = np.argmin(((feats[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (predicted == ds.labels).mean() >= 0.9
-
-
-def test_extension_list_agrees_with_storage():
-    """core.storage keeps a twin of the list it filters listings by; they must not drift apart."""
-    from core.storage import IMAGE_EXTENSIONS as storage_extensions
-
-    assert tuple(storage_extensions) == images.IMAGE_EXTENSIONS
