@@ -1,0 +1,108 @@
+"""The label actor's batch logic without Ray (core.labelling): every bad-input kind gives a row
+with the right label or a short error, nothing is dropped, fused == two-stage, skip-set works,
+and the OpenVINO and TensorFlow runtimes agree on the rows."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from core import labelling, output, schema
+from core.bundle import load_bundle
+from tests.fixtures.images import SAMPLE_KINDS, sample_images
+
+
+def batch_of(samples, missing: int = 0, **extra) -> dict:
+    uris = [f"mem://{s.kind}/{s.filename}" for s in samples] + [f"/nonexistent/gone{i}.jpg" for i in range(missing)]
+    datas = [s.data for s in samples] + [None] * missing
+    return {labelling.COL_URI: np.array(uris, dtype=object),
+            labelling.COL_MEMBER: np.array([None] * len(uris), dtype=object),
+            labelling.COL_DATA: np.array(datas, dtype=object),
+            labelling.COL_ERROR: np.array([None] * len(uris), dtype=object), **extra}
+
+
+@pytest.fixture(scope="module")
+def labeller(tiny_bundle):
+    return labelling.BatchLabeller(load_bundle(str(tiny_bundle)), runtime="openvino", threads=1,
+                                   decode_threads=2, io_threads=2, top_k=3, run_id="RUN")
+
+
+def test_every_kind_gives_one_row_with_label_or_reason(labeller):
+    samples = sample_images()
+    assert len(samples) == len(SAMPLE_KINDS) >= 20
+    table = labeller.label(batch_of(samples, missing=1))
+    assert table.num_rows == len(samples) + 1
+    got = table.to_pylist()
+    for sample, row in zip(samples, got):
+        if sample.error is None:
+            assert row["error"] is None, sample.kind
+            assert (row["width"], row["height"]) == (sample.width, sample.height), sample.kind
+            assert len(row["top_k"]) == 3 and row["breed"] == row["top_k"][0]["breed"]
+            assert [e["prob"] for e in row["top_k"]] == sorted((e["prob"] for e in row["top_k"]), reverse=True)
+        else:  # the short reason, possibly with a detail: "unsupported format (TIFF)"
+            assert row["error"].startswith(sample.error), sample.kind
+            assert row["top_k"] == [] and row["breed"] is None and row["width"] is None
+        assert row["bytes"] == len(sample.data) and row["run_id"] == "RUN"
+    assert got[-1]["error"] == "not found" and got[-1]["bytes"] == 0  # vanished between listing and reading
+    assert not any(table.column(labelling.SKIPPED).to_pylist())
+    assert table.drop_columns([labelling.SKIPPED]).schema.equals(schema.LABEL_SCHEMA)
+
+
+def test_listing_errors_pass_through(labeller):
+    batch = batch_of([])
+    batch = {labelling.COL_URI: np.array(["s3://b/broken.tar"], dtype=object),
+             labelling.COL_MEMBER: np.array([None], dtype=object), labelling.COL_DATA: np.array([None], dtype=object),
+             labelling.COL_ERROR: np.array(["corrupt archive: ReadError"], dtype=object)}
+    row = labeller.label(batch).to_pylist()[0]
+    assert row["error"] == "corrupt archive: ReadError" and row["top_k"] == []
+
+
+def test_two_stage_matches_fused(labeller, tiny_bundle):
+    samples = sample_images(["jpeg", "png", "cmyk_jpeg", "truncated_jpeg", "webp"])
+    fused = labeller.label(batch_of(samples))
+    bundle = load_bundle(str(tiny_bundle))
+    decoded = labelling.decode_batch(batch_of(samples), size=bundle.input_size, policy=bundle.resize_policy,
+                                     model_id=bundle.model_id, io_threads=1)
+    staged = labeller.label_decoded(decoded)
+    cols = [schema.URI, schema.BYTES, schema.CONTENT_SHA256, schema.WIDTH, schema.HEIGHT, schema.BREED, schema.ERROR]
+    assert staged.select(cols).to_pylist() == fused.select(cols).to_pylist()
+    np.testing.assert_allclose(staged.column(schema.PROB).to_numpy(zero_copy_only=False),
+                               fused.column(schema.PROB).to_numpy(zero_copy_only=False), atol=1e-6)
+
+
+def test_done_keys_skip_only_identical_content(tiny_bundle):
+    bundle = load_bundle(str(tiny_bundle))
+    samples = sample_images(["jpeg", "png"])
+    first = labelling.BatchLabeller(bundle, runtime="openvino", threads=1).label(batch_of(samples)).to_pylist()
+    done = output.key_set([output.key_hash(first[0]["uri"], None, first[0]["content_sha256"], bundle.model_id)])
+    again = labelling.BatchLabeller(bundle, runtime="openvino", threads=1, done_keys=done).label(batch_of(samples))
+    assert again.column(labelling.SKIPPED).to_pylist() == [True, False]
+
+
+def test_runtimes_agree_on_rows(tiny_bundle):
+    """Runtime parity through the label path (tiny model; real photos: BREEDLABEL_TEST_BUNDLE below)."""
+    bundle = load_bundle(str(tiny_bundle))
+    samples = [s for s in sample_images() if s.error is None]
+    ov = labelling.BatchLabeller(bundle, runtime="openvino", threads=1).label(batch_of(samples))
+    tf = labelling.BatchLabeller(bundle, runtime="tensorflow", threads=1).label(batch_of(samples))
+    assert ov.column(schema.BREED).to_pylist() == tf.column(schema.BREED).to_pylist()
+    assert np.max(np.abs(ov.column(schema.PROB).to_numpy() - tf.column(schema.PROB).to_numpy())) <= 0.02
+
+
+@pytest.mark.shared_data
+def test_runtime_parity_on_real_photos(sample_bucket_dir):
+    """A trained bundle labelling real photos: top-1 agreement >= 99.5 %, max |dprob| <= 0.02."""
+    path = os.environ.get("BREEDLABEL_TEST_BUNDLE")
+    if not path:
+        pytest.skip("set BREEDLABEL_TEST_BUNDLE to a trained bundle to run the real-photo parity test")
+    bundle = load_bundle(path)
+    files = sorted(str(p) for p in sample_bucket_dir.rglob("*") if p.is_file())
+    batch = {labelling.COL_URI: np.array(files, dtype=object), labelling.COL_MEMBER: np.array([None] * len(files))}
+    ov = labelling.BatchLabeller(bundle, runtime="openvino").label(batch)
+    tf = labelling.BatchLabeller(bundle, runtime="tensorflow").label(batch)
+    same = np.mean(np.array(ov.column(schema.BREED).to_pylist()) == np.array(tf.column(schema.BREED).to_pylist()))
+    assert same >= 0.995
+    p_ov = np.array([[e["prob"] for e in r] for r in ov.column(schema.TOP_K).to_pylist()])
+    p_tf = np.array([[e["prob"] for e in r] for r in tf.column(schema.TOP_K).to_pylist()])
+    assert np.max(np.abs(p_ov[:, 0] - p_tf[:, 0])) <= 0.02
