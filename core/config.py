@@ -1,0 +1,163 @@
+"""Training configuration: every default lives here; presets are plain functions.
+
+No TensorFlow import: the CLI reads these defaults for `--help`.
+Run the accuracy preset (see DESIGN.md, "Fine-tuning must beat the frozen-feature probe"):
+    breedlabel train --data ../shared/data/stanford_dogs_train --out /work/runs/mnv2 \
+        --preset mobilenet_v2 --weights ../shared/weights/mobilenet_v2_..._no_top.h5
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from core.errors import ConfigError
+
+PHASE_HEAD = "head"
+PHASE_FINETUNE = "finetune"
+PHASES = (PHASE_HEAD, PHASE_FINETUNE)
+ALL_LAYERS = -1
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation (core.augment.build_augment)."""
+
+    crop_scale_min: float = 0.25  # random resized crop area fraction; 1.0 = no crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    zoom_out_prob: float = 0.2  # paste onto a larger canvas (full-scene robustness)
+    zoom_out_max: float = 2.0
+    flip: bool = True
+    rotation_deg: float = 0.0
+    zoom: tuple[float, float] = (1.0, 1.0)
+    translate: float = 0.0
+    contrast: float = 0.2
+    brightness: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data, model, two phases, export. Resolved copy goes into card.json."""
+
+    # model
+    backbone: str = "mobilenet_v2"
+    weights: str | None = "imagenet"  # "imagenet" | local .h5 path | None
+    input_size: int | None = None  # None = the backbone's native size
+    dense_units: int = 0  # 0 = linear head
+    dropout: float = 0.3
+    grayscale: bool = False
+    equalize: bool = False
+    # data
+    classes: int | None = None  # first N classes; None = all
+    val_fraction: float = 0.2
+    seed: int = 0
+    batch_size: int = 32
+    cache_images: bool = True  # keep decoded training images in memory between epochs
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # phase 1: head on the frozen backbone
+    head_epochs: int = 10
+    head_lr: float = 1e-3
+    head_feature_views: int = 0  # >0: cache frozen features of N augmented views once, train on those
+    head_batch_size: int = 128  # batch size when training on cached features
+    # phase 2: fine-tune the top of the backbone
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-4
+    finetune_layers: int = ALL_LAYERS  # top N backbone layers trainable; -1 = all; 0 = skip phase
+    warmup_epochs: float = 1.0
+    freeze_bn: bool = True  # BatchNorm stays in inference mode (80 photos/class overfit fast)
+    weight_decay: float = 1e-5
+    # shared by both phases
+    label_smoothing: float = 0.1
+    early_stopping_patience: int = 3
+    tta_flip: bool = False  # average with the mirrored image inside the exported graph
+    mixed_precision: bool = True  # only ever used when a GPU is present
+    resize_policy: str = "resize_crop"
+    max_steps_per_epoch: int | None = None  # for smoke runs
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.head_epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0")
+        _check(self.head_lr > 0 and self.finetune_lr > 0, "learning rates must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
+        _check(self.finetune_layers >= ALL_LAYERS, "finetune_layers must be -1 (all), 0 (skip) or N > 0")
+        _check(self.classes is None or self.classes >= 2, "classes must be >= 2")
+        _check(self.input_size is None or self.input_size >= 32, "input_size must be >= 32")
+        _check(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
+        _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed; `augment` may be a dict of AugmentConfig fields."""
+        aug = changes.pop("augment", None)
+        if isinstance(aug, dict):
+            changes["augment"] = dataclasses.replace(self.augment, **aug)
+        elif aug is not None:
+            changes["augment"] = aug
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        aug = data.pop("augment", {}) or {}
+        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+        return cls(**data, augment=AugmentConfig(**aug))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"train config: {message}")
+
+
+def smoke() -> TrainConfig:
+    """Seconds on 2 cores: tiny custom CNN at 32 px, one epoch per phase. For tests and demos."""
+    return TrainConfig(
+        backbone="custom_cnn", weights=None, input_size=32, batch_size=8, dropout=0.1,
+        head_epochs=1, head_lr=1e-2, finetune_epochs=1, finetune_lr=1e-3, finetune_layers=ALL_LAYERS,
+        warmup_epochs=0.0, freeze_bn=False, early_stopping_patience=2,
+        augment=AugmentConfig(zoom_out_prob=0.0, contrast=0.0, brightness=0.0, saturation=0.0),
+    )
+
+
+def mobilenet_v2() -> TrainConfig:
+    """The recipe that clears the Stanford Dogs bar (>= 85 % top-1 on the 20 % split) on CPU:
+    head on cached features of augmented views, then a short fine-tune of the top blocks with
+    on-the-fly augmentation, BN frozen, label smoothing, warm-up + cosine, best-epoch restore."""
+    return TrainConfig(
+        backbone="mobilenet_v2", input_size=224, dropout=0.3, batch_size=32,
+        head_epochs=30, head_lr=1e-3, head_feature_views=4, head_batch_size=128,
+        finetune_epochs=4, finetune_lr=5e-5, finetune_layers=40, warmup_epochs=0.5,
+        label_smoothing=0.1, early_stopping_patience=2, tta_flip=True,
+        augment=AugmentConfig(crop_scale_min=0.3, zoom_out_prob=0.1, zoom_out_max=1.8),
+    )
+
+
+def custom_cnn() -> TrainConfig:
+    """Baseline trained from scratch: every layer trains in phase 1, no phase 2."""
+    return TrainConfig(
+        backbone="custom_cnn", weights=None, input_size=128, dense_units=256, dropout=0.4,
+        batch_size=32, head_epochs=40, head_lr=1e-3, finetune_layers=0, finetune_epochs=0,
+        freeze_bn=False, early_stopping_patience=6,
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "smoke": smoke,
+    "mobilenet_v2": mobilenet_v2,
+    "custom_cnn": custom_cnn,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}") from None

@@ -1,0 +1,206 @@
+"""One table of backbones, looked up by name (timm's `register_model` / `create_model`).
+
+`create_model(name, num_classes, weights=...)` returns a Keras 2 model whose input is
+float32 RGB [0,255] [N,H,W,3] and whose output is softmax probabilities [N,C] float32;
+normalisation (and optional grayscale / equalisation) are layers inside it.
+
+The model is three named parts so training can treat them separately:
+    preprocessing layers -> "backbone" (nested model, pooled features) -> "head" (nested model)
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from core.errors import ConfigError
+
+BACKBONE_LAYER = "backbone"
+HEAD_LAYER = "head"
+INPUT_NAME = "images"
+WEIGHTS_IMAGENET = "imagenet"
+
+# builder(input_shape, weights) -> keras.Model producing pooled features [N, D]
+Builder = Callable[[tuple, "str | None"], "object"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    builder: Builder
+    input_size: int  # native size (what the ImageNet weights were trained at)
+    feature_dim: int
+    preprocess: str  # a core.preprocess mode
+    family: str
+    min_input_size: int = 32
+    has_imagenet: bool = True
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the table; a duplicate name is an error, not a silent override."""
+    if spec.name in _REGISTRY:
+        raise ConfigError(f"backbone {spec.name!r} is already registered; pick another name")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered backbone names matching a shell-style pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown backbone {name!r}; valid names: {', '.join(list_models())}"
+        ) from None
+
+
+def _app_builder(module: str, fn: str, **extra) -> Builder:
+    """A builder for a keras.applications model with include_top=False, pooling='avg'."""
+
+    def build(input_shape: tuple, weights: str | None):
+        import importlib
+
+        import tf_keras as keras
+
+        app = getattr(importlib.import_module(f"tf_keras.applications.{module}"), fn)
+        base = app(include_top=False, weights=weights, input_shape=input_shape, pooling="avg", **extra)
+        return keras.Model(base.inputs, base.outputs, name=BACKBONE_LAYER)
+
+    return build
+
+
+def _custom_cnn(input_shape: tuple, weights: str | None):
+    """Small VGG-like baseline trained from scratch: 4 x (conv-bn-relu x2, maxpool), GAP."""
+    import tf_keras as keras
+
+    L = keras.layers
+    inp = keras.Input(input_shape)
+    x = inp
+    for i, filters in enumerate((32, 64, 128, 256)):
+        for j in range(2):
+            x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv{j + 1}")(x)
+            x = L.BatchNormalization(name=f"block{i + 1}_bn{j + 1}")(x)
+            x = L.ReLU(name=f"block{i + 1}_relu{j + 1}")(x)
+        x = L.MaxPooling2D(name=f"block{i + 1}_pool")(x)
+    x = L.GlobalAveragePooling2D(name="avg_pool")(x)
+    model = keras.Model(inp, x, name=BACKBONE_LAYER)
+    if weights:
+        model.load_weights(weights)
+    return model
+
+
+def _register_defaults() -> None:
+    reg = register_backbone
+    reg(BackboneSpec("custom_cnn", _custom_cnn, 128, 256, "unit", "custom", has_imagenet=False))
+    reg(BackboneSpec("mobilenet_v2", _app_builder("mobilenet_v2", "MobileNetV2"), 224, 1280, "tf", "mobilenet"))
+    reg(BackboneSpec("vgg16", _app_builder("vgg16", "VGG16"), 224, 512, "caffe", "vgg"))
+    reg(BackboneSpec("resnet50", _app_builder("resnet", "ResNet50"), 224, 2048, "caffe", "resnet"))
+    reg(BackboneSpec("inception_v3", _app_builder("inception_v3", "InceptionV3"), 299, 2048, "tf",
+                     "inception", min_input_size=75))
+    effnet = [(0, 224, 1280), (1, 240, 1280), (2, 260, 1408), (3, 300, 1536),
+              (4, 380, 1792), (5, 456, 2048), (6, 528, 2304), (7, 600, 2560)]
+    for b, size, dim in effnet:
+        reg(BackboneSpec(f"efficientnet_b{b}", _app_builder("efficientnet", f"EfficientNetB{b}"),
+                         size, dim, "none", "efficientnet"))
+    effv2 = [("b0", "B0", 224), ("b1", "B1", 240), ("b2", "B2", 260), ("b3", "B3", 300),
+             ("s", "S", 384), ("m", "M", 480), ("l", "L", 480)]
+    dims_v2 = {"b0": 1280, "b1": 1280, "b2": 1408, "b3": 1536, "s": 1280, "m": 1280, "l": 1280}
+    for key, fn, size in effv2:
+        reg(BackboneSpec(f"efficientnet_v2_{key}", _app_builder("efficientnet_v2", f"EfficientNetV2{fn}"),
+                         size, dims_v2[key], "none", "efficientnet_v2"))
+
+
+_register_defaults()
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
+    """'imagenet' | a local .h5 path | None/'none' -> what keras.applications accepts."""
+    if weights is None or str(weights).lower() in ("", "none"):
+        return None
+    if weights == WEIGHTS_IMAGENET:
+        if not spec.has_imagenet:
+            raise ConfigError(f"backbone {spec.name!r} has no ImageNet weights; use --weights none or a .h5 path")
+        return WEIGHTS_IMAGENET
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file {weights!r} does not exist; pass 'imagenet', 'none' or a local .h5 path")
+    return str(path)
+
+
+def build_head(feature_dim: int, num_classes: int, dense_units: int, dropout: float):
+    """Dropout -> [Dense(relu) -> Dropout] -> Dense(softmax, float32), as a nested model."""
+    import tf_keras as keras
+
+    L = keras.layers
+    inp = keras.Input((feature_dim,), name="features")
+    x = L.Dropout(dropout, name="head_dropout")(inp)
+    if dense_units > 0:
+        x = L.Dense(dense_units, activation="relu", name="head_hidden")(x)
+        x = L.Dropout(dropout, name="head_hidden_dropout")(x)
+    out = L.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inp, out, name=HEAD_LAYER)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str | None = WEIGHTS_IMAGENET,
+    input_size: int | None = None,
+    dense_units: int = 0,
+    dropout: float = 0.3,
+    grayscale: bool = False,
+    equalize: bool = False,
+):
+    """Build preprocessing -> backbone -> head; input float32 RGB [0,255], output probs."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tf_keras as keras
+
+    from core import preprocess
+
+    spec = get_spec(name)
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+    size = int(input_size or spec.input_size)
+    if size < spec.min_input_size:
+        raise ConfigError(f"{name} needs input_size >= {spec.min_input_size}, got {size}")
+    inp = keras.Input((size, size, 3), dtype="float32", name=INPUT_NAME)
+    x = inp
+    if equalize:
+        x = preprocess.Equalize(name="equalize")(x)
+    if grayscale:
+        x = preprocess.Grayscale(name="grayscale")(x)
+    x = preprocess.Normalize(spec.preprocess, name="normalize")(x)
+    backbone = spec.builder((size, size, 3), resolve_weights(spec, weights))
+    head = build_head(spec.feature_dim, num_classes, dense_units, dropout)
+    out = head(backbone(x))
+    return keras.Model(inp, out, name=f"breedlabel_{name}")
+
+
+def with_flip_tta(model):
+    """Average the probabilities of the image and its mirror, as ONE graph for export."""
+    import tf_keras as keras
+
+    from core.preprocess import FlipLeftRight
+
+    inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
+    flipped = FlipLeftRight(name="flip_tta")(inp)
+    out = keras.layers.Average(name="tta_mean", dtype="float32")([model(inp), model(flipped)])
+    return keras.Model(inp, out, name=f"{model.name}_flip_tta")
+
+
+def backbone_of(model):
+    return model.get_layer(BACKBONE_LAYER)
+
+
+def head_of(model):
+    return model.get_layer(HEAD_LAYER)

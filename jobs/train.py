@@ -1,0 +1,97 @@
+"""Train a breed classifier on a folder-per-class dataset and export a bundle.
+
+Single process (core.train.train); options override the chosen preset, whose values are the
+defaults shown here. The bundle's card carries the resolved config, the data fingerprint,
+validation metrics {top1, top3, per_class} and the per-epoch history.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from core.config import PRESETS, TrainConfig, get_preset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "mobilenet_v2"
+# option -> TrainConfig field (None-valued options leave the preset's value)
+_OVERRIDES = {
+    "backbone": "backbone", "weights": "weights", "classes": "classes", "input_size": "input_size",
+    "batch_size": "batch_size", "epochs": "head_epochs", "finetune_epochs": "finetune_epochs",
+    "lr": "head_lr", "finetune_lr": "finetune_lr", "finetune_layers": "finetune_layers",
+    "feature_views": "head_feature_views", "dense_units": "dense_units", "dropout": "dropout",
+    "label_smoothing": "label_smoothing", "patience": "early_stopping_patience",
+    "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip",
+    "max_steps_per_epoch": "max_steps_per_epoch",
+}
+
+
+def _preset_default(field_name: str):
+    return getattr(get_preset(DEFAULT_PRESET), field_name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--data", required=True, help="folder-per-class dataset (e.g. Stanford Dogs Images/)")
+    p.add_argument("--out", required=True, help="bundle destination: a new local dir, file:// or s3:// URI")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="base TrainConfig")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="per-epoch weights, history.json, train_config.json (default: <out>.run when --out is local)")
+    typed = {"classes": int, "input_size": int, "batch_size": int, "epochs": int, "finetune_epochs": int,
+             "lr": float, "finetune_lr": float, "finetune_layers": int, "feature_views": int,
+             "dense_units": int, "dropout": float, "label_smoothing": float, "patience": int,
+             "val_fraction": float, "seed": int, "max_steps_per_epoch": int}
+    p.add_argument("--backbone", default=None, help=f"registry name (preset: {_preset_default('backbone')})")
+    p.add_argument("--weights", default=None,
+                   help="'imagenet' (Keras download), a local .h5 file, or 'none' (preset: imagenet)")
+    for opt, kind in typed.items():
+        field_name = _OVERRIDES[opt]
+        p.add_argument(f"--{opt.replace('_', '-')}", type=kind, default=None,
+                       help=f"{field_name} (preset {DEFAULT_PRESET}: {_preset_default(field_name)})")
+    p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
+                   help=f"consider flip test-time averaging in the exported graph, kept only if it measures "
+                        f"better (preset: {_preset_default('tta_flip')})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = get_preset(args.preset)
+    changes = {field: getattr(args, opt) for opt, field in _OVERRIDES.items() if getattr(args, opt, None) is not None}
+    if isinstance(changes.get("weights"), str) and changes["weights"].lower() == "none":
+        changes["weights"] = None
+    return cfg.replace(**changes)
+
+
+def card_extra(result, data_fingerprint: str) -> dict:
+    metrics = dict(result.metrics)
+    metrics.update({k: v for k, v in result.extras.items() if k != "timings"})
+    return {
+        "backbone": result.config.backbone,
+        "train_config": result.config.to_dict(),
+        "data_fingerprint": data_fingerprint,
+        "metrics": metrics,
+        "history": result.history,
+        "timings": result.extras.get("timings", {}),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from core import bundle, datasets
+    from core import train as core_train
+
+    cfg = config_from_args(args)
+    folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
+    ckpt = args.checkpoint_dir
+    if ckpt is None and "://" not in args.out:
+        ckpt = str(Path(args.out).with_name(Path(args.out).name + ".run"))
+    t0 = time.time()
+    result = core_train.train(cfg, folder, checkpoint_dir=ckpt)
+    result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
+    bundle.export_bundle(result.model, result.classes, args.out, input_size=core_train.input_size_of(cfg),
+                         resize_policy=cfg.resize_policy, card_extra=card_extra(result, datasets.fingerprint(folder)))
+    summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),
+               **{k: v for k, v in result.extras.items() if k != "timings"}, "timings": result.extras["timings"]}
+    print(json.dumps(summary))
+    return 0

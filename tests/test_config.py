@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.config import PRESETS, AugmentConfig, TrainConfig, get_preset
+from core.errors import ConfigError
+
+
+def test_presets_are_valid_and_roundtrip_json():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again == cfg
+
+
+def test_replace_with_nested_augment_and_unknown_field():
+    cfg = TrainConfig().replace(batch_size=8, augment={"flip": False})
+    assert cfg.batch_size == 8 and cfg.augment == AugmentConfig(flip=False)
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig().replace(nope=1)
+
+
+@pytest.mark.parametrize("bad", [{"val_fraction": 1.5}, {"batch_size": 0}, {"classes": 1},
+                                 {"dropout": 1.0}, {"finetune_layers": -2}, {"resize_policy": "x"}])
+def test_invalid_values_raise_config_error(bad):
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="smoke"):
+        get_preset("nope")

@@ -1,0 +1,82 @@
+"""Two-phase training end to end on a tiny synthetic folder dataset (seconds on 2 cores)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core import registry
+from core import train as T
+from core.config import PHASE_FINETUNE, PHASE_HEAD, smoke
+from tests.fixtures.images import make_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "ds", num_classes=3, images_per_class=10,
+                                  size=40)
+
+
+def test_smoke_two_phases(dataset, tmp_path):
+    cfg = smoke().replace(head_epochs=2, finetune_epochs=2, tta_flip=True)
+    result = T.train(cfg, str(dataset), checkpoint_dir=str(tmp_path / "ckpt"))
+    assert set(result.history) == {PHASE_HEAD, PHASE_FINETUNE}
+    for phase in (PHASE_HEAD, PHASE_FINETUNE):
+        assert {"loss", "top1", "top3", "val_top1", "val_top3"} <= set(result.history[phase])
+    m = result.metrics
+    assert 0.0 <= m["top1"] <= m["top3"] <= 1.0 and m["top3"] == 1.0  # 3 classes
+    assert len(m["per_class"]) == 3 and m["count"] == 6
+    assert "top1_flip_tta" in result.extras and "top1_no_tta" in result.extras
+    saved = json.loads((tmp_path / "ckpt" / T.HISTORY_FILE).read_text())
+    assert set(saved) == {PHASE_HEAD, PHASE_FINETUNE}
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.weights.h5")) == [
+        "finetune-epoch01.weights.h5", "finetune-epoch02.weights.h5",
+        "head-epoch01.weights.h5", "head-epoch02.weights.h5"]
+    probs = result.model(np.zeros((1, 32, 32, 3), np.float32)).numpy()
+    assert probs.shape == (1, 3)
+
+
+def test_early_stopping_restores_best(dataset):
+    """A LR so high it diverges after epoch 1: training stops and the best epoch's weights return."""
+    cfg = smoke().replace(head_epochs=6, head_lr=5.0, finetune_layers=0, early_stopping_patience=1,
+                          tta_flip=False)
+    result = T.train(cfg, str(dataset))
+    val = result.history[PHASE_HEAD]["val_top1"]
+    assert len(val) < 6 or max(val) == val[-1]
+    assert result.metrics["top1"] == pytest.approx(max(val), abs=1e-6)
+
+
+def test_freezing_rules():
+    cfg = smoke().replace(weights="imagenet", finetune_layers=5, freeze_bn=True)
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=32)
+    assert T.set_trainable(model, cfg, PHASE_HEAD) == 0
+    assert not model.trainable_weights[:-2] or all("predictions" in w.name or "head" in w.name
+                                                    for w in model.trainable_weights)
+    T.set_trainable(model, cfg, PHASE_FINETUNE)
+    trainable = [l.name for l in registry.backbone_of(model).layers if l.trainable and l.weights]
+    assert trainable == ["block4_conv2"]  # top 5: conv, bn (frozen), relu, pool, gap
+    bn = registry.backbone_of(model).get_layer("block4_bn2")
+    assert not bn.trainable
+
+
+def test_feature_cached_head(dataset):
+    """Phase 1 on cached features of augmented views trains the shared head layers."""
+    cfg = smoke().replace(weights="imagenet", head_feature_views=2, head_epochs=2, finetune_layers=0,
+                          backbone="custom_cnn")
+    train, val = T.split_data(cfg, str(dataset))
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=32)
+    before = registry.head_of(model).get_weights()[0].copy()
+    hist = T.train_head_on_features(model, cfg, train, val, None, {})
+    assert len(hist["val_top1"]) == 2
+    assert not np.allclose(before, registry.head_of(model).get_weights()[0])
+    x, y = T.cache_features(cfg, T.feature_extractor(model), train, 2)
+    assert x.shape == (2 * len(train.paths), 256) and len(y) == len(x)
+
+
+def test_warmup_cosine_schedule():
+    s = T.WarmupCosine(1.0, total_steps=10, warmup_steps=2)
+    values = [float(s(i)) for i in range(12)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(1.0) and values[10] == pytest.approx(0.0, abs=1e-6)
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
