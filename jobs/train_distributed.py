@@ -1,0 +1,297 @@
+"""One training run data-parallel over N Ray Train workers (TensorflowTrainer + MultiWorkerMirroredStrategy).
+
+The per-worker loop reuses core.train (build_datasets, build_model, compile_for_phase,
+run_phase): no second training loop. What this module adds is the Ray part:
+
+- Sharding: tf.data, sharded by file *before* decoding. Each worker keeps every N-th path of
+  the seeded split (`shard_folder`) with auto-sharding OFF, so it decodes, caches and
+  augments only its own 1/N of the images; the dataset is batched at the global batch and
+  tf.distribute rebatches it, so each worker steps on global/N images. Every worker runs
+  the same explicit `steps` per epoch over its repeated shard, so no worker runs dry.
+  Validation is the whole split under auto-shard DATA: every element counted exactly once,
+  metrics all-reduced. Not Ray Data: core.train already owns the decode/augment graph, and
+  on a 2-core box a second streaming runtime per epoch costs more than it saves.
+- Checkpoints: every epoch every worker writes the weights (the variable reads are
+  collectives), rank 0 reports them with `ray.train.report` plus the phase/epoch state.
+  `FailureConfig(max_failures)` restarts a worker group that lost a worker; the loop then
+  resumes from `ray.train.get_checkpoint()` at the next epoch (weights + LR-schedule step;
+  the optimizer's moment estimates restart). Re-running with the same `name` and `storage`
+  resumes an interrupted run the same way.
+- Export: the best reported checkpoint (by val top-1) is loaded into a plain model on the
+  driver and exported as the bundle, with card metrics measured on the validation split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
+from core.errors import ConfigError, JobError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.h5"
+STATE_FILE = "state.json"
+METRIC = "val_top1"
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+DEFAULT_STORAGE = os.path.expanduser("~/ray_results/breedlabel")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How one run spreads over Ray: the same command on a laptop and on a GPU cluster."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage: str = DEFAULT_STORAGE  # checkpoints: a path or s3://bucket/prefix
+    name: str | None = None  # run name under storage; the same name resumes that run
+    max_failures: int = 3
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be >= 1")
+
+
+@dataclass
+class DistributedResult:
+    metrics: dict  # the best checkpoint's reported metrics
+    last_metrics: dict  # the last epoch's
+    checkpoint_path: str
+    run_path: str
+    bundle: Any = None  # core.bundle.Bundle when exported
+    card_metrics: dict = field(default_factory=dict)
+
+
+def load_train_config(uri: str) -> TrainConfig:
+    """A TrainConfig from a JSON or YAML file (path or URI), e.g. tune's best_config.json."""
+    import yaml
+
+    from core import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(uri))  # YAML is a superset of JSON
+        return TrainConfig.from_dict(data)
+    except (yaml.YAMLError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{uri}: not a TrainConfig JSON/YAML file ({exc}); write one with "
+                          "`breedlabel tune` (best_config.json) or from TrainConfig.to_dict()") from None
+
+
+# ---------------------------------------------------------------- on each worker
+def shard_folder(folder, index: int, count: int):
+    """Every `count`-th image starting at `index`: a worker's share of a seeded split."""
+    if count <= 1:
+        return folder
+    return replace(folder, paths=list(folder.paths[index::count]), labels=folder.labels[index::count])
+
+
+def phases_to_run(cfg: TrainConfig) -> list[str]:
+    skip_finetune = cfg.finetune_layers == 0 or cfg.finetune_epochs == 0
+    return [p for p in PHASES if not (p == PHASE_FINETUNE and skip_finetune) and _epochs(cfg, p) > 0]
+
+
+def _epochs(cfg: TrainConfig, phase: str) -> int:
+    return cfg.head_epochs if phase == PHASE_HEAD else cfg.finetune_epochs
+
+
+def _resume_plan(cfg: TrainConfig, state: dict | None) -> list[tuple[str, int]]:
+    """(phase, first epoch) still to run, given the last checkpoint's state."""
+    plan = [(p, 0) for p in phases_to_run(cfg)]
+    if not state:
+        return plan
+    names = [p for p, _ in plan]
+    if state["phase"] not in names:
+        return plan
+    i = names.index(state["phase"])
+    nxt = state["phase_epoch"] + 1
+    done = state.get("phase_done") or nxt >= _epochs(cfg, state["phase"])
+    return plan[i + 1:] if done else [(state["phase"], nxt)] + plan[i + 1:]
+
+
+def _make_reporter(model, phase: str, offset: int, first_global: int, rank: int, resumed_at: int,
+                   global_batch: int):
+    """Keras callback: every worker saves the weights, rank 0 reports them as the checkpoint."""
+    import ray.train
+    import tf_keras as keras
+
+    class ReportCheckpoint(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = self.t_val = time.perf_counter()
+
+        def on_test_begin(self, logs=None):
+            self.t_val = time.perf_counter()  # training part of the epoch ends here
+
+        def on_epoch_end(self, epoch, logs=None):
+            train_s = max(self.t_val - self.t0, 1e-9)
+            phase_epoch = offset + epoch
+            state = {"phase": phase, "phase_epoch": phase_epoch, "epoch": first_global + epoch,
+                     "phase_done": bool(model.stop_training)}
+            tmp = tempfile.mkdtemp(prefix="ckpt-")
+            model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+            metrics = {k: float(v) for k, v in (logs or {}).items()}
+            metrics.update(state, resumed_at=resumed_at, train_s=train_s,  # resumed_at: 0 unless resumed
+                           images_per_s=self.params["steps"] * global_batch / train_s)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    return ReportCheckpoint()
+
+
+def _restore(model) -> dict | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        model.load_weights(os.path.join(d, WEIGHTS_FILE))
+        return json.loads(Path(d, STATE_FILE).read_text())
+
+
+def _setup_tf(cpus: float):
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    import tensorflow as tf
+
+    threads = max(1, int(cpus))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    # Before any other TF op: the strategy reads TF_CONFIG, which Ray Train set.
+    return tf, tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _worker_datasets(tf, ct, cfg: TrainConfig, train_set, val_set, rank: int, world: int):
+    global_batch = cfg.batch_size
+    train_ds, _ = ct.build_datasets(cfg, shard_folder(train_set, rank, world), val_set, global_batch)
+    _, val_ds = ct.build_datasets(cfg, train_set, val_set, global_batch)
+    off, data = tf.data.Options(), tf.data.Options()
+    off.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    steps = ct.steps_per_epoch(cfg, len(train_set.paths), global_batch)
+    return train_ds.repeat().with_options(off), val_ds.with_options(data), steps
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What each Ray Train worker runs: both phases of core.train, resumable per epoch."""
+    tf, strategy = _setup_tf(config["cpus_per_worker"])
+    import ray.train
+    import tf_keras as keras
+
+    from core import train as ct
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrainConfig.from_dict(config["train_config"])
+    keras.utils.set_random_seed(cfg.seed)
+    ct.setup_precision(cfg)
+    train_set, val_set = ct.split_data(cfg, config["data"])
+    train_ds, val_ds, steps = _worker_datasets(tf, ct, cfg, train_set, val_set, rank, world)
+    with strategy.scope():
+        model = ct.build_model(cfg, len(train_set.classes))
+    state = _restore(model)
+    plan = _resume_plan(cfg, state)
+    if state:
+        log.info("rank %d resumed after %s epoch %d; plan %s", rank, state["phase"], state["phase_epoch"], plan)
+    extra: Callable[[int], list] | None = config.get("worker_callbacks")
+    global_epoch = resumed_at = state["epoch"] + 1 if state else 0
+    for phase, start in plan:
+        with strategy.scope():
+            ct.compile_for_phase(model, cfg, phase, steps)
+            if start:
+                model.optimizer.iterations.assign(start * steps)  # LR schedule carries on
+        remaining = cfg.replace(**{f"{phase}_epochs": _epochs(cfg, phase) - start})
+        cbs = ct.phase_callbacks(cfg, phase, None, {})  # early stopping, best-weights restore
+        cbs.append(_make_reporter(model, phase, start, global_epoch, rank, resumed_at, cfg.batch_size))
+        cbs += extra(rank) if extra else []
+        hist = ct.run_phase(model, remaining, phase, train_ds, val_ds, cbs, steps=steps,
+                            verbose=2 if rank == 0 else 0)
+        global_epoch += len(next(iter(hist.values()), []))
+
+
+# ---------------------------------------------------------------- on the driver
+def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callbacks: Sequence = (),
+                 worker_callbacks: Callable[[int], list] | None = None):
+    """A TensorflowTrainer for one run; `callbacks` are Ray Train UserCallbacks (e.g. Tune's)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    resources = {"CPU": dist.cpus_per_worker}
+    if dist.gpus_per_worker:
+        resources["GPU"] = dist.gpus_per_worker
+    loop_config = {"train_config": cfg.to_dict(), "data": str(data), "cpus_per_worker": dist.cpus_per_worker,
+                   "worker_callbacks": worker_callbacks}
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=dist.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=dist.storage,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints,
+                                               checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+        ),
+    )
+
+
+def best_checkpoint(result) -> tuple[Any, dict]:
+    """(checkpoint, metrics) with the highest val top-1 among those Ray kept."""
+    if result.error:
+        raise JobError(f"distributed training failed: {result.error}")
+    kept = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
+    if not kept:
+        raise JobError(f"training at {result.path} reported no checkpoint with {METRIC}; "
+                       "check that every phase has at least one epoch")
+    return max(kept, key=lambda cm: cm[1][METRIC])
+
+
+def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, *, card_extra: dict | None = None):
+    """Load a reported checkpoint into a plain model, measure it on the validation split
+    (flip TTA kept only if better, as core.train does) and export the bundle."""
+    from core import bundle as cb
+    from core import datasets
+    from core import train as ct
+
+    train_set, val_set = ct.split_data(cfg, data)
+    model = ct.build_model(cfg.replace(weights=None), len(train_set.classes))
+    with checkpoint.as_directory() as d:
+        model.load_weights(os.path.join(d, WEIGHTS_FILE))
+    _, val_ds = ct.build_datasets(cfg, train_set, val_set)
+    export_model, metrics, extras = ct.final_metrics(model, cfg, val_set, val_ds)
+    card = {"backbone": cfg.backbone, "train_config": cfg.to_dict(),
+            "data_fingerprint": datasets.fingerprint(train_set), "metrics": metrics,
+            "training": {"distributed": True, **extras}, **(card_extra or {})}
+    bundle = cb.export_bundle(export_model, train_set.classes, out, input_size=ct.input_size_of(cfg),
+                              resize_policy=cfg.resize_policy, card_extra=card)
+    return bundle, metrics
+
+
+def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: str | None = None, *,
+                    worker_callbacks: Callable[[int], list] | None = None) -> DistributedResult:
+    """Fit over `dist.workers` workers, then export the best checkpoint to `out` (if given)."""
+    t0 = time.time()
+    result = make_trainer(cfg, data, dist, worker_callbacks=worker_callbacks).fit()
+    checkpoint, metrics = best_checkpoint(result)
+    log.info("trained in %.0f s over %d worker(s); best %s %.4f at %s epoch %s", time.time() - t0,
+             dist.workers, METRIC, metrics[METRIC], metrics.get("phase"), metrics.get("phase_epoch"))
+    done = DistributedResult(metrics=dict(metrics), last_metrics=dict(result.metrics or {}),
+                             checkpoint_path=checkpoint.path, run_path=result.path)
+    if out:
+        extra = {"distributed": asdict(dist)}
+        done.bundle, done.card_metrics = export_checkpoint(checkpoint, cfg, data, out, card_extra=extra)
+    return done
