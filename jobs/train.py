@@ -51,13 +51,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         field_name = _OVERRIDES[opt]
         p.add_argument(f"--{opt.replace('_', '-')}", type=kind, default=None,
                        help=f"{field_name} (preset {DEFAULT_PRESET}: {_preset_default(field_name)})")
+    p.add_argument("--config", default=None,
+                   help="base TrainConfig JSON/YAML (e.g. tune's best_config.json) instead of --preset")
+    from jobs.train_distributed import add_distributed_arguments
+
+    add_distributed_arguments(p)
     p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
                    help=f"consider flip test-time averaging in the exported graph, kept only if it measures "
                         f"better (preset: {_preset_default('tta_flip')})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = get_preset(args.preset)
+    if getattr(args, "config", None):
+        from jobs.train_distributed import load_train_config
+
+        cfg = load_train_config(args.config)
+    else:
+        cfg = get_preset(args.preset)
     changes = {field: getattr(args, opt) for opt, field in _OVERRIDES.items() if getattr(args, opt, None) is not None}
     if isinstance(changes.get("weights"), str) and changes["weights"].lower() == "none":
         changes["weights"] = None
@@ -82,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     from core import train as core_train
 
     cfg = config_from_args(args)
+    if args.workers is not None:  # over Ray Train workers: the same command on a laptop or a cluster
+        from jobs.train_distributed import run_from_args
+
+        return run_from_args(cfg, args)
     folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
     ckpt = args.checkpoint_dir
     if ckpt is None and "://" not in args.out:
