@@ -128,8 +128,12 @@ def check_space(space: Mapping[str, Dim], base: TrainConfig) -> None:
 
 def apply(base: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig a trial trains: `base` with the sampled `params` set."""
-    flat = {k: v for k, v in params.items() if not k.startswith(AUGMENT_PREFIX)}
-    aug = {k[len(AUGMENT_PREFIX):]: v for k, v in params.items() if k.startswith(AUGMENT_PREFIX)}
+    def typed(current: Any, value: Any) -> Any:  # searchers may hand back 1/0 for True/False
+        return bool(value) if isinstance(current, bool) else value
+
+    flat = {k: typed(getattr(base, k, None), v) for k, v in params.items() if not k.startswith(AUGMENT_PREFIX)}
+    aug = {k[len(AUGMENT_PREFIX):]: typed(getattr(base.augment, k[len(AUGMENT_PREFIX):], None), v)
+           for k, v in params.items() if k.startswith(AUGMENT_PREFIX)}
     return base.replace(**flat, **({"augment": aug} if aug else {}))
 
 

@@ -18,6 +18,7 @@ from core.errors import EXIT_FAILED, EXIT_USAGE, BreedlabelError
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jobs.train", "train a breed classifier and export a bundle"),
+    "tune": ("jobs.tune", "search hyperparameters with Ray Tune over distributed training runs"),
     "predict": ("jobs.predict", "print the top-k breeds of one or more images"),
     "evaluate": ("jobs.evaluate", "measure a bundle on a folder-per-class dataset"),
     "label": ("jobs.label", "label images into Parquet with a Ray Data job"),

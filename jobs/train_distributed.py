@@ -295,3 +295,37 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
         extra = {"distributed": asdict(dist)}
         done.bundle, done.card_metrics = export_checkpoint(checkpoint, cfg, data, out, card_extra=extra)
     return done
+
+
+# ---------------------------------------------------------------- CLI (`breedlabel train --workers N`)
+def add_distributed_arguments(p) -> None:
+    d = DistributedConfig()
+    p.add_argument("--workers", type=int, default=None,
+                   help="train over N Ray Train workers (MultiWorkerMirroredStrategy); unset = one process")
+    p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker, help="with --workers")
+    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="with --workers")
+    p.add_argument("--storage", default=d.storage,
+                   help="with --workers: checkpoint storage (path or s3://); rerun with --run-name to resume")
+    p.add_argument("--run-name", default=None, help="with --workers: run name under --storage")
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster of RAY_ADDRESS / --address, else start a private local Ray (never
+    attach to some other local instance by accident)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+
+
+def run_from_args(cfg: TrainConfig, args) -> int:
+    dist = DistributedConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                             cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.run_name)
+    init_ray()
+    t0 = time.time()
+    done = run_distributed(cfg, args.data, dist, out=args.out)
+    print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
+                      "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
+                      "best_epoch": done.metrics.get("epoch"), "run": done.run_path,
+                      "total_s": round(time.time() - t0, 1)}))
+    return 0

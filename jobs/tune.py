@@ -1,0 +1,276 @@
+"""Search training hyperparameters with Ray Tune; each trial is one distributed `train` run.
+
+Each trial runs a driver function that builds the TensorflowTrainer of jobs.train_distributed
+(with Tune's TuneReportCallback) and fits it: Ray Train V2's way of running under Tune.
+ASHA stops trials whose validation top-1 lags at a rung; Optuna's TPE proposes new points
+from finished ones, starting with the base config's own values. Outputs under --out:
+results.csv / results.parquet (one row per trial, its best epoch), best_config.json (a full
+TrainConfig for `breedlabel train --config`), best_trial.json, and with --final-train the
+bundle of the best config trained on the full split. Subset workflow:
+    breedlabel tune --data DOGS --classes 12 --space cpu --out /work/runs/tune12 ...
+    breedlabel train --data DOGS --config /work/runs/tune12/best_config.json --out /work/runs/b120
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from core import search_space as ss
+from core.config import PRESETS, TrainConfig, get_preset
+from core.errors import ConfigError, JobError
+
+log = logging.getLogger(__name__)
+
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+BEST_CONFIG_FILE = "best_config.json"
+BEST_TRIAL_FILE = "best_trial.json"
+FINAL_BUNDLE_DIR = "bundle"
+METRIC = "val_top1"
+SEARCHERS = ("optuna", "random")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """One search. Trial resources: `workers` Ray Train workers of cpus/gpus each."""
+
+    space: str = "default"
+    num_samples: int = 8
+    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    searcher: str = "optuna"
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: float = 2.0
+    time_budget_s: float | None = None
+    storage: str | None = None  # Ray storage for the experiment + trial checkpoints; default <out>/ray
+    name: str = "tune"
+    address: str | None = None  # Ray cluster address ("auto" = running cluster); none = a new local Ray
+    seed: int = 0
+    final_train: bool = False
+    final_head_epochs: int | None = None  # None = the tuned config's own
+    final_finetune_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 0 or self.workers < 1:
+            raise ConfigError("--num-samples and --workers must be >= 1, --max-concurrent >= 0")
+        if self.searcher not in SEARCHERS:
+            raise ConfigError(f"--searcher must be one of {SEARCHERS}, got {self.searcher!r}")
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError("--grace-period must be >= 1 and --reduction-factor > 1")
+
+
+# ---------------------------------------------------------------- search space -> Ray Tune
+def to_tune_space(space: dict[str, ss.Dim]) -> dict:
+    from ray import tune
+
+    def domain(d: ss.Dim):
+        if d.kind == ss.CHOICE:
+            return tune.choice(list(d.values))
+        return tune.loguniform(d.low, d.high) if d.kind == ss.LOGUNIFORM else tune.uniform(d.low, d.high)
+
+    return {key: domain(d) for key, d in space.items()}
+
+
+def planned_epochs(cfg: TrainConfig) -> int:
+    from jobs.train_distributed import _epochs, phases_to_run
+
+    return sum(_epochs(cfg, p) for p in phases_to_run(cfg))
+
+
+def trial_driver(params: dict, *, base: dict, data: str, dist: dict) -> None:
+    """One Tune trial: a distributed training run named after the trial (so a restored search
+    resumes it from its own checkpoints), reporting each epoch to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs import train_distributed as td
+
+    cfg = ss.apply(TrainConfig.from_dict(base), params)
+    run = td.DistributedConfig(**{**dist, "name": f"trial-{tune.get_context().get_trial_id()}"})
+    td.make_trainer(cfg, data, run, callbacks=[TuneReportCallback()]).fit()
+
+
+def concurrency(tc: TuneConfig) -> int:
+    """Trials side by side: what the cluster's GPUs (or CPUs) fit, capped by --max-concurrent."""
+    import ray
+
+    res = ray.cluster_resources()
+    if tc.gpus_per_worker > 0:
+        fit = int(res.get("GPU", 0) // (tc.workers * tc.gpus_per_worker))
+    else:
+        fit = int(res.get("CPU", 1) // (tc.workers * tc.cpus_per_worker + 0.1))
+    fit = max(fit, 1)
+    return min(fit, tc.max_concurrent) if tc.max_concurrent else fit
+
+
+def _searcher(tc: TuneConfig, space: dict, base: TrainConfig):
+    if tc.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=tc.seed)
+    from ray.tune.search.optuna import OptunaSearch
+
+    first = ss.base_point(space, base)
+    return OptunaSearch(points_to_evaluate=[first] if first else None, seed=tc.seed)
+
+
+def make_tuner(tc: TuneConfig, base: TrainConfig, data: str, space: dict, storage: str,
+               callbacks: Sequence = (), restore: bool = False):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    dist = {"workers": tc.workers, "cpus_per_worker": tc.cpus_per_worker, "gpus_per_worker": tc.gpus_per_worker,
+            "storage": f"{storage.rstrip('/')}/{tc.name}-trials"}
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base=base.to_dict(), data=str(data), dist=dist), {"CPU": 0.1})
+    path = f"{storage.rstrip('/')}/{tc.name}"
+    if restore:
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"--restore: no search to resume at {path}; check --storage and --name")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = ASHAScheduler(max_t=max(planned_epochs(base), 1), grace_period=tc.grace_period,
+                              reduction_factor=tc.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(space),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=tc.num_samples,
+                                    max_concurrent_trials=concurrency(tc), search_alg=_searcher(tc, space, base),
+                                    scheduler=scheduler, time_budget_s=tc.time_budget_s),
+        run_config=tune.RunConfig(name=tc.name, storage_path=storage, callbacks=list(callbacks)),
+    )
+
+
+# ---------------------------------------------------------------- results
+def results_table(grid, base: TrainConfig):
+    """One row per trial at its best epoch, with status and whether ASHA stopped it early."""
+    import pandas as pd
+
+    rows = []
+    for r in grid:
+        best = r.get_best_checkpoint(METRIC, "max") if r.best_checkpoints else None
+        metrics = next((m for c, m in (r.best_checkpoints or []) if c == best), None) or r.metrics or {}
+        planned = planned_epochs(ss.apply(base, r.config)) if r.config else None
+        iters = (r.metrics or {}).get("training_iteration")
+        row = {"trial_id": (r.metrics or {}).get("trial_id"), "status": "ERROR" if r.error else "OK",
+               METRIC: metrics.get(METRIC), "val_top3": metrics.get("val_top3"), "best_epoch": metrics.get("epoch"),
+               "epochs_run": iters, "epochs_planned": planned,
+               "early_stopped": bool(iters is not None and planned and iters < planned and not r.error),
+               "time_s": (r.metrics or {}).get("time_total_s")}
+        row.update({f"config/{k}": v for k, v in (r.config or {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(METRIC, ascending=False, na_position="last").reset_index(drop=True)
+
+
+def write_outputs(out: str, table, best_cfg: TrainConfig, best: dict) -> None:
+    from core import storage
+
+    storage.write_bytes(storage.join(out, RESULTS_CSV), table.to_csv(index=False).encode())
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    storage.write_bytes(storage.join(out, RESULTS_PARQUET), buf.getvalue())
+    storage.write_bytes(storage.join(out, BEST_CONFIG_FILE), json.dumps(best_cfg.to_dict(), indent=1).encode())
+    storage.write_bytes(storage.join(out, BEST_TRIAL_FILE), json.dumps(best, indent=1, default=str).encode())
+
+
+def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: dict | None = None,
+             restore: bool = False, callbacks: Sequence = ()) -> dict:
+    """Search, write the table and best config, optionally train the best config in full."""
+    from jobs.train_distributed import init_ray
+
+    space = space if space is not None else ss.get_space(tc.space)
+    ss.check_space(space, base)
+    init_ray(tc.address)
+    storage = tc.storage or f"{out.rstrip('/')}/ray"
+    t0 = time.time()
+    grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
+    table = results_table(grid, base)
+    ok = table.dropna(subset=[METRIC])
+    if ok.empty:
+        raise JobError(f"no trial of {storage}/{tc.name} reported {METRIC}; see the trial errors above")
+    best_row = ok.iloc[0]
+    params = {k[len("config/"):]: v for k, v in best_row.items() if k.startswith("config/") and _set(v)}
+    # Hyperparameters only: the class subset used for searching is not part of the best config.
+    best_cfg = ss.apply(base, _plain(params)).replace(classes=None)
+    best = {"trial_id": best_row["trial_id"], METRIC: float(best_row[METRIC]), "params": _plain(params),
+            "tuned_on_classes": base.classes, "trials": len(table), "search_s": round(time.time() - t0, 1),
+            "early_stopped": int(table["early_stopped"].sum())}
+    write_outputs(out, table, best_cfg, best)
+    log.info("best trial %s: %s %.4f; wrote %s", best["trial_id"], METRIC, best[METRIC], out)
+    if tc.final_train:
+        best["final"] = final_train(tc, best_cfg, data, out, storage)
+        write_outputs(out, table, best_cfg, best)
+    return best
+
+
+def _set(v: Any) -> bool:
+    return not (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(params: dict) -> dict:
+    """numpy scalars from the dataframe -> plain Python for TrainConfig and JSON."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
+
+
+def final_train(tc: TuneConfig, cfg: TrainConfig, data: str, out: str, storage: str) -> dict:
+    from jobs.train_distributed import DistributedConfig, run_distributed
+
+    changes = {"head_epochs": tc.final_head_epochs, "finetune_epochs": tc.final_finetune_epochs}
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    dist = DistributedConfig(workers=tc.workers, cpus_per_worker=tc.cpus_per_worker,
+                             gpus_per_worker=tc.gpus_per_worker, storage=storage, name=f"{tc.name}-final")
+    done = run_distributed(cfg, data, dist, out=f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}")
+    return {"bundle": f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", "top1": done.card_metrics.get("top1"),
+            "top3": done.card_metrics.get("top3")}
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--data", required=True, help="folder-per-class dataset")
+    p.add_argument("--out", required=True, help="results folder (path or s3://): table, best config, bundle")
+    p.add_argument("--preset", default="mobilenet_v2", choices=sorted(PRESETS), help="base TrainConfig")
+    p.add_argument("--config", default=None, help="base TrainConfig JSON/YAML file (instead of --preset)")
+    p.add_argument("--classes", type=int, default=None, help="search on the first N classes only")
+    p.add_argument("--weights", default=None, help="backbone weights: 'imagenet', a local .h5, or 'none'")
+    p.add_argument("--head-epochs", type=int, default=None, help="trial head epochs (base config's if unset)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="trial fine-tune epochs")
+    p.add_argument("--restore", action="store_true", help="resume the interrupted search --storage/--name")
+    defaults = TuneConfig()
+    for f in dataclasses.fields(TuneConfig):
+        opt = f"--{f.name.replace('_', '-')}"
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=value)
+        elif f.name == "space":
+            p.add_argument(opt, default=value, choices=sorted(ss.SPACES), help="search space (core.search_space)")
+        else:
+            kind = float if f.name in ("time_budget_s", "cpus_per_worker", "gpus_per_worker", "reduction_factor") \
+                else (str if f.name in ("storage", "name", "searcher", "address") else int)
+            p.add_argument(opt, type=kind, default=value, help=f.name.replace("_", " "))
+
+
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    from jobs.train_distributed import load_train_config
+
+    cfg = load_train_config(args.config) if args.config else get_preset(args.preset)
+    changes = {"classes": args.classes, "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.weights is not None:
+        changes["weights"] = None if args.weights.lower() == "none" else args.weights
+    return cfg.replace(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    tc = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
+    best = run_tune(tc, base_config(args), args.data, args.out, restore=args.restore)
+    print(json.dumps(best, default=str))
+    return 0
