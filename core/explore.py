@@ -54,7 +54,11 @@ def open_runs(uri: str) -> Runs:
 
 def manifest_rows(runs: Runs) -> list[list[Any]]:
     """One row per run with the manifest fields a person compares runs by."""
-    return [[m.get(k) for k in MANIFEST_FIELDS] for m in runs.manifests]
+    return [[_short(k, m.get(k)) for k in MANIFEST_FIELDS] for m in runs.manifests]
+
+
+def _short(key: str, value: Any) -> Any:
+    return value[:12] if key == "model_id" and isinstance(value, str) else value
 
 
 def select(runs: Runs, run_id: str = ALL, breed: str = ALL) -> pa.Table:

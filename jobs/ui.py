@@ -123,11 +123,13 @@ def _runs_tab(gr, explorer, runs_uri: str, min_prob: float) -> None:
         run_id = gr.Dropdown([ALL], value=ALL, label="Run")
         breed = gr.Dropdown([ALL], value=ALL, label="Predicted breed", filterable=True)
         threshold = gr.Slider(0, 1, value=min_prob, step=0.05, label="Unsure below")
-    histogram = gr.BarPlot(x="breed", y="images", sort="-y", x_label_angle=-60,
-                           label="Breed histogram (labelled rows)", height=320)
-    unsure_gallery = gr.Gallery(label="Least sure rows", columns=8, height=300, allow_preview=True)
+    histogram = gr.BarPlot(x="breed", y="images", sort="-y", x_label_angle=-60, y_lim=[0, None],
+                           label="Breed histogram (labelled rows)", height=320, elem_id="breed-histogram")
+    unsure_gallery = gr.Gallery(label="Least sure rows", columns=8, height=300, allow_preview=True,
+                                fit_columns=False, elem_id="unsure-gallery")
     unsure_rows = gr.Dataframe(headers=UNSURE_HEADERS, label="Least sure rows", interactive=False, wrap=True)
-    error_gallery = gr.Gallery(label="Error rows", columns=8, height=220, allow_preview=True)
+    error_gallery = gr.Gallery(label="Error rows", columns=8, height=220, allow_preview=True,
+                               fit_columns=False, elem_id="error-gallery")
     error_rows = gr.Dataframe(headers=ERROR_HEADERS, label="Error rows", interactive=False, wrap=True)
 
     outputs = [status, manifests, run_id, breed, histogram, unsure_gallery, unsure_rows,
