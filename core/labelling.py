@@ -168,6 +168,7 @@ class BatchLabeller:
                          list(batch[schema.WIDTH]), list(batch[schema.HEIGHT]), none, probs)
 
     def rows(self, uris, members, got: Fetched, skipped, ok, widths, heights, reasons, probs) -> pa.Table:
+        members = [m if isinstance(m, str) else None for m in members]  # an all-null column may come back as NaN
         errors = [None if (ok[i] or skipped[i]) else (got.errors[i] or reasons[i] or REASON_INTERNAL)
                   for i in range(len(uris))]
         table = schema.build_table(

@@ -141,27 +141,70 @@ class WorkItem:
 
 
 def iter_items(cfg: LabelConfig) -> Iterator[WorkItem]:
-    """The streamed listing of every input (core.sources), archives expanded with their bytes.
+    """The streamed listing of every input (core.sources), archive members with their bytes.
 
-    Why expand here: a tar can only be read front to back, so the listing reads each archive
-    once and hands its members' bytes on, instead of every actor re-reading it.
+    Why bytes here: a tar can only be read front to back, so each archive is read by one
+    sequential pass (`iter_archive_members`) that hands its members' bytes on, instead of every
+    actor re-reading it. Archives given as inputs are read once; archives found inside a
+    listed folder are listed by core.sources (one pass) and then read once more here.
     """
     from itertools import chain
 
     from core import sources, storage
 
     exts = None if cfg.any_extension else storage.IMAGE_EXTENSIONS
-    listings = [sources.iter_items(list(cfg.inputs), extensions=exts, expand_archives=False)] if cfg.inputs else []
+    listings = [_input_items(u, exts) for u in cfg.inputs]
     listings += [sources.iter_items([], manifest=m, extensions=exts, expand_archives=False) for m in cfg.manifests]
+    expanded: str | None = None  # the folder archive whose members were just read
     for item in chain.from_iterable(listings):
         if item.is_archive:
-            for got in sources.iter_archive_members(item.uri, extensions=exts):
-                yield WorkItem(got.item.uri, got.item.member, got.data, got.error)
+            yield from _archive_work(item.uri, exts)
+        elif item.member is not None and item.uri == expanded:
+            continue  # already yielded with its bytes
+        elif item.member is not None and item.error is None and _listed_member(item):
+            expanded = item.uri
+            yield from _archive_work(item.uri, exts)
         else:
             yield WorkItem(item.uri, item.member, None, item.error)
 
 
-if __name__ == "__main__":
-    from jobs.cli import main
+def _input_items(uri: str, exts) -> Iterator:
+    """Archives given directly stay whole (read once later); folders expand their archives."""
+    from core import sources
 
-    sys.exit(main(["label", *sys.argv[1:]]))
+    return sources.iter_items([uri], extensions=exts, expand_archives=not sources.is_archive_uri(uri))
+
+
+def _listed_member(item) -> bool:
+    """A member found by listing an archive (size known), not one a manifest names (read alone)."""
+    return item.size is not None
+
+
+def _archive_work(uri: str, exts) -> Iterator[WorkItem]:
+    from core import sources
+
+    for got in sources.iter_archive_members(uri, extensions=exts):
+        yield WorkItem(got.item.uri, got.item.member, got.data, got.error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.label …`: this subcommand alone (as a Ray job entrypoint), same exit codes."""
+    from core.errors import BreedlabelError, EXIT_FAILED
+
+    parser = argparse.ArgumentParser(prog="breedlabel label", description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except BreedlabelError as exc:
+        print(f"breedlabel label: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("breedlabel label: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,7 @@ from jobs.label import LabelConfig
 
 log = logging.getLogger(__name__)
 
+DECODE_TASK_MEMORY = 256 << 20  # a decode task's batch of large photos, bytes + decoded arrays
 READ_TASKS = 2          # listing relays; they do no work beyond handing chunks on
 _QUEUE_POLL_S = 0.5
 
@@ -181,7 +182,7 @@ def build_dataset(cfg: LabelConfig, shape: dict, queue, run_id: str, done_ref):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), ray_remote_args={"num_cpus": 0},
+    ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), num_cpus=0,
                                   override_num_blocks=READ_TASKS)
     done = [done_ref] if done_ref is not None else []
     actor_kwargs = dict(model=cfg.model, run_id=run_id, done=done, runtime=cfg.runtime,
@@ -195,8 +196,9 @@ def build_dataset(cfg: LabelConfig, shape: dict, queue, run_id: str, done_ref):
     from core.bundle import load_bundle
 
     bundle = load_bundle(cfg.model)
+    # A memory request of its own also keeps Ray from fusing this stage into the actors.
     decoded = ds.map_batches(
-        _decode_stage, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+        _decode_stage, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
         fn_kwargs=dict(size=bundle.input_size, policy=bundle.resize_policy, model_id=bundle.model_id,
                        done=done, io_threads=cfg.io_threads))
     actor_kwargs["decode_threads"] = 1

@@ -62,7 +62,8 @@ def _init_ray(cfg: LabelConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=cfg.address, include_dashboard=False, logging_level=logging.WARNING,
+    # "local": a Ray of our own, never whichever cluster happens to run on this machine
+    ray.init(address=cfg.address or "local", include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=False, log_to_driver=False)
     return True
 
