@@ -80,6 +80,10 @@ def map_labels(dataset_classes: Sequence[Breed], bundle_classes: Sequence[Breed]
 class Evaluation:
     metrics: dict
     errors: dict[str, str] = field(default_factory=dict)  # path -> reason for undecodable images
+    # the scored rows, for the report (core.report): probs [N, C], bundle-indexed labels, paths
+    probs: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    paths: list[str] = field(default_factory=list, repr=False)
 
 
 def evaluate_paths(predictor, paths: Sequence[str], labels: np.ndarray, progress_every: int = 500) -> Evaluation:
@@ -102,4 +106,5 @@ def evaluate_paths(predictor, paths: Sequence[str], labels: np.ndarray, progress
             log.info("evaluated %d/%d images", min(start + step, len(paths)), len(paths))
     num = len(predictor.classes)
     matrix = np.stack(probs) if probs else np.zeros((0, num), np.float32)
-    return Evaluation(classification_metrics(matrix, labels[kept], predictor.classes), errors)
+    return Evaluation(classification_metrics(matrix, labels[kept], predictor.classes), errors,
+                      matrix, labels[kept], [str(paths[i]) for i in kept])

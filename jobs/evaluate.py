@@ -29,6 +29,8 @@ class EvaluateConfig:
     runtime: str = PredictConfig.runtime
     threads: int | None = PredictConfig.threads
     batch_size: int = 64
+    report: bool = True
+    history: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=("auto", "openvino", "tensorflow"), default=d.runtime)
     parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference call")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=d.report,
+                        help="write report.html + plots/ next to the metrics JSON (needs --out)")
+    parser.add_argument("--history", default=d.history, metavar="HISTORY_JSON",
+                        help="a training run's history.json, drawn as training curves in the report")
 
 
 def _class_selection(value: str | None) -> int | list[str] | None:
@@ -81,6 +87,13 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("wrote %s", args.out)
+        if args.report and result.probs is not None and len(result.labels):
+            from core.report import write_report
+
+            report = write_report(Path(args.out).parent, result.labels, result.probs, predictor.classes,
+                                  image_paths=result.paths, history=args.history,
+                                  details={"model_id": predictor.bundle.model_id, "data": str(args.data)})
+            print(f"report: {report.uri}")
     return EXIT_OK
 
 

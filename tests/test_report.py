@@ -128,3 +128,25 @@ def test_bad_inputs_are_input_errors(tmp_path):
         report.write_report(tmp_path, [0, 1, 5], probs, ["a", "b"])
     with pytest.raises(InputError, match="image paths"):
         report.write_report(tmp_path, [0, 1, 0], probs, ["a", "b"], image_paths=["x"])
+
+
+@pytest.mark.parametrize("flag", ["--report", "--no-report"])
+def test_evaluate_cli_writes_report_next_to_metrics(tiny_bundle, image_factory, tmp_path, monkeypatch, flag):
+    from jobs import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", {"evaluate": cli.COMMANDS["evaluate"]})
+    data = image_factory.dataset(num_classes=3, images_per_class=3, size=48)
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"head": {"loss": [1.0, 0.8], "val_top1": [0.3, 0.4]}}))
+    out = tmp_path / "eval" / "metrics.json"
+    code = cli.main(["evaluate", "--model", str(tiny_bundle), "--data", str(data), "--out", str(out),
+                     "--history", str(history), flag])
+    assert code == 0 and out.exists()
+    html_path = out.parent / report.REPORT_FILE
+    if flag == "--no-report":
+        assert not html_path.exists() and not (out.parent / report.PLOTS_DIR).exists()
+        return
+    referenced = _referenced_images(html_path)
+    assert f"{report.PLOTS_DIR}/{report.HISTORY_PNG}" in referenced
+    for rel in referenced:
+        _assert_valid_png(out.parent / rel)
