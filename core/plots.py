@@ -42,6 +42,8 @@ def per_class_accuracy_png(accuracy: np.ndarray, counts: np.ndarray, names: Sequ
     y = np.arange(len(order))[::-1]
     colours = ["#c0392b" if a < 0.5 else "#e67e22" if a < 0.8 else "#27ae60" for a in accuracy[order]]
     ax.barh(y, accuracy[order], color=colours, height=0.8)
+    for yy, a in zip(y, accuracy[order]):
+        ax.text(min(a, 0.9) + 0.01, yy, f"{a:.0%}", va="center", fontsize=6)
     ax.set_yticks(y, [f"{_short(names[i])} ({counts[i]})" for i in order], fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, len(order) - 0.4)
@@ -127,7 +129,7 @@ def confused_pairs_png(pairs: Sequence[tuple[str, str, int, int]],
     for row, ((a, b, ab, ba), images) in enumerate(zip(pairs, thumbs)):
         ax = fig.add_subplot(grid[row, 0])
         ax.axis("off")
-        ax.text(0, 0.5, f"{_short(a)}\n↔ {_short(b)}\n{ab} → / {ba} ←", va="center", fontsize=8)
+        ax.text(0, 0.5, f"A: {_short(a)}\nB: {_short(b)}\nA→B {ab}, B→A {ba}", va="center", fontsize=8)
         for col in range(cols):
             ax = fig.add_subplot(grid[row, col + 1])
             ax.axis("off")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from core import report
 from core.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 def _referenced_images(html_path: Path) -> list[str]:
@@ -63,6 +65,7 @@ def test_report_for_tiny_model_references_every_plot(tiny_bundle, image_factory,
     text = html_path.read_text(encoding="utf-8")
     assert predictor.bundle.model_id in text and "ECE" in text
     assert 0.0 <= result.summary.top1 <= result.summary.top3 <= 1.0
+    shutil.copytree(out, ARTIFACTS / "report_tiny_model", dirs_exist_ok=True)  # for a person to look at
 
 
 def test_confused_pairs_with_thumbnails(image_factory, tmp_path):

@@ -93,13 +93,18 @@ def browser():
 
 @pytest.fixture
 def page(browser, site):
+    """A fresh tab on the page; fails the test if the page asked any host but 127.0.0.1."""
     ARTIFACTS.mkdir(exist_ok=True)
     pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+    outside: list[str] = []
+    pg.on("request", lambda r: outside.append(r.url)
+          if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
     pg.set_default_timeout(ANSWER_TIMEOUT_MS)
     pg.goto(site["url"])
     pg.wait_for_selector("#photo-upload input[type=file]", state="attached")
     yield pg
     pg.close()
+    assert outside == [], f"the page reached outside 127.0.0.1: {outside[:5]}"
 
 
 def _upload(pg, path: str | Path) -> str:
