@@ -127,3 +127,21 @@ def test_build_app_wires_without_launching(predictor, image_factory):
     examples = find_examples(str(image_factory.dataset(num_classes=1, images_per_class=2)), 5)
     app = build_app(ClassifyPage(predictor, 0.5), ExplorerPage(), examples, "")
     assert app.title == "breedlabel"
+
+
+def test_explorer_reads_runs_and_thumbnails_from_s3(moto_s3, image_factory):
+    from core import storage
+    from tests.fixtures.label_output import write_label_output
+
+    root = moto_s3.make_bucket("ui-explorer")
+    photos = sorted(image_factory.dataset(num_classes=2, images_per_class=2, size=48).rglob("*.jpg"))
+    uris = [f"{root}/photos/{p.name}" for p in photos]
+    for uri, p in zip(uris, photos):
+        storage.write_bytes(uri, p.read_bytes())
+    uris.append(f"{root}/photos/gone.jpg")  # labelled once, deleted since: a placeholder, no crash
+    write_label_output(f"{root}/labels", [(u, None, None) for u in uris])
+    view = ExplorerPage().view(f"{root}/labels", threshold=1.0)
+    assert "1 finished run" in view.status and len(view.unsure_rows) == 5
+    tiles = {caption.split(" — ")[-1]: img for img, caption in view.unsure_gallery}
+    assert np.array_equal(tiles.pop("gone.jpg"), placeholder("unreadable"))
+    assert all(not np.array_equal(img, placeholder("unreadable")) for img in tiles.values())
