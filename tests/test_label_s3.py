@@ -1,0 +1,54 @@
+"""The label job with S3 over real HTTP (moto_server on 127.0.0.1): bucket in, bucket out,
+an archive on S3, a key that vanished, and an incremental rerun reading the finished run back."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pyarrow.dataset as pads
+import pytest
+
+from core import output, storage
+from jobs.label import LabelConfig
+from jobs.label_run import label
+from tests.fixtures.images import jpeg_bytes, png_bytes
+
+SMALL = dict(actors=1, cpus_per_actor=1, batch_size=4, rows_per_file=5, io_threads=4, progress=False)
+
+
+@pytest.fixture
+def buckets(moto_s3):
+    src, dst = moto_s3.make_bucket("label-in"), moto_s3.make_bucket("label-out")
+    client = moto_s3.client()
+    for i in range(5):
+        client.put_object(Bucket="label-in", Key=f"photos/d{i}/p{i}.jpg", Body=jpeg_bytes(40 + i, 30))
+    client.put_object(Bucket="label-in", Key="photos/notes.jpg", Body=b"plain text, not a photo")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in {"a.jpg": jpeg_bytes(30, 30), "b.png": png_bytes(20, 20)}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    client.put_object(Bucket="label-in", Key="packs/pack.tar", Body=buf.getvalue())
+    client.put_object(Bucket="label-in", Key="lists/manifest.txt", Body=b"s3://label-in/photos/vanished.jpg\n")
+    return src, dst
+
+
+def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
+    src, dst = buckets
+    out = f"{dst}/labels"
+    base = dict(inputs=(f"{src}/photos/", f"{src}/packs/pack.tar"), manifests=(f"{src}/lists/manifest.txt",),
+                model=str(tiny_bundle), out=out, incremental=True, **SMALL)
+    m = label(LabelConfig(**base))
+    assert m[output.M_IMAGES] == 5 + 1 + 2 + 1
+    assert m[output.M_ERRORS_BY_KIND] == {"not an image": 1, "not found": 1}
+    fs, path = storage.get_filesystem(out)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert table.num_rows == 9
+    assert sorted(k for k in table.column("member").to_pylist() if k) == ["a.jpg", "b.png"]
+    assert set(table.column("uri").to_pylist()) >= {f"{src}/packs/pack.tar", f"{src}/photos/d0/p0.jpg"}
+    assert not storage.exists(f"{out}/_staging/run_id={m[output.M_RUN_ID]}/{output.COMMIT_FILE}")
+
+    again = label(LabelConfig(**base))  # nothing new: every row is skipped (rows with errors too)
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 9
+    assert output.Output(out).read_finished().num_rows == 9
