@@ -133,10 +133,10 @@ def mobilenet_v2() -> TrainConfig:
     on-the-fly augmentation, BN frozen, label smoothing, warm-up + cosine, best-epoch restore."""
     return TrainConfig(
         backbone="mobilenet_v2", input_size=224, dropout=0.3, batch_size=32,
-        head_epochs=30, head_lr=1e-3, head_feature_views=4, head_batch_size=128,
-        finetune_epochs=4, finetune_lr=5e-5, finetune_layers=40, warmup_epochs=0.5,
+        head_epochs=30, head_lr=1e-3, head_feature_views=3, head_batch_size=128,
+        finetune_epochs=2, finetune_lr=1e-4, finetune_layers=39, warmup_epochs=0.3,
         label_smoothing=0.1, early_stopping_patience=2, tta_flip=True,
-        augment=AugmentConfig(crop_scale_min=0.3, zoom_out_prob=0.1, zoom_out_max=1.8),
+        augment=AugmentConfig(crop_scale_min=0.35, zoom_out_prob=0.1, zoom_out_max=1.8),
     )
 
 

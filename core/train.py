@@ -197,10 +197,26 @@ class HistoryWriter(keras.callbacks.Callback):
         self.path.write_text(json.dumps(self.history, indent=1))
 
 
-def phase_callbacks(cfg: TrainConfig, phase: str, checkpoint_dir: str | None, history: dict) -> list:
+class BestRestore(keras.callbacks.EarlyStopping):
+    """EarlyStopping on val top-1 whose starting point may be the previous phase's best:
+    a fine-tune that never beats the head it started from gives that head back."""
+
+    def __init__(self, patience: int, initial_best: float | None = None):
+        super().__init__(monitor=MONITOR, mode="max", patience=patience, restore_best_weights=True, verbose=1)
+        self.initial_best = initial_best
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.initial_best is not None:
+            self.best = self.initial_best
+            self.best_weights = self.model.get_weights()
+            self.best_epoch = -1
+
+
+def phase_callbacks(cfg: TrainConfig, phase: str, checkpoint_dir: str | None, history: dict,
+                    initial_best: float | None = None) -> list:
     """Early stopping on val top-1 with best restore, per-epoch checkpoints + history JSON."""
-    cbs: list = [keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience,
-                                               restore_best_weights=True, verbose=1)]
+    cbs: list = [BestRestore(cfg.early_stopping_patience, initial_best)]
     if checkpoint_dir:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         pattern = str(Path(checkpoint_dir) / f"{phase}-epoch{{epoch:02d}}.weights.h5")
@@ -247,12 +263,38 @@ def cache_features(cfg: TrainConfig, extractor, folder, views: int) -> tuple[np.
     return feats.astype(np.float32), labels
 
 
-def train_head_on_features(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
-                           history: dict, callbacks: Sequence = ()) -> dict:
-    """Phase 1 on cached features: ~views x one forward pass instead of one per epoch."""
+def _feature_cache_key(cfg: TrainConfig, train, val) -> str:
+    """Same data, backbone, weights, size, augmentation, views and seed -> same features."""
+    import hashlib
+
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "seed",
+                       "grayscale", "equalize", "resize_policy")}
+    blob = json.dumps([fields, list(train.paths), list(val.paths)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_feature_arrays(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None):
+    """(x_tr, y_tr, x_va, y_va), computed once and kept as .npz (no pickle) in checkpoint_dir,
+    so a rerun with other head settings skips the backbone passes."""
+    path = Path(checkpoint_dir) / f"features-{_feature_cache_key(cfg, train, val)}.npz" if checkpoint_dir else None
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            log.info("reusing cached features %s", path)
+            return z["x_tr"], z["y_tr"], z["x_va"], z["y_va"]
     extractor = feature_extractor(model)
     x_tr, y_tr = cache_features(cfg, extractor, train, cfg.head_feature_views)
     x_va, y_va = cache_features(cfg, extractor, val, 0)
+    if path is not None:
+        np.savez(path, x_tr=x_tr.astype(np.float16), y_tr=y_tr, x_va=x_va.astype(np.float16), y_va=y_va)
+    return x_tr, y_tr, x_va, y_va
+
+
+def train_head_on_features(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
+                           history: dict, callbacks: Sequence = ()) -> dict:
+    """Phase 1 on cached features: ~views x one forward pass instead of one per epoch."""
+    x_tr, y_tr, x_va, y_va = cached_feature_arrays(model, cfg, train, val, checkpoint_dir)
+    x_tr, x_va = x_tr.astype(np.float32), x_va.astype(np.float32)
     head = registry.head_of(model)
     n = len(train.classes)
     tr = (tf.data.Dataset.from_tensor_slices((x_tr, tf.one_hot(y_tr, n)))
@@ -328,7 +370,8 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
             history[phase] = train_head_on_features(model, cfg, train_set, val_set, checkpoint_dir, history, callbacks)
         else:
             compile_for_phase(model, cfg, phase, steps)
-            cbs = phase_callbacks(cfg, phase, checkpoint_dir, history) + list(callbacks)
+            best = max(history.get(PHASE_HEAD, {}).get(MONITOR, []), default=None)
+            cbs = phase_callbacks(cfg, phase, checkpoint_dir, history, best) + list(callbacks)
             history[phase] = run_phase(model, cfg, phase, train_ds, val_ds, cbs, steps=steps)
         timings[f"{phase}_s"] = round(time.time() - t0, 1)
     export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
