@@ -16,15 +16,9 @@ from core.breeds import STANFORD_DOGS
 REPO = Path(__file__).resolve().parents[1]
 
 
-# jobs.cli.main with only these two subcommands registered: the dispatch, exit-code mapping and
-# argument parsing are the real ones, and another subcommand's import problem cannot fail these.
-_RUNNER = ("import sys, jobs.cli as c; "
-           "c.COMMANDS = {k: c.COMMANDS[k] for k in ('predict', 'evaluate')}; sys.exit(c.main())")
-
-
 def breedlabel(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, BREEDLABEL_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-c", _RUNNER, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
