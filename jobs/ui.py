@@ -30,6 +30,7 @@ class UIConfig:
     runs: str | None = None
     examples: str | None = None
     max_examples: int = 48
+    max_upload: str = "50mb"
     min_prob: float = 0.5
     runtime: str = PredictConfig.runtime
     threads: int | None = PredictConfig.threads
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", default=d.examples, metavar="DIR",
                         help="local folder of example photos shown on the page (searched recursively)")
     parser.add_argument("--max-examples", type=int, default=d.max_examples, help="examples shown at most")
+    parser.add_argument("--max-upload", default=d.max_upload, help="largest file a visitor may upload")
     parser.add_argument("--min-prob", type=float, default=d.min_prob,
                         help="below this top-1 probability the page says the model is unsure")
     parser.add_argument("--runtime", choices=("auto", "openvino", "tensorflow"), default=d.runtime)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
              predictor.runtime.name, args.host, args.port)
     app.queue(default_concurrency_limit=1)  # one inference at a time: the runtime uses every core
     app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-               show_error=True, quiet=True, footer_links=[])
+               show_error=True, quiet=True, footer_links=[], max_file_size=args.max_upload)
     return EXIT_OK
 
 
