@@ -29,3 +29,7 @@ test: install system-deps
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The main job end to end on local Ray and local files (see scripts/demo.sh).
+demo: install
+	BREEDLABEL_SHARED=$(SHARED) BIN=$(BIN) scripts/demo.sh
