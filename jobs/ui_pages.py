@@ -71,8 +71,8 @@ class ClassifyPage:
     def classify_bytes(self, data: bytes, name: str, preview: str | None = None) -> Verdict:
         result = self.predictor.predict_bytes([data], k=TOP_K, sources=[name])[0]
         if not result.ok:
-            return Verdict(None, f"**Not a photo:** {name} is not an image this page can read ({result.error}). "
-                                 f"Upload a {ACCEPTED} image.", None, False)
+            return Verdict(None, f"**Not a photo:** {name}: {result.error}. "
+                                 f"Upload a {ACCEPTED} image of a dog.", None, False)
         label = {_display(p.breed): round(p.prob, 4) for p in result.predictions}
         best = result.predictions[0]
         if best.prob < self.min_prob:
