@@ -17,6 +17,8 @@ run_phase): no second training loop. What this module adds is the Ray part:
   resumes from `ray.train.get_checkpoint()` at the next epoch (weights + LR-schedule step;
   the optimizer's moment estimates restart). Re-running with the same `name` and `storage`
   resumes an interrupted run the same way.
+- The head phase trains on the fly here (`head_feature_views` is the single-process CPU
+  shortcut of core.train; caching features per worker would need a collective predict).
 - Export: the best reported checkpoint (by val top-1) is loaded into a plain model on the
   driver and exported as the bundle, with card metrics measured on the validation split.
 """
@@ -311,11 +313,13 @@ def add_distributed_arguments(p) -> None:
 
 def init_ray(address: str | None = None) -> None:
     """Join the cluster of RAY_ADDRESS / --address, else start a private local Ray (never
-    attach to some other local instance by accident)."""
+    attach to some other local instance by accident). Keeps the dashboard: Train V2's
+    placement-group cleaner asks its State API whether a controller died, and without it the
+    resources of a trial that Tune stopped early are never given back."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
 def run_from_args(cfg: TrainConfig, args) -> int:

@@ -156,8 +156,10 @@ def results_table(grid, base: TrainConfig):
 
     rows = []
     for r in grid:
-        best = r.get_best_checkpoint(METRIC, "max") if r.best_checkpoints else None
-        metrics = next((m for c, m in (r.best_checkpoints or []) if c == best), None) or r.metrics or {}
+        history = r.metrics_dataframe  # every epoch Tune saw (the checkpoints stay with Ray Train)
+        metrics = r.metrics or {}
+        if history is not None and METRIC in history and history[METRIC].notna().any():
+            metrics = history.loc[history[METRIC].idxmax()].to_dict()
         planned = planned_epochs(ss.apply(base, r.config)) if r.config else None
         iters = (r.metrics or {}).get("training_iteration")
         row = {"trial_id": (r.metrics or {}).get("trial_id"), "status": "ERROR" if r.error else "OK",
@@ -192,6 +194,10 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     storage = tc.storage or f"{out.rstrip('/')}/ray"
     t0 = time.time()
     grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < tc.num_samples and tc.time_budget_s is None:
+        raise JobError(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
+                       f"resume it with the same options plus --restore (state in {storage}/{tc.name})")
     table = results_table(grid, base)
     ok = table.dropna(subset=[METRIC])
     if ok.empty:
