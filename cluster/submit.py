@@ -32,6 +32,7 @@ META_KIND = "breedlabel_kind"
 META_OUTPUT = "breedlabel_output"
 META_RUN_ID = "breedlabel_run_id"
 POLL_S = 2.0
+AGENT_WAIT_S = 120.0  # how long to retry while the head's job agent starts
 
 
 def default_address() -> str:
@@ -72,6 +73,8 @@ def build_entrypoint(req: JobRequest) -> str:
     if req.kind not in ENTRYPOINT_MODULES:
         raise ConfigError(f"unknown job {req.kind!r}; use one of {', '.join(ENTRYPOINT_MODULES)}")
     job = ["python", "-m", ENTRYPOINT_MODULES[req.kind], *req.job_args]
+    if req.kind == "label" and not any(a == "--address" or a.startswith("--address=") for a in req.job_args):
+        job += ["--address", "auto"]  # join the job's cluster (RAY_ADDRESS), not a private local Ray
     if req.run_id and "--run-id" not in req.job_args:
         job += ["--run-id", req.run_id]
     if req.kind == "label" and req.lease and req.output:
@@ -126,15 +129,19 @@ def submit(client, req: JobRequest) -> str:
         metadata[META_OUTPUT] = req.output
     if req.run_id:
         metadata[META_RUN_ID] = req.run_id
-    return _call(
-        "submitting the job", client.submit_job,
-        entrypoint=build_entrypoint(req),
-        runtime_env=req.runtime_env,
-        metadata=metadata,
+    kwargs = dict(
+        entrypoint=build_entrypoint(req), runtime_env=req.runtime_env, metadata=metadata,
         submission_id=req.submission_id or f"breedlabel-{req.kind}-{uuid.uuid4().hex[:12]}",
-        entrypoint_num_cpus=req.entrypoint_num_cpus,
-        entrypoint_num_gpus=req.entrypoint_num_gpus,
-    )
+        entrypoint_num_cpus=req.entrypoint_num_cpus, entrypoint_num_gpus=req.entrypoint_num_gpus)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:
+            # a head that just started (or a busy one) has no job agent yet: Ray says try again
+            if "No available agent" not in str(exc) or time.monotonic() >= deadline:
+                raise JobError(f"submitting the job: {exc}") from exc
+            time.sleep(POLL_S)
 
 
 def job_info(client, job_id: str):

@@ -28,6 +28,8 @@ from cluster import runtime_env as renv
 from cluster import submit as sub
 from core.errors import EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
 
+LOG_TAIL_LINES = 40
+
 
 def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     """Submit's own options (shared with the pass-through extraction parser)."""
@@ -163,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     if args.follow:
         sub.follow_logs(client, job_id)
     result = sub.outcome(sub.wait(client, job_id, timeout_s=args.wait_timeout))
+    if result.exit_code != EXIT_OK and not args.follow:  # the scheduler's log shows why
+        tail = sub.logs(client, job_id).splitlines()[-LOG_TAIL_LINES:]
+        print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
     stream = sys.stdout if result.exit_code == EXIT_OK else sys.stderr
     print(f"breedlabel submit: job {job_id} {result.status}: {result.message}", file=stream)
     return result.exit_code

@@ -1,0 +1,104 @@
+"""End to end over HTTP: a real `ray start --head`, `breedlabel submit label` through its job API,
+Parquet checked, the same incremental job again labels nothing new; then plain `ray job submit`
+of the lease-holding entrypoint while a lease is held is skipped with exit code 75.
+
+The head is the isolated `ray_head` fixture (own temp dir, free ports, own token; stopped by
+pid, never `ray stop`), so this never touches another Ray instance on the machine.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster import lease as leases
+from tests.fixtures.images import jpeg_bytes, png_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 540
+pytestmark = pytest.mark.slow
+
+
+def _breedlabel(head, *args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("breedlabel")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    return subprocess.run([*cmd, *args], cwd=REPO, env=head.env, capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S + 60)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(10):
+        (root / f"dog{i:02d}.jpg").write_bytes(jpeg_bytes(64 + 4 * i, 48))
+    (root / "sub").mkdir()
+    (root / "sub" / "pup.png").write_bytes(png_bytes(40, 40))
+    (root / "broken.jpg").write_bytes(b"this is not an image")
+    return root
+
+
+def _submit_label(head, photos: Path, bundle: Path, out: Path) -> subprocess.CompletedProcess:
+    return _breedlabel(head, "submit", "label", str(photos), "--model", str(bundle), "--out", str(out),
+                       "--incremental", "--no-progress", "--address", head.address, "--wait",
+                       "--wait-timeout", str(JOB_TIMEOUT_S))
+
+
+def _finished_rows(out: Path):
+    return pq.read_table(str(out))  # the folder as a dataset: finished runs only
+
+
+def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, tmp_path):
+    from core.output import M_IMAGES, M_LABELLED, M_SKIPPED, Output
+
+    out = tmp_path / "labels"
+    first = _submit_label(ray_head, photos, tiny_bundle, out)
+    assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
+    job_id = first.stdout.split()[0]
+    assert job_id.startswith("breedlabel-label-") and "SUCCEEDED" in first.stdout
+
+    rows = _finished_rows(out)
+    expected = {str(p) for p in photos.rglob("*") if p.is_file()}
+    uris = rows.column("uri").to_pylist()
+    assert sorted(uris) == sorted(expected)  # every input exactly once
+    errors = dict(zip(uris, rows.column("error").to_pylist()))
+    breeds = dict(zip(uris, rows.column("breed").to_pylist()))
+    assert errors.pop(str(photos / "broken.jpg")) is not None
+    assert all(e is None for e in errors.values()) and all(breeds[u] for u in errors)
+
+    status = _breedlabel(ray_head, "jobs", "status", job_id, "--address", ray_head.address)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout, status.stderr
+    listed = _breedlabel(ray_head, "jobs", "list", "--address", ray_head.address)
+    assert job_id in listed.stdout
+    logs = _breedlabel(ray_head, "jobs", "logs", job_id, "--address", ray_head.address)
+    assert logs.returncode == 0 and logs.stdout.strip()
+
+    second = _submit_label(ray_head, photos, tiny_bundle, out)
+    assert second.returncode == 0, f"{second.stdout}\n{second.stderr}"
+    runs = Output(str(out)).finished_runs()
+    assert len(runs) == 2
+    assert runs[-1][M_LABELLED] == 0 and runs[-1][M_IMAGES] == 0 and runs[-1][M_SKIPPED] == len(expected)
+    assert _finished_rows(out).num_rows == len(expected)  # nothing new labelled
+
+    # A live lease on the output: plain `ray job submit` of the lease-holding entrypoint is
+    # skipped inside the job (exit 75), and `breedlabel jobs status` reports the skip.
+    holder = leases.acquire(str(out), "someone-else", ttl_s=600)
+    try:
+        ray_cli = Path(sys.executable).with_name("ray")
+        skip = subprocess.run(
+            [str(ray_cli) if ray_cli.exists() else shutil.which("ray"), "job", "submit",
+             "--address", ray_head.address, "--working-dir", str(REPO), "--submission-id", "skip-check",
+             "--metadata-json", f'{{"breedlabel_kind": "label", "breedlabel_output": "{out}"}}',
+             "--", "python", "-m", "cluster.locked", "--output", str(out), "--",
+             "python", "-m", "jobs.label", str(photos), "--model", str(tiny_bundle), "--out", str(out)],
+            cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+        assert skip.returncode != 0
+        assert "skipped" in skip.stdout + skip.stderr and "someone-else" in skip.stdout + skip.stderr
+        status = _breedlabel(ray_head, "jobs", "status", "skip-check", "--address", ray_head.address)
+        assert status.returncode == leases.EXIT_LEASE_HELD, status.stdout + status.stderr
+    finally:
+        holder.release()
+    assert len(Output(str(out)).finished_runs()) == 2
