@@ -126,13 +126,13 @@ def _expand(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
 
 def _expand_listing(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
                     s3: S3Options | None) -> Iterator[InputItem]:
-    """A folder/prefix: its images, plus (when expanding) the members of archives found there."""
+    """A folder/prefix: its images and the archives found there (members, or whole when not expanding)."""
     found = 0
-    listed = None if exts is None else exts + (ARCHIVE_SUFFIXES if expand_archives else ())
+    listed = None if exts is None else exts + ARCHIVE_SUFFIXES
     for info in storage.list_files(uri, extensions=listed, s3=s3):
         found += 1
-        if expand_archives and is_archive_uri(info.uri):
-            yield from _archive_items(info.uri, info.size, exts, True, s3)
+        if is_archive_uri(info.uri):
+            yield from _archive_items(info.uri, info.size, exts, expand_archives, s3)
         else:
             yield InputItem(info.uri, size=info.size)
     if not found:

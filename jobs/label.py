@@ -143,41 +143,23 @@ class WorkItem:
 def iter_items(cfg: LabelConfig) -> Iterator[WorkItem]:
     """The streamed listing of every input (core.sources), archive members with their bytes.
 
-    Why bytes here: a tar can only be read front to back, so each archive is read by one
-    sequential pass (`iter_archive_members`) that hands its members' bytes on, instead of every
-    actor re-reading it. Archives given as inputs are read once; archives found inside a
-    listed folder are listed by core.sources (one pass) and then read once more here.
+    Why bytes here: a tar can only be read front to back, so each archive (given as an input
+    or found in a listed folder) stays one listing item and is read by one sequential pass
+    (`iter_archive_members`) that hands its members' bytes on, instead of every actor
+    re-reading it. Members a manifest names one by one are read alone by the actors.
     """
     from itertools import chain
 
     from core import sources, storage
 
     exts = None if cfg.any_extension else storage.IMAGE_EXTENSIONS
-    listings = [_input_items(u, exts) for u in cfg.inputs]
+    listings = [sources.iter_items(cfg.inputs, extensions=exts, expand_archives=False)] if cfg.inputs else []
     listings += [sources.iter_items([], manifest=m, extensions=exts, expand_archives=False) for m in cfg.manifests]
-    expanded: str | None = None  # the folder archive whose members were just read
     for item in chain.from_iterable(listings):
         if item.is_archive:
             yield from _archive_work(item.uri, exts)
-        elif item.member is not None and item.uri == expanded:
-            continue  # already yielded with its bytes
-        elif item.member is not None and item.error is None and _listed_member(item):
-            expanded = item.uri
-            yield from _archive_work(item.uri, exts)
         else:
             yield WorkItem(item.uri, item.member, None, item.error)
-
-
-def _input_items(uri: str, exts) -> Iterator:
-    """Archives given directly stay whole (read once later); folders expand their archives."""
-    from core import sources
-
-    return sources.iter_items([uri], extensions=exts, expand_archives=not sources.is_archive_uri(uri))
-
-
-def _listed_member(item) -> bool:
-    """A member found by listing an archive (size known), not one a manifest names (read alone)."""
-    return item.size is not None
 
 
 def _archive_work(uri: str, exts) -> Iterator[WorkItem]:
@@ -189,21 +171,9 @@ def _archive_work(uri: str, exts) -> Iterator[WorkItem]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.label …`: this subcommand alone (as a Ray job entrypoint), same exit codes."""
-    from core.errors import BreedlabelError, EXIT_FAILED
+    from jobs.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="breedlabel label", description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except BreedlabelError as exc:
-        print(f"breedlabel label: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("breedlabel label: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_FAILED
+    return cli_main(["label", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
