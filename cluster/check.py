@@ -72,6 +72,14 @@ def ray_semantic_errors(config: dict) -> list[str]:
     return []
 
 
+def _is_gpu_type(node_type: dict) -> bool:
+    """GPUs declared, or an AWS GPU instance family (g4dn, g5, g6, p3, p4d, p5...)."""
+    if node_type.get("resources", {}).get("GPU", 0) > 0:
+        return True
+    instance = str(node_type.get("node_config", {}).get("InstanceType", ""))
+    return re.match(r"^(g[4-6]|p[3-5])[a-z]*\.", instance) is not None
+
+
 def breedlabel_rules(config: dict, text: str) -> list[str]:
     problems = []
     types = config.get("available_node_types", {})
@@ -79,7 +87,7 @@ def breedlabel_rules(config: dict, text: str) -> list[str]:
     if head not in types:
         problems.append(f"head_node_type {head!r} is not one of available_node_types")
     workers = {name: t for name, t in types.items() if name != head}
-    gpu = {n: t for n, t in workers.items() if re.search(r"gpu|\.?g[4-6]|p[3-5]", n + str(t.get("node_config")), re.I)}
+    gpu = {n: t for n, t in workers.items() if _is_gpu_type(t)}
     if len(gpu) < 2:
         problems.append("expected GPU worker node types for 1-GPU and multi-GPU instances")
     for name, t in gpu.items():
