@@ -311,7 +311,7 @@ def add_distributed_arguments(p) -> None:
     p.add_argument("--run-name", default=None, help="with --workers: run name under --storage")
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster of RAY_ADDRESS / --address, else start a private local Ray (never
     attach to some other local instance by accident). Keeps the dashboard: Train V2's
     placement-group cleaner asks its State API whether a controller died, and without it the
@@ -319,7 +319,8 @@ def init_ray(address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, num_cpus=num_cpus if address == "local" else None)
 
 
 def run_from_args(cfg: TrainConfig, args) -> int:

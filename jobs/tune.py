@@ -54,6 +54,7 @@ class TuneConfig:
     storage: str | None = None  # Ray storage for the experiment + trial checkpoints; default <out>/ray
     name: str = "tune"
     address: str | None = None  # Ray cluster address ("auto" = running cluster); none = a new local Ray
+    num_cpus: int | None = None  # logical CPUs of a new local Ray (default: the machine's cores)
     seed: int = 0
     final_train: bool = False
     final_head_epochs: int | None = None  # None = the tuned config's own
@@ -190,7 +191,7 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
 
     space = space if space is not None else ss.get_space(tc.space)
     ss.check_space(space, base)
-    init_ray(tc.address)
+    init_ray(tc.address, tc.num_cpus)
     storage = tc.storage or f"{out.rstrip('/')}/ray"
     t0 = time.time()
     grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
