@@ -32,7 +32,7 @@ META_KIND = "breedlabel_kind"
 META_OUTPUT = "breedlabel_output"
 META_RUN_ID = "breedlabel_run_id"
 POLL_S = 2.0
-AGENT_WAIT_S = 120.0  # how long to retry while the head's job agent starts
+AGENT_WAIT_S = 120.0  # how long to retry a head whose job agent is starting or busy
 
 
 def default_address() -> str:
@@ -92,7 +92,7 @@ def connect(address: str):
     _enable_token_auth_if_available()
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # requests' errors are OSErrors
         raise JobError(
             f"cannot reach the Ray job API at {address} ({exc}). Is the head up? For a cluster "
             "started with `ray up ray_cluster.yaml`, run `ray dashboard ray_cluster.yaml` to "
@@ -118,8 +118,13 @@ def _enable_token_auth_if_available() -> None:
 def _call(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
-    except RuntimeError as exc:  # the SDK's error for HTTP failures and unknown jobs
+    except (RuntimeError, OSError) as exc:  # the SDK's HTTP errors / requests' connection errors
         raise JobError(f"{what}: {exc}") from exc
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the head's job agent is not up yet, or the connection dropped."""
+    return isinstance(exc, OSError) or "No available agent" in str(exc)
 
 
 def submit(client, req: JobRequest) -> str:
@@ -137,9 +142,10 @@ def submit(client, req: JobRequest) -> str:
     while True:
         try:
             return client.submit_job(**kwargs)
-        except RuntimeError as exc:
-            # a head that just started (or a busy one) has no job agent yet: Ray says try again
-            if "No available agent" not in str(exc) or time.monotonic() >= deadline:
+        except (RuntimeError, OSError) as exc:
+            if "already" in str(exc) and kwargs["submission_id"] in str(exc) and req.submission_id is None:
+                return kwargs["submission_id"]  # our earlier attempt got through; its reply was lost
+            if not _transient(exc) or time.monotonic() >= deadline:
                 raise JobError(f"submitting the job: {exc}") from exc
             time.sleep(POLL_S)
 
@@ -158,15 +164,24 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
 
     try:
         asyncio.run(tail())
-    except RuntimeError as exc:  # connection closed early: fall back to polling in wait()
+    except Exception as exc:  # noqa: BLE001 - any stream failure: wait() polls the status instead
         print(f"breedlabel: log stream ended early ({exc}); waiting by polling", file=sys.stderr)
 
 
 def wait(client, job_id: str, *, timeout_s: float | None = None, poll_s: float = POLL_S):
     """Block until the job reaches a terminal status; JobError on timeout (the job keeps running)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failing_since = None
     while True:
-        info = job_info(client, job_id)
+        try:
+            info = job_info(client, job_id)
+            failing_since = None
+        except JobError as exc:  # a long wait outlives a head that hiccups; give it AGENT_WAIT_S
+            failing_since = failing_since or time.monotonic()
+            if not _transient(exc.__cause__) or time.monotonic() - failing_since > AGENT_WAIT_S:
+                raise
+            time.sleep(poll_s)
+            continue
         if _status(info) in TERMINAL:
             return info
         if deadline is not None and time.monotonic() >= deadline:

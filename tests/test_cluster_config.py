@@ -15,7 +15,7 @@ import yaml
 from cluster import check
 from cluster import runtime_env as renv
 from cluster import submit as sub
-from core.errors import ConfigError
+from core.errors import ConfigError, JobError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +186,38 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     assert sub.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
     assert sub.outcome(FakeInfo("SUCCEEDED", 0, {sub.META_KIND: "train"})).exit_code == 0
     assert sub.outcome(FakeInfo("FAILED", 1, {sub.META_KIND: "train"})).exit_code == 1
+
+
+class FlakyClient:
+    """Fails like a busy head: a dropped connection, then 'no agent', then accepts."""
+
+    def __init__(self, errors):
+        self.errors, self.calls = list(errors), []
+
+    def submit_job(self, **kwargs):
+        self.calls.append(kwargs)
+        if self.errors:
+            raise self.errors.pop(0)
+        return kwargs["submission_id"]
+
+
+class LostReplyClient(FlakyClient):
+    def submit_job(self, **kwargs):
+        self.calls.append(kwargs)
+        if len(self.calls) == 1:
+            raise OSError("Connection aborted")
+        raise RuntimeError(f"Job with submission_id {kwargs['submission_id']} already exists")
+
+
+def test_submit_retries_a_busy_head(monkeypatch):
+    monkeypatch.setattr(sub, "POLL_S", 0.01)
+    req = sub.JobRequest(kind="train", job_args=(), runtime_env={})
+    client = FlakyClient([OSError("Connection aborted"), RuntimeError("500: No available agent to submit job")])
+    assert sub.submit(client, req).startswith("breedlabel-train-") and len(client.calls) == 3
+    lost_reply = LostReplyClient([])  # accepted the first time, but the reply never came back
+    assert sub.submit(lost_reply, req).startswith("breedlabel-train-") and len(lost_reply.calls) == 2
+    with pytest.raises(JobError, match="bad entrypoint"):
+        sub.submit(FlakyClient([RuntimeError("400: bad entrypoint")]), req)
 
 
 def test_cli_registers_submit_and_jobs():
