@@ -1,10 +1,12 @@
-"""Ray Tune over distributed training on real local Ray: a search interrupted after its first
-trial, resumed with Tuner.restore, with ASHA stopping a bad trial and the best config written.
+"""Ray Tune over distributed training on real local Ray: a search interrupted after two trials,
+resumed with Tuner.restore, with ASHA stopping a bad trial and the best config written.
 
 The space is one choice between a learning rate that learns the synthetic classes in an epoch
 and one that leaves the initial weights (chance top-1); the base config's value (the good
 one) is evaluated first, then trials run one at a time so ASHA's rung (after 2 of 3 epochs:
 BatchNorm statistics need a couple of dozen steps before validation means anything) is set by it.
+The interruption comes after the second trial because Tune does not carry ASHA's rung records
+across Tuner.restore: trials after a restore are compared only with each other.
 """
 from __future__ import annotations
 
@@ -24,18 +26,21 @@ from tests.fixtures.images import make_synthetic_dataset
 NUM_SAMPLES = 3
 
 
-def _interrupt_after_first_trial(marker: Path):
-    """Ctrl+C once the first trial has finished: Tune saves its state and stops the search.
+def _interrupt_after(count: int, marker: Path):
+    """Ctrl+C once `count` trials have finished: Tune saves its state and stops the search.
     Once only: a restored Tuner keeps the original run's callbacks."""
     from ray.tune import Callback
 
-    class InterruptAfterFirst(Callback):
+    class InterruptAfter(Callback):
+        done = 0
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if not marker.exists():
+            self.done += 1
+            if self.done == count and not marker.exists():
                 marker.write_text(trial.trial_id)
                 os.kill(os.getpid(), signal.SIGINT)
 
-    return InterruptAfterFirst()
+    return InterruptAfter()
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +56,14 @@ def search(ray_local, tmp_path_factory):
                     storage=str(root / "ray"), name="search", seed=1)
     out = str(root / "out")
     with pytest.raises(JobError, match="--restore") as crash:
-        run_tune(tc, base, str(data), out, space=space, callbacks=[_interrupt_after_first_trial(root / "interrupted")])
+        run_tune(tc, base, str(data), out, space=space, callbacks=[_interrupt_after(2, root / "interrupted")])
     interrupted = {"error": str(crash.value), "results_written": (Path(out) / "results.csv").exists()}
     best = run_tune(tc, base, str(data), out, space=space, restore=True)
     return {"out": Path(out), "best": best, "interrupted": interrupted, "base": base}
 
 
 def test_interrupted_search_resumes_with_restore(search):
-    assert "of 3 trials (interrupted)" in search["interrupted"]["error"]
+    assert "stopped after 2 of 3 trials (interrupted)" in search["interrupted"]["error"]
     assert not search["interrupted"]["results_written"]
     table = pd.read_csv(search["out"] / "results.csv")
     assert len(table) == NUM_SAMPLES  # the restored search finished the same trials, no extra ones
