@@ -13,6 +13,7 @@ stopped, no manifest).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -112,7 +113,13 @@ def _enable_token_auth_if_available() -> None:
         )
     except ImportError:  # older/newer Ray without this helper: RAY_AUTH_MODE=token still works
         return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "enabled for this Ray cluster" notice is meant for `ray start`
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
 
 
 def _call(what: str, fn, *args, **kwargs):
