@@ -74,8 +74,6 @@ def build_entrypoint(req: JobRequest) -> str:
     if req.kind not in ENTRYPOINT_MODULES:
         raise ConfigError(f"unknown job {req.kind!r}; use one of {', '.join(ENTRYPOINT_MODULES)}")
     job = ["python", "-m", ENTRYPOINT_MODULES[req.kind], *req.job_args]
-    if req.kind == "label" and not any(a == "--address" or a.startswith("--address=") for a in req.job_args):
-        job += ["--address", "auto"]  # join the job's cluster (RAY_ADDRESS), not a private local Ray
     if req.run_id and "--run-id" not in req.job_args:
         job += ["--run-id", req.run_id]
     if req.kind == "label" and req.lease and req.output:

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from core import labelling
+from jobs import ray_session
 from jobs.label import LabelConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Feeder:
     def __init__(self, items: Iterable, chunk: int, maxsize: int):
         from ray.util.queue import Queue
 
-        self.queue = Queue(maxsize=maxsize, actor_options={"num_cpus": 0})
+        self.queue = Queue(maxsize=maxsize, actor_options={"num_cpus": 0, **ray_session.driver_node_affinity()})
         self.listed = 0
         self.finished = False
         self.error: BaseException | None = None
@@ -183,7 +184,8 @@ def build_dataset(cfg: LabelConfig, shape: dict, queue, run_id: str, done_ref):
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), num_cpus=0,
-                                  override_num_blocks=READ_TASKS)
+                                  override_num_blocks=READ_TASKS,
+                                  ray_remote_args=ray_session.driver_node_affinity())
     done = [done_ref] if done_ref is not None else []
     actor_kwargs = dict(model=cfg.model, run_id=run_id, done=done, runtime=cfg.runtime,
                         threads=shape["runtime_threads"], decode_threads=shape["decode_threads"],

@@ -20,6 +20,7 @@ from core import labelling, output, schema, storage
 from core.bundle import load_bundle
 from core.errors import JobError
 from core.label_summary import RunStats, build_manifest, summary_text
+from jobs import ray_session
 from jobs.label import LabelConfig, iter_items
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,6 @@ def start_run(out: output.Output, cfg: LabelConfig, model_id: str) -> RunState:
     return RunState(run_id, 0, [])
 
 
-def _init_ray(cfg: LabelConfig) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # "local": a Ray of our own, never whichever cluster happens to run on this machine
-    ray.init(address=cfg.address or "local", include_dashboard=False, logging_level=logging.WARNING,
-             configure_logging=False, log_to_driver=False)
-    return True
-
-
 def label(cfg: LabelConfig) -> dict | None:
     """Run the job; returns the run manifest (None for --dry-run). Raises BreedlabelError on failure."""
     cfg.check()
@@ -86,7 +76,7 @@ def label(cfg: LabelConfig) -> dict | None:
         done = out.done_keys(bundle.model_id, state.staged)
     elif state.staged:
         done = output.key_set(out.iter_keys(state.staged, bundle.model_id))
-    started_ray = _init_ray(cfg)
+    started_ray = ray_session.connect(cfg.address, dashboard=False)
     try:
         shape, writer, skipped = _execute(cfg, out, state, stats, done)
     finally:

@@ -120,7 +120,7 @@ def test_label_entrypoint_holds_the_lease():
     req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m"), runtime_env={},
                          output="/o", lease_ttl_s=120)
     assert sub.build_entrypoint(req) == ("python -m cluster.locked --output /o --ttl 120 -- "
-                                         "python -m jobs.label /in --out /o --model /m --address auto")
+                                         "python -m jobs.label /in --out /o --model /m")
     no_lease = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
     assert sub.build_entrypoint(no_lease) == "python -m jobs.train --workers 2"
 

@@ -1,0 +1,37 @@
+"""Connecting a job to Ray: the cluster it was submitted to, or a private local one.
+
+Inside `ray job submit` / a KubeRay RayJob, Ray sets RAY_ADDRESS for the driver, so the job
+joins that cluster. Without an address we start a Ray of our own ("local"), never whichever
+instance happens to run on this machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> bool:
+    """ray.init once; returns True when this call started it (so the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    ray.init(address=address, num_cpus=num_cpus if local else None,
+             include_dashboard=dashboard if local else None,
+             logging_level=logging.WARNING, configure_logging=False, log_to_driver=False)
+    return True
+
+
+def driver_node_affinity() -> dict:
+    """Ray remote args that keep a task or actor on the driver's node.
+
+    For the pieces a run cannot lose (the listing queue and its relays): a worker node that
+    dies mid-run — a preempted spot GPU, say — then costs only retried batches.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
