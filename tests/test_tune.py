@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,46 +21,69 @@ import pytest
 
 from core import search_space as ss
 from core.config import TrainConfig, smoke
-from core.errors import ConfigError, JobError
+from core.errors import ConfigError
 from tests.fixtures.images import make_synthetic_dataset
 
 NUM_SAMPLES = 3
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _interrupt_after(count: int, marker: Path):
-    """Ctrl+C once `count` trials have finished: Tune saves its state and stops the search.
-    Once only: a restored Tuner keeps the original run's callbacks."""
-    from ray.tune import Callback
+# The search runs in a driver process of its own, as `breedlabel tune` does: Ctrl+C (SIGINT)
+# goes to that process, and TensorFlow, OpenVINO and Ray state from other test modules cannot
+# meet Tune's in one interpreter.
+_DRIVER = """
+import json, os, signal, sys
+from pathlib import Path
+from ray.tune import Callback
+from core import search_space as ss
+from core.config import smoke
+from core.errors import JobError
+from jobs.tune import TuneConfig, run_tune
 
-    class InterruptAfter(Callback):
-        done = 0
+root, data = Path(sys.argv[1]), sys.argv[2]
+marker, out = root / "interrupted", str(root / "out")
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            if self.done == count and not marker.exists():
-                marker.write_text(trial.trial_id)
-                os.kill(os.getpid(), signal.SIGINT)
 
-    return InterruptAfter()
+class InterruptAfter(Callback):
+    # Ctrl+C once 2 trials have finished: Tune saves its state and stops the search.
+    # Once only: a restored Tuner keeps the original run's callbacks.
+    done = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        if self.done == 2 and not marker.exists():
+            marker.write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=8, head_lr=3e-3, early_stopping_patience=5,
+                       augment={"crop_scale_min": 1.0, "flip": False})
+space = {"head_lr": ss.choice(3e-3, 1e-9)}
+tc = TuneConfig(num_samples=%(n)d, max_concurrent=1, grace_period=2, reduction_factor=2,
+                storage=str(root / "ray"), name="search", seed=1, num_cpus=4)
+try:
+    run_tune(tc, base, data, out, space=space, callbacks=[InterruptAfter()])
+    error = None
+except JobError as exc:
+    error = str(exc)
+interrupted = {"error": error, "results_written": (Path(out) / "results.csv").exists()}
+best = run_tune(tc, base, data, out, space=space, restore=True)
+print("RESULT " + json.dumps({"interrupted": interrupted, "best": best, "base": base.to_dict()}, default=str))
+"""
 
 
 @pytest.fixture(scope="module")
-def search(ray_local, tmp_path_factory):
-    from jobs.tune import TuneConfig, run_tune
-
+def search(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     data = make_synthetic_dataset(root / "dogs", num_classes=3, images_per_class=40, size=32)
-    base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=8, head_lr=3e-3, early_stopping_patience=5,
-                           augment={"crop_scale_min": 1.0, "flip": False})
-    space = {"head_lr": ss.choice(3e-3, 1e-9)}
-    tc = TuneConfig(num_samples=NUM_SAMPLES, max_concurrent=1, grace_period=2, reduction_factor=2,
-                    storage=str(root / "ray"), name="search", seed=1)
-    out = str(root / "out")
-    with pytest.raises(JobError, match="--restore") as crash:
-        run_tune(tc, base, str(data), out, space=space, callbacks=[_interrupt_after(2, root / "interrupted")])
-    interrupted = {"error": str(crash.value), "results_written": (Path(out) / "results.csv").exists()}
-    best = run_tune(tc, base, str(data), out, space=space, restore=True)
-    return {"out": Path(out), "best": best, "interrupted": interrupted, "base": base}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _DRIVER % {"n": NUM_SAMPLES}, str(root), str(data)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    return {"out": root / "out", "best": got["best"], "interrupted": got["interrupted"],
+            "base": TrainConfig.from_dict(got["base"])}
 
 
 def test_interrupted_search_resumes_with_restore(search):
