@@ -106,10 +106,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
+        data = _floats(cls, dict(data))
         aug = data.pop("augment", {}) or {}
-        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+        aug = _floats(AugmentConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
         return cls(**data, augment=AugmentConfig(**aug))
+
+
+def _floats(cls: type, data: dict) -> dict:
+    """Float fields given as text (YAML 1.1 reads `1e-05` as a string) become floats, or fail loudly."""
+    for f in dataclasses.fields(cls):
+        value = data.get(f.name)
+        if isinstance(f.default, float) and isinstance(value, str):
+            try:
+                data[f.name] = float(value)
+            except ValueError:
+                raise ConfigError(f"train config: {f.name} must be a number, got {value!r}") from None
+    return data
 
 
 def _check(ok: bool, message: str) -> None:

@@ -83,9 +83,11 @@ def load_train_config(uri: str) -> TrainConfig:
     from core import storage
 
     try:
-        data = yaml.safe_load(storage.read_bytes(uri))  # YAML is a superset of JSON
+        raw = storage.read_bytes(uri)
+        # JSON as JSON: PyYAML (YAML 1.1) reads numbers such as 1e-05 as strings
+        data = json.loads(raw) if uri.lower().endswith(".json") else yaml.safe_load(raw)
         return TrainConfig.from_dict(data)
-    except (yaml.YAMLError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, yaml.YAMLError, TypeError, AttributeError, ValueError) as exc:
         raise ConfigError(f"{uri}: not a TrainConfig JSON/YAML file ({exc}); write one with "
                           "`breedlabel tune` (best_config.json) or from TrainConfig.to_dict()") from None
 

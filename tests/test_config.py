@@ -32,3 +32,18 @@ def test_invalid_values_raise_config_error(bad):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="smoke"):
         get_preset("nope")
+
+
+def test_from_dict_reads_yaml_style_exponent_floats():
+    """PyYAML reads `1e-05` as a string; a config file must still give float learning rates."""
+    import yaml
+
+    from core.config import TrainConfig, mobilenet_v2
+
+    text = yaml.safe_dump(mobilenet_v2().to_dict()).replace("weight_decay: 1.0e-05", "weight_decay: 1e-05")
+    data = yaml.safe_load(text)
+    assert isinstance(data["weight_decay"], str)
+    cfg = TrainConfig.from_dict(data)
+    assert cfg.weight_decay == 1e-5 and isinstance(cfg.weight_decay, float)
+    with pytest.raises(ConfigError, match="weight_decay must be a number"):
+        TrainConfig.from_dict({**data, "weight_decay": "tiny"})
