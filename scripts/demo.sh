@@ -21,7 +21,7 @@ else
   DATA="$DEMO/synthetic"
   PHOTOS="$DEMO/synthetic"
   "$BIN/python" -c "from tests.fixtures.images import make_synthetic_dataset as m; m('$DATA', 4, 24)"
-  TRAIN=(--preset smoke --epochs 6)
+  TRAIN=(--preset smoke --epochs 20 --finetune-epochs 3)
 fi
 
 echo "== 1/4 train -> $DEMO/bundle"
