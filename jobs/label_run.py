@@ -76,7 +76,7 @@ def label(cfg: LabelConfig) -> dict | None:
         done = out.done_keys(bundle.model_id, state.staged)
     elif state.staged:
         done = output.key_set(out.iter_keys(state.staged, bundle.model_id))
-    started_ray = ray_session.connect(cfg.address, dashboard=False)
+    started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
     try:
         shape, writer, skipped = _execute(cfg, out, state, stats, done)
     finally:

@@ -10,17 +10,21 @@ import logging
 import os
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> bool:
-    """ray.init once; returns True when this call started it (so the caller shuts it down)."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
+            quiet: bool = False) -> bool:
+    """ray.init once; returns True when this call started it (so the caller shuts it down).
+
+    quiet: keep workers' logs off the driver's console (the label job prints its own progress).
+    """
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet else {}
     ray.init(address=address, num_cpus=num_cpus if local else None,
-             include_dashboard=dashboard if local else None,
-             logging_level=logging.WARNING, configure_logging=False, log_to_driver=False)
+             include_dashboard=dashboard if local else None, **extra)
     return True
 
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.errors import ConfigError, JobError
+from jobs import ray_session
 
 log = logging.getLogger(__name__)
 
@@ -314,15 +315,10 @@ def add_distributed_arguments(p) -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster of RAY_ADDRESS / --address, else start a private local Ray (never
-    attach to some other local instance by accident). Keeps the dashboard: Train V2's
+    """Join RAY_ADDRESS / --address, else a private local Ray. Keeps the dashboard: Train V2's
     placement-group cleaner asks its State API whether a controller died, and without it the
     resources of a trial that Tune stopped early are never given back."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, num_cpus=num_cpus if address == "local" else None)
+    ray_session.connect(address, num_cpus=num_cpus, dashboard=True)
 
 
 def run_from_args(cfg: TrainConfig, args) -> int:
