@@ -240,6 +240,27 @@ def final_train(tc: TuneConfig, cfg: TrainConfig, data: str, out: str, storage: 
 
 
 # ---------------------------------------------------------------- CLI
+_HELP = {
+    "num_samples": "trials to run",
+    "max_concurrent": "trials side by side (0 = as many as the cluster's CPUs/GPUs fit)",
+    "workers": "Ray Train workers per trial",
+    "cpus_per_worker": "CPUs each worker holds",
+    "gpus_per_worker": "GPUs each worker holds",
+    "searcher": f"how new trials are picked ({', '.join(SEARCHERS)})",
+    "grace_period": "ASHA: epochs before a trial can be stopped",
+    "reduction_factor": "ASHA: keep 1/this of the trials at each rung",
+    "time_budget_s": "stop the search after this many seconds",
+    "storage": "Ray storage for the experiment and trial checkpoints (path or s3://; default <out>/ray)",
+    "name": "experiment name under --storage (what --restore resumes)",
+    "address": "Ray cluster address ('auto' = the running cluster); default: RAY_ADDRESS, else a new local Ray",
+    "num_cpus": "logical CPUs of a new local Ray (default: the machine's cores)",
+    "seed": "searcher seed",
+    "final_train": "train the best config on the full training split and export it as <out>/bundle",
+    "final_head_epochs": "--final-train head epochs (default: the tuned config's)",
+    "final_finetune_epochs": "--final-train fine-tune epochs (default: the tuned config's)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--data", required=True, help="folder-per-class dataset")
@@ -256,13 +277,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         opt = f"--{f.name.replace('_', '-')}"
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
-            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=value)
+            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
         elif f.name == "space":
             p.add_argument(opt, default=value, choices=sorted(ss.SPACES), help="search space (core.search_space)")
         else:
             kind = float if f.name in ("time_budget_s", "cpus_per_worker", "gpus_per_worker", "reduction_factor") \
                 else (str if f.name in ("storage", "name", "searcher", "address") else int)
-            p.add_argument(opt, type=kind, default=value, help=f.name.replace("_", " "))
+            p.add_argument(opt, type=kind, default=value, help=_HELP[f.name])
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
