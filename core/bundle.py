@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core import storage
 from core.breeds import Breed, read_labels_json, write_labels_json
 from core.errors import BundleError, ConfigError
 
@@ -204,25 +205,15 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
 
 
 def _is_remote(uri: str) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
+    return storage.is_s3(str(uri))
 
 
 def _local_path(uri: str) -> str:
-    uri = str(uri)
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
-def _storage():
-    try:
-        from core import storage
-    except ImportError as exc:
-        raise BundleError("remote bundle URIs need core.storage, which is not available; "
-                          "use a local path") from exc
-    return storage
+    """A local path or file:// URI as a plain path (core.storage parses and checks the scheme)."""
+    return storage.parse_uri(str(uri)).path
 
 
 def _upload_dir(local: Path, out_uri: str) -> None:
-    storage = _storage()
     base = out_uri.rstrip("/")
     # card.json last: a reader that finds the card finds the rest.
     files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == CARD_FILE)
@@ -236,7 +227,6 @@ def cache_root() -> Path:
 
 def _download(uri: str) -> str:
     """Copy a remote bundle into the cache (keyed by URI + card model_id) and return the dir."""
-    storage = _storage()
     base = uri.rstrip("/")
     infos = list(storage.list_files(base, extensions=None))
     rels = [info.uri[len(base) + 1:] for info in infos if info.uri.startswith(base + "/")]
