@@ -10,7 +10,9 @@ reuses instead of writing a second loop:
     run_phase(model, cfg, PHASE_HEAD, train_ds, val_ds, callbacks=[report_callback])
 
 `train(cfg, data)` is the single-process driver; it can also train the head on cached
-features of augmented views (fast on CPU) before the on-the-fly fine-tune.
+features of augmented views (fast on CPU) before the on-the-fly fine-tune, or, with
+`finetune_cached`, run both phases on one cache of the frozen prefix's activations
+(core.backbone_split).
 """
 from __future__ import annotations
 
@@ -121,11 +123,11 @@ def build_model(cfg: TrainConfig, num_classes: int):
         dense_units=cfg.dense_units, dropout=cfg.dropout, grayscale=cfg.grayscale, equalize=cfg.equalize)
 
 
-def set_trainable(model, cfg: TrainConfig, phase: str) -> int:
+def set_trainable(model, cfg: TrainConfig, phase: str, top: int | None = None) -> int:
     """Freeze/unfreeze for a phase; returns the number of trainable backbone layers.
 
     head: backbone frozen (custom_cnn trains whole when finetune_layers == 0: nothing to reuse).
-    finetune: top `finetune_layers` (or all) backbone layers train; BatchNorm stays frozen.
+    finetune: top `finetune_layers` (or `top`, or all) backbone layers train; BatchNorm stays frozen.
     """
     if phase not in PHASES:
         raise ConfigError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
@@ -136,7 +138,7 @@ def set_trainable(model, cfg: TrainConfig, phase: str) -> int:
         return 0
     backbone.trainable = True
     layers = backbone.layers
-    n = len(layers) if (from_scratch or cfg.finetune_layers < 0) else min(cfg.finetune_layers, len(layers))
+    n = len(layers) if (from_scratch or cfg.finetune_layers < 0) else min(top or cfg.finetune_layers, len(layers))
     for i, layer in enumerate(layers):
         layer.trainable = i >= len(layers) - n
         if cfg.freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
@@ -236,73 +238,175 @@ def run_phase(model, cfg: TrainConfig, phase: str, train_ds, val_ds, callbacks: 
     return {k: [float(v) for v in vals] for k, vals in fit.history.items()}
 
 
-# ---------------------------------------------------------------- cached-feature head (CPU speed-up)
-def feature_extractor(model):
-    """preprocessing -> backbone of `model` as its own model (shares the layers)."""
+# ---------------------------------------------------------------- cached features (CPU speed-up)
+def feature_extractor(model, backbone_part=None):
+    """preprocessing -> backbone of `model` (or `backbone_part`, e.g. its frozen prefix) as
+    its own model; the layers are shared, not copied."""
     inp = keras.Input(model.input_shape[1:], dtype="float32")
     x = inp
     for layer in model.layers[1:]:
         if layer.name == registry.HEAD_LAYER:
+            break
+        if backbone_part is not None and layer.name == registry.BACKBONE_LAYER:
+            x = backbone_part(x)
             break
         x = layer(x)
     return keras.Model(inp, x, name="features")
 
 
 def cache_features(cfg: TrainConfig, extractor, folder, views: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features of `views` augmented passes over `folder` (0 = one plain pass)."""
+    """float16 outputs of `extractor` on `views` augmented passes over `folder` (0 = one plain
+    pass), view-major: row v * len(folder) + i is view v of image i."""
     size = input_size_of(cfg)
     ds = _decoded(cfg, folder, size).map(lambda x, y: tf.cast(x, tf.float32))
     if views > 0:
         augment = aug.build_augment(cfg.augment, size)
         ds = ds.repeat(views).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    t0 = time.time()
-    feats = extractor.predict(ds.batch(64).prefetch(tf.data.AUTOTUNE), verbose=0)
+    total = len(folder.paths) * max(views, 1)
+    out = np.empty((total, *extractor.output_shape[1:]), np.float16)
+    forward = tf.function(lambda batch: extractor(batch, training=False))
+    t0, done, next_log = time.time(), 0, 0.1
+    for batch in ds.batch(64).prefetch(tf.data.AUTOTUNE):
+        values = forward(batch).numpy()
+        out[done:done + len(values)] = values
+        done += len(values)
+        if done / total >= next_log:
+            log.info("feature cache: %d/%d views (%.1f img/s)", done, total, done / max(time.time() - t0, 1e-9))
+            next_log += 0.1
     labels = np.tile(np.asarray(folder.labels, np.int64), max(views, 1))
-    log.info("cached %d feature vectors in %.0f s (%.1f img/s)", len(feats), time.time() - t0,
-             len(feats) / max(time.time() - t0, 1e-9))
-    return feats.astype(np.float32), labels
+    log.info("cached %d feature arrays %s in %.0f s (%.1f img/s)", done, out.shape[1:], time.time() - t0,
+             done / max(time.time() - t0, 1e-9))
+    return out, labels
 
 
-def _feature_cache_key(cfg: TrainConfig, train, val) -> str:
-    """Same data, backbone, weights, size, augmentation, views and seed -> same features."""
+def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> str:
+    """Same data, backbone, weights, size, augmentation, views, seed (and cut) -> same features."""
     import hashlib
 
     fields = {k: v for k, v in cfg.to_dict().items()
               if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "seed",
                        "grayscale", "equalize", "resize_policy")}
-    blob = json.dumps([fields, list(train.paths), list(val.paths)], sort_keys=True, default=str)
+    parts = [fields, list(train.paths), list(val.paths)] + ([tag] if tag else [])
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_feature_arrays(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None):
-    """(x_tr, y_tr, x_va, y_va), computed once and kept as .npz (no pickle) in checkpoint_dir,
-    so a rerun with other head settings skips the backbone passes."""
-    path = Path(checkpoint_dir) / f"features-{_feature_cache_key(cfg, train, val)}.npz" if checkpoint_dir else None
+def cached_feature_arrays(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
+                          backbone_part=None, tag: str | None = None):
+    """(x_tr, y_tr, x_va, y_va) float16 features (pooled, or `backbone_part`'s activations),
+    computed once and kept as .npz (no pickle) in checkpoint_dir, so a rerun with other
+    head or fine-tune settings skips the backbone passes."""
+    name = f"features-{_feature_cache_key(cfg, train, val, tag)}.npz"
+    path = Path(checkpoint_dir) / name if checkpoint_dir else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
             log.info("reusing cached features %s", path)
             return z["x_tr"], z["y_tr"], z["x_va"], z["y_va"]
-    extractor = feature_extractor(model)
+    extractor = feature_extractor(model, backbone_part)
     x_tr, y_tr = cache_features(cfg, extractor, train, cfg.head_feature_views)
     x_va, y_va = cache_features(cfg, extractor, val, 0)
     if path is not None:
-        np.savez(path, x_tr=x_tr.astype(np.float16), y_tr=y_tr, x_va=x_va.astype(np.float16), y_va=y_va)
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez(tmp, x_tr=x_tr, y_tr=y_tr, x_va=x_va, y_va=y_va)
+        tmp.replace(path)
     return x_tr, y_tr, x_va, y_va
+
+
+class ArrayBatches(keras.utils.Sequence):
+    """float32 batches from a float16 array without copying it into the graph.
+
+    With `views` > 1 the rows are view-major (row v * n + i); each epoch shows every item
+    once, in a randomly drawn view, so an epoch still means one pass over the images."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, *, views: int = 1,
+                 shuffle: bool = False, seed: int = 0, max_steps: int | None = None):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.num_classes = x, y, int(batch_size), int(num_classes)
+        self.views, self.shuffle, self.max_steps = max(int(views), 1), shuffle, max_steps
+        self.items = len(x) // self.views
+        self.rng = np.random.default_rng(seed)
+        self.order = np.arange(self.items)
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        steps = math.ceil(self.items / self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def __getitem__(self, i: int):
+        rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        rows = np.sort(rows)  # sequential reads from the big array
+        return self.x[rows].astype(np.float32), np.eye(self.num_classes, dtype=np.float32)[self.y[rows]]
+
+    def on_epoch_end(self) -> None:
+        if not self.shuffle:
+            self.order = np.arange(self.items)
+            return
+        view = self.rng.integers(0, self.views, self.items)
+        self.order = self.rng.permutation(view * self.items + np.arange(self.items))
+
+
+def fit_head_on_arrays(model, cfg: TrainConfig, arrays, num_classes: int, checkpoint_dir: str | None,
+                       history: dict, callbacks: Sequence = ()) -> dict:
+    """Phase 1 on cached pooled features (all views every epoch: they are cheap)."""
+    x_tr, y_tr, x_va, y_va = arrays
+    head = registry.head_of(model)
+    tr = (tf.data.Dataset.from_tensor_slices((x_tr.astype(np.float32), tf.one_hot(y_tr, num_classes)))
+          .shuffle(len(x_tr), seed=cfg.seed).batch(cfg.head_batch_size).prefetch(2))
+    va = tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32), tf.one_hot(y_va, num_classes))).batch(256)
+    compile_for_phase(head, cfg, PHASE_HEAD, math.ceil(len(x_tr) / cfg.head_batch_size))
+    cbs = phase_callbacks(cfg, PHASE_HEAD, checkpoint_dir, history) + list(callbacks)
+    return run_phase(head, cfg, PHASE_HEAD, tr, va, cbs)
 
 
 def train_head_on_features(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
                            history: dict, callbacks: Sequence = ()) -> dict:
     """Phase 1 on cached features: ~views x one forward pass instead of one per epoch."""
-    x_tr, y_tr, x_va, y_va = cached_feature_arrays(model, cfg, train, val, checkpoint_dir)
-    x_tr, x_va = x_tr.astype(np.float32), x_va.astype(np.float32)
-    head = registry.head_of(model)
+    arrays = cached_feature_arrays(model, cfg, train, val, checkpoint_dir)
+    return fit_head_on_arrays(model, cfg, arrays, len(train.classes), checkpoint_dir, history, callbacks)
+
+
+def uses_cached_finetune(cfg: TrainConfig) -> bool:
+    return (cfg.finetune_cached and cfg.weights is not None and cfg.head_feature_views > 0
+            and cfg.finetune_layers > 0 and cfg.finetune_epochs > 0)
+
+
+def train_on_cached_activations(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
+                                history: dict, callbacks: Sequence = ()) -> dict:
+    """Both phases from ONE cache of the frozen prefix's activations (cfg.head_feature_views
+    augmented views per image): the head on pooled features of those views (through the frozen
+    suffix), then suffix + head fine-tuned on the same activations. Returns phase timings."""
+    from core.backbone_split import split_backbone
+
     n = len(train.classes)
-    tr = (tf.data.Dataset.from_tensor_slices((x_tr, tf.one_hot(y_tr, n)))
-          .shuffle(len(x_tr), seed=cfg.seed).batch(cfg.head_batch_size).prefetch(2))
-    va = tf.data.Dataset.from_tensor_slices((x_va, tf.one_hot(y_va, n))).batch(256)
-    compile_for_phase(head, cfg, PHASE_HEAD, math.ceil(len(x_tr) / cfg.head_batch_size))
-    cbs = phase_callbacks(cfg, PHASE_HEAD, checkpoint_dir, history) + list(callbacks)
-    return run_phase(head, cfg, PHASE_HEAD, tr, va, cbs)
+    split = split_backbone(registry.backbone_of(model), cfg.finetune_layers)
+    log.info("fine-tuning the top %d backbone layers on cached activations of %s", split.top_layers, split.cut_layer)
+    timings: dict = {}
+    t0 = time.time()
+    x_tr, y_tr, x_va, y_va = cached_feature_arrays(model, cfg, train, val, checkpoint_dir,
+                                                   backbone_part=split.prefix, tag=f"cut:{split.cut_layer}")
+    timings["feature_cache_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    set_trainable(model, cfg, PHASE_HEAD)
+    pooled = [split.suffix.predict(ArrayBatches(x, y, 256, n), verbose=0) for x, y in ((x_tr, y_tr), (x_va, y_va))]
+    history[PHASE_HEAD] = fit_head_on_arrays(model, cfg, (pooled[0], y_tr, pooled[1], y_va), n, checkpoint_dir,
+                                             history, callbacks)
+    timings[f"{PHASE_HEAD}_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    set_trainable(model, cfg, PHASE_FINETUNE, top=split.top_layers)
+    inp = keras.Input(split.suffix.input_shape[1:], name="cut_activations")
+    top = keras.Model(inp, registry.head_of(model)(split.suffix(inp)), name="cached_top")
+    views = cfg.head_feature_views
+    tr = ArrayBatches(x_tr, y_tr, cfg.batch_size, n, views=views, shuffle=True, seed=cfg.seed,
+                      max_steps=cfg.max_steps_per_epoch)
+    va = ArrayBatches(x_va, y_va, 128, n)
+    compile_for_phase(top, cfg, PHASE_FINETUNE, len(tr))
+    best = max(history[PHASE_HEAD].get(MONITOR, []), default=None)
+    cbs = phase_callbacks(cfg, PHASE_FINETUNE, checkpoint_dir, history, best) + list(callbacks)
+    history[PHASE_FINETUNE] = run_phase(top, cfg, PHASE_FINETUNE, tr, va, cbs)
+    timings[f"{PHASE_FINETUNE}_s"] = round(time.time() - t0, 1)
+    return timings
 
 
 # ---------------------------------------------------------------- evaluation
@@ -347,20 +451,13 @@ def split_data(cfg: TrainConfig, data):
     return datasets.stratified_split(folder, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
-def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: str | None = None) -> TrainResult:
-    """Both phases in this process, then final metrics on the validation split."""
-    keras.utils.set_random_seed(cfg.seed)
-    setup_precision(cfg)
-    train_set, val_set = split_data(cfg, data)
-    if checkpoint_dir:
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        (Path(checkpoint_dir) / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-    model = build_model(cfg, len(train_set.classes))
-    train_ds, val_ds = build_datasets(cfg, train_set, val_set)
+def train_phases(model, cfg: TrainConfig, train_set, val_set, train_ds, val_ds, checkpoint_dir: str | None,
+                 history: dict, callbacks: Sequence = ()) -> dict:
+    """Head then fine-tune, each epoch decoding + augmenting on the fly (the head may use cached
+    pooled features); returns phase timings."""
     steps = steps_per_epoch(cfg, len(train_set.paths))
     if cfg.max_steps_per_epoch:
         train_ds = train_ds.repeat()
-    history: dict = {}
     timings: dict = {}
     for phase in PHASES:
         t0 = time.time()
@@ -374,7 +471,28 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
             cbs = phase_callbacks(cfg, phase, checkpoint_dir, history, best) + list(callbacks)
             history[phase] = run_phase(model, cfg, phase, train_ds, val_ds, cbs, steps=steps)
         timings[f"{phase}_s"] = round(time.time() - t0, 1)
+    return timings
+
+
+def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: str | None = None) -> TrainResult:
+    """Both phases in this process, then final metrics on the validation split (always through
+    the full exported graph on decoded validation images, whichever way training ran)."""
+    keras.utils.set_random_seed(cfg.seed)
+    setup_precision(cfg)
+    train_set, val_set = split_data(cfg, data)
+    if checkpoint_dir:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_dir) / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    model = build_model(cfg, len(train_set.classes))
+    train_ds, val_ds = build_datasets(cfg, train_set, val_set)
+    history: dict = {}
+    if uses_cached_finetune(cfg):
+        timings = train_on_cached_activations(model, cfg, train_set, val_set, checkpoint_dir, history, callbacks)
+    else:
+        timings = train_phases(model, cfg, train_set, val_set, train_ds, val_ds, checkpoint_dir, history, callbacks)
+    t0 = time.time()
     export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
+    timings["final_metrics_s"] = round(time.time() - t0, 1)
     extras["timings"] = timings
     if checkpoint_dir:
         (Path(checkpoint_dir) / HISTORY_FILE).write_text(json.dumps(history, indent=1))

@@ -24,7 +24,7 @@ _OVERRIDES = {
     "lr": "head_lr", "finetune_lr": "finetune_lr", "finetune_layers": "finetune_layers",
     "feature_views": "head_feature_views", "dense_units": "dense_units", "dropout": "dropout",
     "label_smoothing": "label_smoothing", "patience": "early_stopping_patience",
-    "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip",
+    "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip", "finetune_cached": "finetune_cached",
     "max_steps_per_epoch": "max_steps_per_epoch",
 }
 
@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.train_distributed import add_distributed_arguments
 
     add_distributed_arguments(p)
+    p.add_argument("--finetune-cached", default=None, action=argparse.BooleanOptionalAction,
+                   help=f"fine-tune the top layers on cached activations of the --feature-views augmented views "
+                        f"(fast on CPU) instead of decoding + augmenting every epoch "
+                        f"(preset: {_preset_default('finetune_cached')})")
     p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
                    help=f"consider flip test-time averaging in the exported graph, kept only if it measures "
                         f"better (preset: {_preset_default('tta_flip')})")
