@@ -16,6 +16,7 @@ features of augmented views (fast on CPU) before the on-the-fly fine-tune, or, w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import tf_keras as keras  # noqa: E402
 from core import augment as aug  # noqa: E402
 from core import registry  # noqa: E402
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig  # noqa: E402
-from core.errors import ConfigError  # noqa: E402
+from core.errors import ConfigError, InputError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +73,39 @@ def input_size_of(cfg: TrainConfig) -> int:
 
 
 # ---------------------------------------------------------------- data
+@contextlib.contextmanager
+def named_input_errors():
+    """An undecodable or unreadable photo inside tf.data surfaces as a graph error whose text
+    carries ours; give the user that one line (file + reason) and what to do."""
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        for kind in ("ImageDecodeError", "StorageError"):
+            marker = f"{kind}: "
+            if marker in exc.message:
+                line = exc.message.split(marker, 1)[1].splitlines()[0]
+                raise InputError(f"training data: {line}; fix or remove that file and rerun") from None
+        raise
+
+
+def decode_file(path: str, size: int, policy: str = "resize_crop") -> np.ndarray:
+    """The photo at `path` (local or URI) as uint8 [size, size, 3] through core.images, the same
+    decode + resize that predict and label use, so training sees what serving will see."""
+    from core import images, storage
+
+    return images.decode_image(storage.read_bytes(path), size=(size, size), policy=policy, source=path).array
+
+
 def load_image(path: tf.Tensor, size: int, policy: str = "resize_crop") -> tf.Tensor:
-    """Read + decode with tf.io, then the card's resize policy; uint8 [size,size,3]."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    if policy == "resize_crop":
-        h = tf.cast(tf.shape(image)[0], tf.float32)
-        w = tf.cast(tf.shape(image)[1], tf.float32)
-        scale = float(size) / tf.minimum(h, w)
-        nh = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
-        nw = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
-        image = tf.image.resize(image, (nh, nw), antialias=True)
-        image = tf.image.resize_with_crop_or_pad(image, size, size)
-    else:
-        image = tf.image.resize(image, (size, size), antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    """tf.data wrapper of decode_file; an undecodable photo stops training with its name."""
+    @tf.autograph.experimental.do_not_convert
+    def decode(p) -> np.ndarray:
+        p = p.item() if isinstance(p, np.ndarray) else p  # a 0-d array when run eagerly
+        return decode_file(p.decode() if isinstance(p, bytes) else str(p), size, policy)
+
+    image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
+    image.set_shape((size, size, 3))
+    return image
 
 
 def _decoded(cfg: TrainConfig, folder, size: int) -> tf.data.Dataset:
@@ -286,7 +306,7 @@ def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> 
     fields = {k: v for k, v in cfg.to_dict().items()
               if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "seed",
                        "grayscale", "equalize", "resize_policy")}
-    parts = [fields, list(train.paths), list(val.paths)] + ([tag] if tag else [])
+    parts = [fields, list(train.paths), list(val.paths), "decode:core.images"] + ([tag] if tag else [])
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -486,12 +506,14 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
     model = build_model(cfg, len(train_set.classes))
     train_ds, val_ds = build_datasets(cfg, train_set, val_set)
     history: dict = {}
-    if uses_cached_finetune(cfg):
-        timings = train_on_cached_activations(model, cfg, train_set, val_set, checkpoint_dir, history, callbacks)
-    else:
-        timings = train_phases(model, cfg, train_set, val_set, train_ds, val_ds, checkpoint_dir, history, callbacks)
-    t0 = time.time()
-    export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
+    with named_input_errors():
+        if uses_cached_finetune(cfg):
+            timings = train_on_cached_activations(model, cfg, train_set, val_set, checkpoint_dir, history, callbacks)
+        else:
+            timings = train_phases(model, cfg, train_set, val_set, train_ds, val_ds, checkpoint_dir, history,
+                                   callbacks)
+        t0 = time.time()
+        export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
     timings["final_metrics_s"] = round(time.time() - t0, 1)
     extras["timings"] = timings
     if checkpoint_dir:

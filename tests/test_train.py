@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import tensorflow as tf
 import pytest
 
 from core import registry
 from core import train as T
 from core.config import PHASE_FINETUNE, PHASE_HEAD, smoke
+from core.errors import InputError
 from tests.fixtures.images import make_synthetic_dataset
 
 
@@ -80,3 +82,24 @@ def test_warmup_cosine_schedule():
     assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
     assert values[2] == pytest.approx(1.0) and values[10] == pytest.approx(0.0, abs=1e-6)
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
+
+
+def test_training_decodes_with_core_images(dataset):
+    """Training reads photos through core.images (the serving decode), not a second decoder."""
+    from core import images
+
+    cfg = smoke()
+    train, _ = T.split_data(cfg, str(dataset))
+    path = train.paths[0]
+    got = T.load_image(tf.constant(path), 32, cfg.resize_policy).numpy()
+    with open(path, "rb") as f:
+        want = images.decode_image(f.read(), size=(32, 32), policy=cfg.resize_policy).array
+    np.testing.assert_array_equal(got, want)
+
+
+def test_undecodable_training_photo_is_named(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=6, size=40)
+    bad = sorted(data.iterdir())[0] / "broken.jpg"
+    bad.write_text("not a photo")
+    with pytest.raises(InputError, match=r"broken\.jpg: not an image; fix or remove"):
+        T.train(smoke().replace(val_fraction=0.5), str(data))
