@@ -65,7 +65,9 @@ class TrainConfig:
     finetune_epochs: int = 5
     finetune_lr: float = 1e-4
     finetune_layers: int = ALL_LAYERS  # top N backbone layers trainable; -1 = all; 0 = skip phase
-    finetune_cached: bool = False  # fine-tune on cached prefix activations of the head_feature_views views
+    # fine-tune on cached prefix activations of the head_feature_views views (single process, and
+    # only when head_feature_views > 0 and finetune_layers > 0; otherwise on the fly)
+    finetune_cached: bool = False
     warmup_epochs: float = 1.0
     freeze_bn: bool = True  # BatchNorm stays in inference mode (80 photos/class overfit fast)
     weight_decay: float = 1e-5
@@ -88,8 +90,6 @@ class TrainConfig:
         _check(self.classes is None or self.classes >= 2, "classes must be >= 2")
         _check(self.input_size is None or self.input_size >= 32, "input_size must be >= 32")
         _check(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
-        _check(not self.finetune_cached or (self.head_feature_views > 0 and self.finetune_layers != ALL_LAYERS),
-               "finetune_cached needs head_feature_views > 0 (the cached views) and finetune_layers > 0")
         _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
 
     def replace(self, **changes: Any) -> "TrainConfig":

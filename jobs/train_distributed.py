@@ -17,8 +17,8 @@ run_phase): no second training loop. What this module adds is the Ray part:
   resumes from `ray.train.get_checkpoint()` at the next epoch (weights + LR-schedule step;
   the optimizer's moment estimates restart). Re-running with the same `name` and `storage`
   resumes an interrupted run the same way.
-- The head phase trains on the fly here (`head_feature_views` is the single-process CPU
-  shortcut of core.train; caching features per worker would need a collective predict).
+- Both phases train on the fly here (`head_feature_views` and `finetune_cached` are the
+  single-process CPU shortcuts of core.train; caching per worker would need a collective predict).
 - Export: the best reported checkpoint (by val top-1) is loaded into a plain model on the
   driver and exported as the bundle, with card metrics measured on the validation split.
 """

@@ -107,8 +107,9 @@ def test_cached_finetune_trains_the_exported_model(tmp_path, caplog):
     assert any("reusing cached features" in r.getMessage() for r in caplog.records)
 
 
-def test_cached_finetune_needs_views_and_a_layer_count():
-    with pytest.raises(ConfigError, match="finetune_cached"):
-        smoke().replace(finetune_cached=True, head_feature_views=0)
-    with pytest.raises(ConfigError, match="finetune_cached"):
-        smoke().replace(finetune_cached=True, head_feature_views=2, finetune_layers=-1)
+def test_cached_finetune_applies_only_with_views_and_a_layer_count():
+    base = smoke().replace(weights="imagenet", finetune_cached=True, head_feature_views=2, finetune_layers=5)
+    assert T.uses_cached_finetune(base)
+    assert not T.uses_cached_finetune(base.replace(head_feature_views=0))  # nothing cached: on the fly
+    assert not T.uses_cached_finetune(base.replace(finetune_layers=-1))  # all layers: no prefix to cache
+    assert not T.uses_cached_finetune(base.replace(weights=None))  # a random frozen prefix is no use
