@@ -17,6 +17,9 @@ PHASE_HEAD = "head"
 PHASE_FINETUNE = "finetune"
 PHASES = (PHASE_HEAD, PHASE_FINETUNE)
 ALL_LAYERS = -1
+VIEWS_AUGMENT = "augment"  # cached views: random augmentations of each photo
+VIEWS_MIRROR = "mirror"  # cached views: the photo, then its mirror image, alternately
+VIEW_KINDS = (VIEWS_AUGMENT, VIEWS_MIRROR)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class TrainConfig:
     # phase 1: head on the frozen backbone
     head_epochs: int = 10
     head_lr: float = 1e-3
-    head_feature_views: int = 0  # >0: cache frozen features of N augmented views once, train on those
+    head_feature_views: int = 0  # >0: cache frozen features of N views once, train on those
+    head_view_kind: str = VIEWS_AUGMENT  # what those views are: augmented, or photo + mirror image
     head_batch_size: int = 128  # batch size when training on cached features
     # phase 2: fine-tune the top of the backbone
     finetune_epochs: int = 5
@@ -90,6 +94,7 @@ class TrainConfig:
         _check(self.classes is None or self.classes >= 2, "classes must be >= 2")
         _check(self.input_size is None or self.input_size >= 32, "input_size must be >= 32")
         _check(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
+        _check(self.head_view_kind in VIEW_KINDS, f"head_view_kind must be one of {', '.join(VIEW_KINDS)}")
         _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -143,20 +148,21 @@ def smoke() -> TrainConfig:
 
 
 def mobilenet_v2() -> TrainConfig:
-    """The Stanford Dogs recipe aimed at >= 85 % top-1 on the 20 % split, sized for a 2-core CPU.
+    """The Stanford Dogs recipe for the 20 % split, sized for a 2-core CPU.
 
-    One backbone pass over 4 augmented views per photo (random resized crop, flip, colour)
-    caches the activations below block 13 (core.backbone_split); then a linear head trains on
-    pooled features of those views, and blocks 13-16 + Conv_1 (the top 39 layers) fine-tune
-    on the same cache, one random view per photo per epoch: BN frozen, label smoothing 0.1,
-    AdamW with warm-up + cosine, restore of the best epoch (the head's, if fine-tuning never
-    beats it), and flip test-time averaging in the exported graph when it measures better.
-    A fine-tune epoch then costs ~1/3 of one forward pass instead of a forward + backward
-    pass of the whole network. On a GPU, `--no-finetune-cached` fine-tunes on the fly."""
+    One backbone pass over each training photo and its mirror image caches the activations
+    below block 13 (core.backbone_split). A linear head trains on pooled features of those
+    views (through the frozen top), then blocks 13-16 + Conv_1 (the top 39 layers) fine-tune
+    on the same cache at a low learning rate, BN frozen, and the best epoch is kept (the head's,
+    if fine-tuning never beats it); flip test-time averaging goes into the exported graph when
+    it measures better. Measured on this split with frozen features: plain + mirror views
+    beat random-resized-crop views for the probe (84-85 % vs 83.5 % flip-averaged top-1);
+    the photos are crops of the dog, as at inference. A fine-tune epoch costs ~1/3 of one
+    forward pass; on a GPU, `--no-finetune-cached` fine-tunes with on-the-fly augmentation."""
     return TrainConfig(
         backbone="mobilenet_v2", input_size=224, dropout=0.3, batch_size=32,
-        head_epochs=30, head_lr=1e-3, head_feature_views=4, head_batch_size=128,
-        finetune_epochs=10, finetune_lr=2e-4, finetune_layers=39, finetune_cached=True, warmup_epochs=0.3,
+        head_epochs=15, head_lr=1e-3, head_feature_views=2, head_view_kind=VIEWS_MIRROR, head_batch_size=128,
+        finetune_epochs=6, finetune_lr=3e-5, finetune_layers=39, finetune_cached=True, warmup_epochs=0.3,
         label_smoothing=0.1, early_stopping_patience=3, tta_flip=True,
         augment=AugmentConfig(crop_scale_min=0.35, zoom_out_prob=0.1, zoom_out_max=1.8),
     )

@@ -34,7 +34,7 @@ import tf_keras as keras  # noqa: E402
 
 from core import augment as aug  # noqa: E402
 from core import registry  # noqa: E402
-from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig  # noqa: E402
+from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, VIEWS_MIRROR, TrainConfig  # noqa: E402
 from core.errors import ConfigError, InputError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -275,11 +275,17 @@ def feature_extractor(model, backbone_part=None):
 
 
 def cache_features(cfg: TrainConfig, extractor, folder, views: int) -> tuple[np.ndarray, np.ndarray]:
-    """float16 outputs of `extractor` on `views` augmented passes over `folder` (0 = one plain
-    pass), view-major: row v * len(folder) + i is view v of image i."""
+    """float16 outputs of `extractor` on `views` passes over `folder` (0 = one plain pass),
+    view-major: row v * len(folder) + i is view v of image i. Views are augmented, or with
+    head_view_kind "mirror" the photo (even v) and its mirror image (odd v): the distribution
+    a flip-averaged bundle sees at inference."""
     size = input_size_of(cfg)
     ds = _decoded(cfg, folder, size).map(lambda x, y: tf.cast(x, tf.float32))
-    if views > 0:
+    if views > 0 and cfg.head_view_kind == VIEWS_MIRROR:
+        n = len(folder.paths)
+        ds = ds.repeat(views).enumerate().map(
+            lambda i, x: tf.cond((i // n) % 2 == 1, lambda: tf.reverse(x, axis=[1]), lambda: x))
+    elif views > 0:
         augment = aug.build_augment(cfg.augment, size)
         ds = ds.repeat(views).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     total = len(folder.paths) * max(views, 1)
@@ -304,7 +310,7 @@ def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> 
     import hashlib
 
     fields = {k: v for k, v in cfg.to_dict().items()
-              if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "seed",
+              if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "head_view_kind", "seed",
                        "grayscale", "equalize", "resize_policy")}
     parts = [fields, list(train.paths), list(val.paths), "decode:core.images"] + ([tag] if tag else [])
     blob = json.dumps(parts, sort_keys=True, default=str)

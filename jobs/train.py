@@ -22,7 +22,7 @@ _OVERRIDES = {
     "backbone": "backbone", "weights": "weights", "classes": "classes", "input_size": "input_size",
     "batch_size": "batch_size", "epochs": "head_epochs", "finetune_epochs": "finetune_epochs",
     "lr": "head_lr", "finetune_lr": "finetune_lr", "finetune_layers": "finetune_layers",
-    "feature_views": "head_feature_views", "dense_units": "dense_units", "dropout": "dropout",
+    "feature_views": "head_feature_views", "view_kind": "head_view_kind", "dense_units": "dense_units", "dropout": "dropout",
     "label_smoothing": "label_smoothing", "patience": "early_stopping_patience",
     "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip", "finetune_cached": "finetune_cached",
     "max_steps_per_epoch": "max_steps_per_epoch",
@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.train_distributed import add_distributed_arguments
 
     add_distributed_arguments(p)
+    from core.config import VIEW_KINDS
+
+    p.add_argument("--view-kind", default=None, choices=VIEW_KINDS,
+                   help=f"the cached --feature-views: random augmentations, or the photo and its mirror image "
+                        f"(preset: {_preset_default('head_view_kind')})")
     p.add_argument("--finetune-cached", default=None, action=argparse.BooleanOptionalAction,
                    help=f"fine-tune the top layers on cached activations of the --feature-views augmented views "
                         f"(fast on CPU) instead of decoding + augmenting every epoch "

@@ -103,3 +103,16 @@ def test_undecodable_training_photo_is_named(tmp_path):
     bad.write_text("not a photo")
     with pytest.raises(InputError, match=r"broken\.jpg: not an image; fix or remove"):
         T.train(smoke().replace(val_fraction=0.5), str(data))
+
+
+def test_mirror_views_are_the_photo_then_its_mirror(dataset):
+    cfg = smoke().replace(head_view_kind="mirror")
+    train, _ = T.split_data(cfg, str(dataset))
+    extractor = T.feature_extractor(registry.create_model("custom_cnn", 3, weights=None, input_size=32))
+    x, y = T.cache_features(cfg, extractor, train, 2)
+    n = len(train.paths)
+    assert x.shape == (2 * n, 256) and list(y[:n]) == list(y[n:]) == list(train.labels)
+    photo = T.load_image(tf.constant(train.paths[1]), 32).numpy().astype(np.float32)[None]
+    np.testing.assert_allclose(x[1], extractor(photo).numpy()[0], rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(x[n + 1], extractor(photo[:, :, ::-1]).numpy()[0], rtol=1e-2, atol=1e-2)
+    assert not np.allclose(x[1], x[n + 1], atol=1e-3)
