@@ -4,7 +4,8 @@ resumed with Tuner.restore, with ASHA stopping a bad trial and the best config w
 The space is one choice between a learning rate that learns the synthetic classes in an epoch
 and one that leaves the initial weights (chance top-1); the base config's value (the good
 one) is evaluated first, then trials run one at a time so ASHA's rung (after 2 of 3 epochs:
-BatchNorm statistics need a couple of dozen steps before validation means anything) is set by it.
+BatchNorm statistics need a couple of dozen steps before validation means anything: batch 4,
+24 steps an epoch) is set by it.
 The interruption comes after the second trial because Tune does not carry ASHA's rung records
 across Tuner.restore: trials after a restore are compared only with each other.
 """
@@ -56,7 +57,7 @@ class InterruptAfter(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=8, head_lr=3e-3, early_stopping_patience=5,
+base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=4, head_lr=3e-3, early_stopping_patience=5,
                        augment={"crop_scale_min": 1.0, "flip": False})
 space = {"head_lr": ss.choice(3e-3, 1e-9)}
 tc = TuneConfig(num_samples=%(n)d, max_concurrent=1, grace_period=2, reduction_factor=2,
