@@ -3,7 +3,8 @@
 Why: on a CPU, fine-tuning the top of MobileNetV2 costs one full forward pass per image per
 epoch, but the frozen bottom gives the same activations every time it sees the same view.
 Caching the prefix's output for a few augmented views once, then training suffix + head on
-that cache, makes each fine-tune epoch ~3x cheaper than a forward pass of the whole network
+that cache, makes each fine-tune epoch cost ~0.4x one forward pass of the whole network (measured:
+suffix training 77-97 img/s vs 35 img/s forward on 2 CPU cores)
 (and the suffix's layers ARE the backbone's layers: what it learns is what the bundle exports).
 
 A cut is only valid where exactly one tensor crosses from the frozen part to the trainable

@@ -157,7 +157,7 @@ def mobilenet_v2() -> TrainConfig:
     if fine-tuning never beats it); flip test-time averaging goes into the exported graph when
     it measures better. Measured on this split with frozen features: plain + mirror views
     beat random-resized-crop views for the probe (84-85 % vs 83.5 % flip-averaged top-1);
-    the photos are crops of the dog, as at inference. A fine-tune epoch costs ~1/3 of one
+    the photos are crops of the dog, as at inference. A fine-tune epoch costs ~0.4x one
     forward pass; on a GPU, `--no-finetune-cached` fine-tunes with on-the-fly augmentation."""
     return TrainConfig(
         backbone="mobilenet_v2", input_size=224, dropout=0.3, batch_size=32,
