@@ -351,6 +351,7 @@ class ArrayBatches(keras.utils.Sequence):
         self.views, self.shuffle, self.max_steps = max(int(views), 1), shuffle, max_steps
         self.items = len(x) // self.views
         self.rng = np.random.default_rng(seed)
+        self.one_hot = np.eye(self.num_classes, dtype=np.float32)
         self.order = np.arange(self.items)
         self.on_epoch_end()
 
@@ -361,7 +362,7 @@ class ArrayBatches(keras.utils.Sequence):
     def __getitem__(self, i: int):
         rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         rows = np.sort(rows)  # sequential reads from the big array
-        return self.x[rows].astype(np.float32), np.eye(self.num_classes, dtype=np.float32)[self.y[rows]]
+        return self.x[rows].astype(np.float32), self.one_hot[self.y[rows]]
 
     def on_epoch_end(self) -> None:
         if not self.shuffle:
@@ -376,9 +377,10 @@ def fit_head_on_arrays(model, cfg: TrainConfig, arrays, num_classes: int, checkp
     """Phase 1 on cached pooled features (all views every epoch: they are cheap)."""
     x_tr, y_tr, x_va, y_va = arrays
     head = registry.head_of(model)
-    tr = (tf.data.Dataset.from_tensor_slices((x_tr.astype(np.float32), tf.one_hot(y_tr, num_classes)))
+    tr = (tf.data.Dataset.from_tensor_slices((x_tr.astype(np.float32, copy=False), tf.one_hot(y_tr, num_classes)))
           .shuffle(len(x_tr), seed=cfg.seed).batch(cfg.head_batch_size).prefetch(2))
-    va = tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32), tf.one_hot(y_va, num_classes))).batch(256)
+    va = (tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32, copy=False), tf.one_hot(y_va, num_classes)))
+          .batch(256))
     compile_for_phase(head, cfg, PHASE_HEAD, math.ceil(len(x_tr) / cfg.head_batch_size))
     cbs = phase_callbacks(cfg, PHASE_HEAD, checkpoint_dir, history) + list(callbacks)
     return run_phase(head, cfg, PHASE_HEAD, tr, va, cbs)
@@ -399,7 +401,7 @@ def uses_cached_finetune(cfg: TrainConfig) -> bool:
 def train_on_cached_activations(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
                                 history: dict, callbacks: Sequence = ()) -> dict:
     """Both phases from ONE cache of the frozen prefix's activations (cfg.head_feature_views
-    augmented views per image): the head on pooled features of those views (through the frozen
+    views per image, of cfg.head_view_kind): the head on pooled features of those views (through the frozen
     suffix), then suffix + head fine-tuned on the same activations. Returns phase timings."""
     from core.backbone_split import split_backbone
 
