@@ -13,7 +13,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from core.errors import ConfigError
 
@@ -163,8 +163,11 @@ def create_model(
     dropout: float = 0.3,
     grayscale: bool = False,
     equalize: bool = False,
+    name_suffix: str = "",
 ):
-    """Build preprocessing -> backbone -> head; input float32 RGB [0,255], output probs."""
+    """Build preprocessing -> backbone -> head; input float32 RGB [0,255], output probs.
+
+    `name_suffix` tells apart twins of one model nested in a graph (see with_tta)."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tf_keras as keras
 
@@ -186,19 +189,29 @@ def create_model(
     backbone = spec.builder((size, size, 3), resolve_weights(spec, weights))
     head = build_head(spec.feature_dim, num_classes, dense_units, dropout)
     out = head(backbone(x))
-    return keras.Model(inp, out, name=f"breedlabel_{name}")
+    return keras.Model(inp, out, name=f"breedlabel_{name}{name_suffix}")
 
 
-def with_flip_tta(model):
-    """Average the probabilities of the image and its mirror, as ONE graph for export."""
+def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = ()):
+    """ONE graph for export that averages the probabilities of the image (through `model`), the
+    image resized to each other size (through that size's twin: `resized` = [(size, twin)]) and,
+    with `flip`, the mirror image of each. Bilinear resize, the op both TensorFlow and OpenVINO run."""
     import tf_keras as keras
 
     from core.preprocess import FlipLeftRight
 
+    if not flip and not resized:
+        return model
     inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
-    flipped = FlipLeftRight(name="flip_tta")(inp)
-    out = keras.layers.Average(name="tta_mean", dtype="float32")([model(inp), model(flipped)])
-    return keras.Model(inp, out, name=f"{model.name}_flip_tta")
+    views = [(inp, model)] + [(keras.layers.Resizing(size, size, name=f"tta_resize_{size}")(inp), twin)
+                              for size, twin in resized]
+    probs = []
+    for i, (x, net) in enumerate(views):
+        probs.append(net(x))
+        if flip:
+            probs.append(net(FlipLeftRight(name=f"flip_tta_{i}")(x)))
+    out = keras.layers.Average(name="tta_mean", dtype="float32")(probs)
+    return keras.Model(inp, out, name=f"{model.name}_tta")
 
 
 def backbone_of(model):

@@ -72,6 +72,17 @@ def input_size_of(cfg: TrainConfig) -> int:
     return int(cfg.input_size or registry.get_spec(cfg.backbone).input_size)
 
 
+def tta_sizes_of(cfg: TrainConfig) -> list[int]:
+    """The other input sizes the model also sees each photo at (cfg.tta_sizes but the input size)."""
+    return [int(s) for s in cfg.tta_sizes if int(s) != input_size_of(cfg)]
+
+
+def resize_view(images: tf.Tensor, size: int) -> tf.Tensor:
+    """The photo(s) at `size` px by the op the exported graph runs (keras Resizing: bilinear, no
+    antialias, which OpenVINO converts), so the head trains on what inference computes."""
+    return tf.image.resize(images, (size, size), method="bilinear")
+
+
 # ---------------------------------------------------------------- data
 @contextlib.contextmanager
 def named_input_errors():
@@ -137,10 +148,19 @@ def steps_per_epoch(cfg: TrainConfig, num_train: int, global_batch: int | None =
 
 
 # ---------------------------------------------------------------- model + phases
-def build_model(cfg: TrainConfig, num_classes: int):
+def build_model(cfg: TrainConfig, num_classes: int, name_suffix: str = ""):
     return registry.create_model(
         cfg.backbone, num_classes, weights=cfg.weights, input_size=cfg.input_size,
-        dense_units=cfg.dense_units, dropout=cfg.dropout, grayscale=cfg.grayscale, equalize=cfg.equalize)
+        dense_units=cfg.dense_units, dropout=cfg.dropout, grayscale=cfg.grayscale, equalize=cfg.equalize,
+        name_suffix=name_suffix)
+
+
+def model_at_size(model, cfg: TrainConfig, num_classes: int, size: int):
+    """A twin of `model` with the same weights whose input is `size` px: every backbone here is
+    fully convolutional with global pooling, so one set of weights serves any size."""
+    twin = build_model(cfg.replace(input_size=size, weights=None, tta_sizes=()), num_classes, f"_{size}px")
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def set_trainable(model, cfg: TrainConfig, phase: str, top: int | None = None) -> int:
@@ -274,11 +294,13 @@ def feature_extractor(model, backbone_part=None):
     return keras.Model(inp, x, name="features")
 
 
-def cache_features(cfg: TrainConfig, extractor, folder, views: int) -> tuple[np.ndarray, np.ndarray]:
+def cache_features(cfg: TrainConfig, extractor, folder, views: int,
+                   view_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """float16 outputs of `extractor` on `views` passes over `folder` (0 = one plain pass),
     view-major: row v * len(folder) + i is view v of image i. Views are augmented, or with
     head_view_kind "mirror" the photo (even v) and its mirror image (odd v): the distribution
-    a flip-averaged bundle sees at inference."""
+    a flip-averaged bundle sees at inference. With `view_size`, each view is then resized to
+    it (the extractor must take that size), as the exported graph does for cfg.tta_sizes."""
     size = input_size_of(cfg)
     ds = _decoded(cfg, folder, size).map(lambda x, y: tf.cast(x, tf.float32))
     if views > 0 and cfg.head_view_kind == VIEWS_MIRROR:
@@ -288,6 +310,8 @@ def cache_features(cfg: TrainConfig, extractor, folder, views: int) -> tuple[np.
     elif views > 0:
         augment = aug.build_augment(cfg.augment, size)
         ds = ds.repeat(views).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    if view_size is not None and view_size != size:
+        ds = ds.map(lambda x: resize_view(x, view_size))
     total = len(folder.paths) * max(views, 1)
     out = np.empty((total, *extractor.output_shape[1:]), np.float16)
     forward = tf.function(lambda batch: extractor(batch, training=False))
@@ -317,25 +341,54 @@ def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_feature_arrays(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
-                          backbone_part=None, tag: str | None = None):
-    """(x_tr, y_tr, x_va, y_va) float16 features (pooled, or `backbone_part`'s activations),
-    computed once and kept as .npz (no pickle) in checkpoint_dir, so a rerun with other
-    head or fine-tune settings skips the backbone passes."""
-    name = f"features-{_feature_cache_key(cfg, train, val, tag)}.npz"
-    path = Path(checkpoint_dir) / name if checkpoint_dir else None
+def _cached_npz(checkpoint_dir: str | None, key: str, compute) -> dict[str, np.ndarray]:
+    """`compute()`'s arrays, kept as features-<key>.npz (no pickle) in checkpoint_dir, so a rerun
+    with other head or fine-tune settings skips the backbone passes."""
+    path = Path(checkpoint_dir) / f"features-{key}.npz" if checkpoint_dir else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
             log.info("reusing cached features %s", path)
-            return z["x_tr"], z["y_tr"], z["x_va"], z["y_va"]
-    extractor = feature_extractor(model, backbone_part)
-    x_tr, y_tr = cache_features(cfg, extractor, train, cfg.head_feature_views)
-    x_va, y_va = cache_features(cfg, extractor, val, 0)
+            return {k: z[k] for k in z.files}
+    arrays = compute()
     if path is not None:
         tmp = path.with_name(path.name + ".partial.npz")
-        np.savez(tmp, x_tr=x_tr, y_tr=y_tr, x_va=x_va, y_va=y_va)
+        np.savez(tmp, **arrays)
         tmp.replace(path)
-    return x_tr, y_tr, x_va, y_va
+    return arrays
+
+
+def cached_feature_arrays(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
+                          backbone_part=None, tag: str | None = None):
+    """(x_tr, y_tr, x_va, y_va) float16 features (pooled, or `backbone_part`'s activations) of the
+    training views and the plain validation photos, computed once (see _cached_npz)."""
+    def compute() -> dict[str, np.ndarray]:
+        extractor = feature_extractor(model, backbone_part)
+        x_tr, y_tr = cache_features(cfg, extractor, train, cfg.head_feature_views)
+        x_va, y_va = cache_features(cfg, extractor, val, 0)
+        return {"x_tr": x_tr, "y_tr": y_tr, "x_va": x_va, "y_va": y_va}
+
+    z = _cached_npz(checkpoint_dir, _feature_cache_key(cfg, train, val, tag), compute)
+    return z["x_tr"], z["y_tr"], z["x_va"], z["y_va"]
+
+
+def with_size_views(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
+                    x_tr: np.ndarray, y_tr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled training features `x_tr` plus those of the same views at each of cfg.tta_sizes
+    (through that size's twin), so the head learns every view the exported graph averages."""
+    sizes = tta_sizes_of(cfg)
+    if not sizes:
+        return x_tr, y_tr
+    xs, ys = [x_tr.astype(np.float16, copy=False)], [y_tr]
+    for size in sizes:
+        def compute(size: int = size) -> dict[str, np.ndarray]:
+            twin = model_at_size(model, cfg, len(train.classes), size)
+            x, y = cache_features(cfg, feature_extractor(twin), train, cfg.head_feature_views, view_size=size)
+            return {"x_tr": x, "y_tr": y}
+
+        z = _cached_npz(checkpoint_dir, _feature_cache_key(cfg, train, val, f"size:{size}"), compute)
+        xs.append(z["x_tr"])
+        ys.append(z["y_tr"])
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 class ArrayBatches(keras.utils.Sequence):
@@ -389,8 +442,10 @@ def fit_head_on_arrays(model, cfg: TrainConfig, arrays, num_classes: int, checkp
 def train_head_on_features(model, cfg: TrainConfig, train, val, checkpoint_dir: str | None,
                            history: dict, callbacks: Sequence = ()) -> dict:
     """Phase 1 on cached features: ~views x one forward pass instead of one per epoch."""
-    arrays = cached_feature_arrays(model, cfg, train, val, checkpoint_dir)
-    return fit_head_on_arrays(model, cfg, arrays, len(train.classes), checkpoint_dir, history, callbacks)
+    x_tr, y_tr, x_va, y_va = cached_feature_arrays(model, cfg, train, val, checkpoint_dir)
+    x_tr, y_tr = with_size_views(model, cfg, train, val, checkpoint_dir, x_tr, y_tr)
+    return fit_head_on_arrays(model, cfg, (x_tr, y_tr, x_va, y_va), len(train.classes), checkpoint_dir, history,
+                              callbacks)
 
 
 def uses_cached_finetune(cfg: TrainConfig) -> bool:
@@ -412,12 +467,13 @@ def train_on_cached_activations(model, cfg: TrainConfig, train, val, checkpoint_
     t0 = time.time()
     x_tr, y_tr, x_va, y_va = cached_feature_arrays(model, cfg, train, val, checkpoint_dir,
                                                    backbone_part=split.prefix, tag=f"cut:{split.cut_layer}")
+    pooled = [split.suffix.predict(ArrayBatches(x, y, 256, n), verbose=0) for x, y in ((x_tr, y_tr), (x_va, y_va))]
+    head_x, head_y = with_size_views(model, cfg, train, val, checkpoint_dir, pooled[0], y_tr)
     timings["feature_cache_s"] = round(time.time() - t0, 1)
 
     t0 = time.time()
     set_trainable(model, cfg, PHASE_HEAD)
-    pooled = [split.suffix.predict(ArrayBatches(x, y, 256, n), verbose=0) for x, y in ((x_tr, y_tr), (x_va, y_va))]
-    history[PHASE_HEAD] = fit_head_on_arrays(model, cfg, (pooled[0], y_tr, pooled[1], y_va), n, checkpoint_dir,
+    history[PHASE_HEAD] = fit_head_on_arrays(model, cfg, (head_x, head_y, pooled[1], y_va), n, checkpoint_dir,
                                              history, callbacks)
     timings[f"{PHASE_HEAD}_s"] = round(time.time() - t0, 1)
 
@@ -450,23 +506,39 @@ def metrics_from_probs(probs: np.ndarray, labels: np.ndarray, classes) -> dict:
     return {k: m[k] for k in ("top1", "top3", "per_class", "count")}
 
 
+def _resized_batch(size: int):
+    return lambda x, y: (resize_view(x, size), y)
+
+
 def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Any, dict, dict]:
-    """Metrics of the trained model; with tta_flip, also of the flip-averaged graph, which is
-    kept only if it measures better. Returns (model_to_export, metrics, extras)."""
-    labels = np.asarray(val.labels)
-    probs = predict_probs(model, val_ds)
-    plain = metrics_from_probs(probs, labels, val.classes)
-    extras: dict = {"top1_no_tta": plain["top1"], "top3_no_tta": plain["top3"]}
-    if not cfg.tta_flip:
-        return model, plain, extras
-    flipped = predict_probs(model, val_ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)))
-    tta = metrics_from_probs((probs + flipped) / 2.0, labels, val.classes)
-    extras.update(top1_flip_tta=tta["top1"], top3_flip_tta=tta["top3"])
-    if tta["top1"] > plain["top1"]:
-        extras["flip_tta"] = True
-        return registry.with_flip_tta(model), tta, extras
-    extras["flip_tta"] = False
-    return model, plain, extras
+    """Metrics of the trained model and of each test-time average the config allows (its mirror
+    with tta_flip, its twins at tta_sizes, both); the one that measures best is exported, the
+    cheapest on a tie. Returns (model_to_export, metrics, extras with every candidate's figures)."""
+    labels, n = np.asarray(val.labels), len(val.classes)
+    twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
+    probs: dict[tuple[int | None, bool], np.ndarray] = {}
+    for size, net in [(None, model), *twins.items()]:
+        ds = val_ds if size is None else val_ds.map(_resized_batch(size))
+        probs[(size, False)] = predict_probs(net, ds)
+        if cfg.tta_flip:
+            probs[(size, True)] = predict_probs(net, ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)))
+    sizes = tuple(twins)
+    candidates = [("no_tta", False, ())] + ([("flip_tta", True, ())] if cfg.tta_flip else [])
+    if sizes:
+        candidates.append(("sizes_tta", False, sizes))
+        if cfg.tta_flip:
+            candidates.append(("flip_sizes_tta", True, sizes))
+    extras: dict = {}
+    best = None
+    for name, flip, with_sizes in candidates:
+        views = [(s, f) for s in (None, *with_sizes) for f in ((False, True) if flip else (False,))]
+        m = metrics_from_probs(np.mean([probs[v] for v in views], axis=0), labels, val.classes)
+        extras.update({f"top1_{name}": m["top1"], f"top3_{name}": m["top3"]})
+        if best is None or m["top1"] > best[0]["top1"]:
+            best = (m, flip, with_sizes)
+    metrics, flip, with_sizes = best
+    extras.update(flip_tta=flip, tta_sizes=list(with_sizes))
+    return registry.with_tta(model, flip=flip, resized=[(s, twins[s]) for s in with_sizes]), metrics, extras
 
 
 # ---------------------------------------------------------------- single-process driver

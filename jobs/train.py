@@ -24,8 +24,8 @@ _OVERRIDES = {
     "lr": "head_lr", "finetune_lr": "finetune_lr", "finetune_layers": "finetune_layers",
     "feature_views": "head_feature_views", "view_kind": "head_view_kind", "dense_units": "dense_units", "dropout": "dropout",
     "label_smoothing": "label_smoothing", "patience": "early_stopping_patience",
-    "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip", "finetune_cached": "finetune_cached",
-    "max_steps_per_epoch": "max_steps_per_epoch",
+    "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip", "tta_sizes": "tta_sizes",
+    "finetune_cached": "finetune_cached", "max_steps_per_epoch": "max_steps_per_epoch",
 }
 
 
@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
                    help=f"consider flip test-time averaging in the exported graph, kept only if it measures "
                         f"better (preset: {_preset_default('tta_flip')})")
+    p.add_argument("--tta-sizes", default=None, type=int, nargs="*", metavar="PX",
+                   help=f"other input sizes the exported graph also averages over, kept only if that measures "
+                        f"better; the cached-feature head trains on views at each; no value = none "
+                        f"(preset: {' '.join(map(str, _preset_default('tta_sizes'))) or 'none'})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -80,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = {field: getattr(args, opt) for opt, field in _OVERRIDES.items() if getattr(args, opt, None) is not None}
     if isinstance(changes.get("weights"), str) and changes["weights"].lower() == "none":
         changes["weights"] = None
+    if "tta_sizes" in changes:
+        changes["tta_sizes"] = tuple(changes["tta_sizes"])
     return cfg.replace(**changes)
 
 

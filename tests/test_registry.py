@@ -67,10 +67,26 @@ def test_preprocessing_inside_and_flip_tta():
     model = registry.create_model("custom_cnn", 4, weights=None, input_size=32, grayscale=True, equalize=True)
     names = [layer.name for layer in model.layers]
     assert names[1:4] == ["equalize", "grayscale", "normalize"]
-    tta = registry.with_flip_tta(model)
+    tta = registry.with_tta(model, flip=True)
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = (model(x).numpy() + model(x[:, :, ::-1]).numpy()) / 2
     np.testing.assert_allclose(tta(x).numpy(), expected, atol=1e-5)
+    assert registry.with_tta(model) is model
+
+
+def test_size_tta_averages_twins_on_resized_images():
+    """One graph: the image through the model, and resized (bilinear) through a twin of another size."""
+    import tensorflow as tf
+
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=40)
+    twin = registry.create_model("custom_cnn", 3, weights=None, input_size=32, name_suffix="_32px")
+    twin.set_weights(model.get_weights())
+    tta = registry.with_tta(model, flip=True, resized=[(32, twin)])
+    x = np.random.default_rng(2).uniform(0, 255, (2, 40, 40, 3)).astype("float32")
+    small = tf.image.resize(x, (32, 32), method="bilinear").numpy()
+    views = [model(x), model(x[:, :, ::-1]), twin(small), twin(small[:, :, ::-1])]
+    np.testing.assert_allclose(tta(x).numpy(), np.mean([v.numpy() for v in views], axis=0), atol=1e-5)
+    assert not np.allclose(views[0].numpy(), views[2].numpy(), atol=1e-4)  # the sizes are different views
 
 
 @pytest.mark.shared_data

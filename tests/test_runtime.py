@@ -54,6 +54,26 @@ def test_openvino_matches_tensorflow(bundle, tf_runtime, options):
     assert ov_rt.predict(x[:0]).shape == (0, 4)
 
 
+def test_openvino_runs_a_size_and_flip_averaged_graph(tmp_path):
+    """registry.with_tta's bilinear resize and mirrors convert to OpenVINO and agree with TensorFlow."""
+    import tf_keras as keras
+
+    from core import registry
+    from core.bundle import export_bundle
+    from tests.fixtures.models import build_tiny_model, tiny_classes
+
+    model = build_tiny_model(4, 48)
+    small = build_tiny_model(4, 32)  # same seeded weights: fully convolutional, global pooling
+    twin = keras.Model(small.inputs, small.outputs, name="tiny_cnn_32px")
+    graph = registry.with_tta(model, flip=True, resized=[(32, twin)])
+    tta_bundle = export_bundle(graph, tiny_classes(4), str(tmp_path / "tta"), input_size=48)
+    rng = np.random.default_rng(3)  # a colour per image, so the images fall in different classes
+    x = np.clip(rng.integers(0, 256, (17, 1, 1, 3)) + rng.integers(-20, 21, (17, 48, 48, 3)), 0, 255).astype(np.uint8)
+    p_tf = load_runtime(tta_bundle, "tensorflow").predict(x)
+    assert len(set(p_tf.argmax(1))) > 1
+    _assert_parity(load_runtime(tta_bundle, "openvino").predict(x), p_tf)
+
+
 def test_converted_model_cache_is_used(bundle, tmp_path):
     first = load_runtime(bundle, "openvino")
     assert (tmp_path / "cache" / "openvino" / bundle.model_id / "model.xml").is_file()

@@ -116,3 +116,34 @@ def test_mirror_views_are_the_photo_then_its_mirror(dataset):
     np.testing.assert_allclose(x[1], extractor(photo).numpy()[0], rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(x[n + 1], extractor(photo[:, :, ::-1]).numpy()[0], rtol=1e-2, atol=1e-2)
     assert not np.allclose(x[1], x[n + 1], atol=1e-3)
+
+
+def test_size_views_are_the_views_resized_through_a_twin(dataset):
+    """With tta_sizes the head also trains on each view resized as the exported graph resizes it."""
+    cfg = smoke().replace(input_size=48, tta_sizes=(32,), head_view_kind="mirror", head_feature_views=2)
+    train, val = T.split_data(cfg, str(dataset))
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=48)
+    x, y = T.cache_features(cfg, T.feature_extractor(model), train, cfg.head_feature_views)
+    xs, ys = T.with_size_views(model, cfg, train, val, None, x, y)
+    n = len(train.paths)
+    assert xs.shape == (4 * n, 256) and list(ys) == list(train.labels) * 4
+    np.testing.assert_array_equal(xs[:2 * n], x)
+    twin = T.feature_extractor(T.model_at_size(model, cfg, 3, 32))
+    photo = T.load_image(tf.constant(train.paths[1]), 48).numpy().astype(np.float32)[None]
+    for row, view in ((2 * n + 1, photo), (3 * n + 1, photo[:, :, ::-1])):
+        want = twin(T.resize_view(view, 32)).numpy()[0]
+        np.testing.assert_allclose(xs[row], want, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(xs[1], xs[2 * n + 1], atol=1e-3)
+
+
+def test_final_metrics_weighs_every_tta_candidate_and_exports_the_best(dataset):
+    cfg = smoke().replace(input_size=48, tta_sizes=(32,), tta_flip=True, finetune_layers=0, head_epochs=2)
+    result = T.train(cfg, str(dataset))
+    e = result.extras
+    candidates = [e[f"top1_{name}"] for name in ("no_tta", "flip_tta", "sizes_tta", "flip_sizes_tta")]
+    assert result.metrics["top1"] == max(candidates)
+    layers = [layer.name for layer in result.model.layers]
+    assert ("tta_resize_32" in layers) == (e["tta_sizes"] == [32])
+    assert any(name.startswith("flip_tta") for name in layers) == e["flip_tta"]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype(np.float32)
+    assert result.model(x).numpy().shape == (2, 3)
