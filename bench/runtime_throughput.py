@@ -66,6 +66,8 @@ def main() -> None:
         "openvino sync (LATENCY, 1 infer/batch)": load_runtime(bundle, "openvino", args.threads, mode="sync"),
         "openvino async (THROUGHPUT, AsyncInferQueue)": load_runtime(bundle, "openvino", args.threads,
                                                                      mode="async"),
+        "openvino sync bf16 (opt-in; the default is f32)": load_runtime(bundle, "openvino", args.threads,
+                                                                        mode="sync", precision="bf16"),
     }
     print(f"bundle {path} ({bundle.input_size}, {bundle.num_classes} classes); load {time.perf_counter() - t0:.1f} s;"
           f" cores {os.cpu_count()}; OpenVINO precision {runtimes['openvino sync (LATENCY, 1 infer/batch)'].precision}")

@@ -113,7 +113,10 @@ def test_bad_names_and_inputs(bundle):
         load_runtime(bundle, "onnx")
     with pytest.raises(ConfigError, match="mode"):
         load_runtime(bundle, "openvino", mode="fast")
+    with pytest.raises(ConfigError, match="precision 'fp8'"):
+        load_runtime(bundle, "openvino", precision="fp8")
     rt = load_runtime(bundle, "openvino")
+    assert rt.precision == "f32"  # not bf16, even where the CPU has it: parity first
     with pytest.raises(InputError, match="uint8"):
         rt.predict(np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(InputError, match=r"\[N,32,32,3\]"):
