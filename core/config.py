@@ -168,8 +168,8 @@ def mobilenet_v2() -> TrainConfig:
     Measured with frozen features, 5-fold CV inside the 80 % training part (no validation photo
     used to choose): 224 px + flip 83.3 % top-1, 224 + 192 px + flip 84.2 % (every fold
     better); mirror views beat random-resized-crop views (the photos are crops of the dog, as
-    at inference); larger sizes (288 px) and bigger heads did not help. Inference costs 2.7
-    backbone passes of 224 px per image (1 + 0.73, twice). On a GPU, `--no-finetune-cached`
+    at inference); larger sizes (288 px) and bigger heads did not help. Inference costs 3.5
+    backbone passes of 224 px per image ((1 + 0.73) x 2). On a GPU, `--no-finetune-cached`
     fine-tunes with on-the-fly augmentation."""
     return TrainConfig(
         backbone="mobilenet_v2", input_size=224, dropout=0.3, batch_size=32,

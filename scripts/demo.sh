@@ -15,7 +15,7 @@ mkdir -p "$DEMO"
 if [ -d "$SHARED/data/stanford_dogs_train" ] && [ -f "$WEIGHTS" ]; then
   DATA="$SHARED/data/stanford_dogs_train"
   PHOTOS="$SHARED/data/sample_bucket"
-  TRAIN=(--preset mobilenet_v2 --weights "$WEIGHTS" --feature-views 1 --epochs 8 --finetune-layers 0 --no-tta-flip)
+  TRAIN=(--preset mobilenet_v2 --weights "$WEIGHTS" --feature-views 1 --epochs 8 --finetune-layers 0 --no-tta-flip --tta-sizes)
 else
   echo "demo: $SHARED/data is absent, using a synthetic 4-breed data set and a tiny CNN"
   DATA="$DEMO/synthetic"
@@ -28,7 +28,7 @@ echo "== 1/4 train -> $DEMO/bundle"
 "$BIN/breedlabel" train --data "$DATA" --out "$DEMO/bundle" "${TRAIN[@]}"
 
 echo "== 2/4 predict one photo"
-PHOTO=$(find "$PHOTOS" -type f | sort | head -n 1)
+PHOTO=$(find "$PHOTOS" -type f | sort | sed -n 1p)  # sed reads to the end: no SIGPIPE under pipefail
 "$BIN/breedlabel" predict "$PHOTO" --model "$DEMO/bundle"
 
 echo "== 3/4 label $PHOTOS -> $DEMO/labels (Ray Data, local Ray)"
