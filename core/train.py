@@ -512,8 +512,8 @@ def _resized_batch(size: int):
 
 def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Any, dict, dict]:
     """Metrics of the trained model and of each test-time average the config allows (its mirror
-    with tta_flip, its twins at tta_sizes, both); the one that measures best is exported, the
-    cheapest on a tie. Returns (model_to_export, metrics, extras with every candidate's figures)."""
+    with tta_flip, its twins at tta_sizes, both); the one that measures best is exported, on a
+    tie the first of: none, mirror, sizes, both. Returns (model_to_export, metrics, extras with every candidate's figures)."""
     labels, n = np.asarray(val.labels), len(val.classes)
     twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
     probs: dict[tuple[int | None, bool], np.ndarray] = {}
