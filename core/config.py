@@ -87,6 +87,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke runs
 
     def __post_init__(self) -> None:
+        # JSON, YAML and argparse give lists: one place makes them the tuple the field is
+        object.__setattr__(self, "tta_sizes", tuple(int(t) for t in self.tta_sizes))
         _check(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.head_epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0")
@@ -99,7 +101,7 @@ class TrainConfig:
         _check(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
         _check(self.head_view_kind in VIEW_KINDS, f"head_view_kind must be one of {', '.join(VIEW_KINDS)}")
         _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
-        _check(all(int(t) >= 32 for t in self.tta_sizes) and len(set(self.tta_sizes)) == len(self.tta_sizes)
+        _check(all(t >= 32 for t in self.tta_sizes) and len(set(self.tta_sizes)) == len(self.tta_sizes)
                and self.input_size not in self.tta_sizes,
                f"tta_sizes must be distinct sizes >= 32 px other than input_size, got {list(self.tta_sizes)}")
 
@@ -121,8 +123,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = _floats(cls, dict(data))
-        if isinstance(data.get("tta_sizes"), list):  # JSON/YAML have no tuples
-            data["tta_sizes"] = tuple(data["tta_sizes"])
         aug = data.pop("augment", {}) or {}
         aug = _floats(AugmentConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
         return cls(**data, augment=AugmentConfig(**aug))

@@ -74,7 +74,7 @@ def input_size_of(cfg: TrainConfig) -> int:
 
 def tta_sizes_of(cfg: TrainConfig) -> list[int]:
     """The other input sizes the model also sees each photo at (cfg.tta_sizes but the input size)."""
-    return [int(s) for s in cfg.tta_sizes if int(s) != input_size_of(cfg)]
+    return [s for s in cfg.tta_sizes if s != input_size_of(cfg)]
 
 
 def resize_view(images: tf.Tensor, size: int) -> tf.Tensor:

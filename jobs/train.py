@@ -84,8 +84,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changes = {field: getattr(args, opt) for opt, field in _OVERRIDES.items() if getattr(args, opt, None) is not None}
     if isinstance(changes.get("weights"), str) and changes["weights"].lower() == "none":
         changes["weights"] = None
-    if "tta_sizes" in changes:
-        changes["tta_sizes"] = tuple(changes["tta_sizes"])
     return cfg.replace(**changes)
 
 

@@ -49,3 +49,10 @@ def test_from_dict_reads_yaml_style_exponent_floats():
     assert cfg.weight_decay == 1e-5 and isinstance(cfg.weight_decay, float)
     with pytest.raises(ConfigError, match="weight_decay must be a number"):
         TrainConfig.from_dict({**data, "weight_decay": "tiny"})
+
+
+def test_tta_sizes_from_lists_become_the_tuple_field():
+    """JSON/YAML config files and argparse give lists; the config holds (and compares as) a tuple."""
+    cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), "tta_sizes": [192]})
+    assert cfg.tta_sizes == (192,) and cfg == TrainConfig(tta_sizes=(192,))
+    assert TrainConfig().replace(tta_sizes=[160, 192]).tta_sizes == (160, 192)
