@@ -14,7 +14,7 @@ conversion, alpha handling and the resize policy must be identical everywhere.
 - Truncated files are errors, never half-grey images.
 
 `size` is always (height, width). Errors are `ImageDecodeError(reason)` with `reason` one of the
-REASON_* constants below (the text that goes into a label row's `error` column).
+REASON_* constants of core.reasons (the text that goes into a label row's `error` column).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 from core.errors import ConfigError, ImageDecodeError
+from core.reasons import (REASON_CORRUPT, REASON_EMPTY, REASON_NOT_IMAGE, REASON_TOO_MANY_PIXELS, REASON_TRUNCATED,
+                          REASON_UNSUPPORTED)
 
 try:  # optional accelerator; PIL alone decodes everything
     import simplejpeg
@@ -43,12 +45,6 @@ RESIZE_POLICIES = (RESIZE_CROP, SQUASH)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 
-REASON_EMPTY = "empty file"
-REASON_NOT_IMAGE = "not an image"
-REASON_UNSUPPORTED = "unsupported format"
-REASON_TRUNCATED = "truncated image"
-REASON_CORRUPT = "corrupt image"
-REASON_TOO_MANY_PIXELS = "too many pixels"
 
 _RESAMPLE = Image.Resampling.BILINEAR
 # EXIF orientation -> PIL transpose (same table as PIL.ImageOps.exif_transpose).

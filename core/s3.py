@@ -16,6 +16,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from core.errors import StorageError
+from core.reasons import REASON_NOT_FOUND
 
 READ_BUFFER_BYTES = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
 TAIL_BYTES = 1 << 20  # cached end of a remote seekable file: a zip's end record + central directory
@@ -26,7 +27,7 @@ _DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotM
 class ObjectNotFoundError(StorageError):
     """A file or object (local or S3) that does not exist, or vanished between listing and reading."""
 
-    reason = "not found"
+    reason = REASON_NOT_FOUND
 
     def __init__(self, uri: str):
         self.uri = uri
