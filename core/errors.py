@@ -10,6 +10,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ERROR_BUDGET = 3
+# sysexits' EX_TEMPFAIL, "try again later": another run holds the output's lease (core.lease),
+# so a scheduler can tell "skipped" from "failed".
+EXIT_LEASE_HELD = 75
 
 
 class BreedlabelError(Exception):

@@ -1,6 +1,7 @@
 """The output lease: one run at a time per output, expiry take-over, release; local and S3 (moto_server)."""
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import subprocess
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import lease as leases
-from cluster.lease import EXIT_LEASE_HELD, LeaseHeldError, LeaseLostError
+from core import lease as leases
+from core.errors import EXIT_LEASE_HELD
+from core.lease import LeaseHeldError, LeaseLostError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +25,7 @@ def _contend(output: str, run_id: str, barrier, results) -> None:
         results.put(run_id)
     except LeaseHeldError:
         results.put(None)
+    barrier.wait()  # the winner stays alive until all have tried: a dead holder's lease is free
 
 
 def test_local_concurrent_contenders_exactly_one_wins(tmp_path):
@@ -104,26 +107,31 @@ def test_held_renews_while_running(tmp_path):
     assert leases.read_lease(out) is None
 
 
-def _locked(out: str, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.locked", "--output", out, "--ttl", "60", "--", *command],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+def _held_by_a_process_that_dies(out: str) -> None:
+    """A lease taken by another process, which is then SIGKILLed (as a killed label run is)."""
+    code = f"from core import lease; lease.acquire({out!r}, 'killed-run', ttl_s=600); print('held', flush=True)"
+    proc = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(600)"], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    proc.kill()
+    proc.wait()
 
 
-def test_locked_entrypoint_runs_holds_and_releases(tmp_path):
-    out = tmp_path / "out"
-    probe = f"import os,sys; sys.exit(7 if os.path.exists({str(out / leases.LEASE_FILE)!r}) else 1)"
-    proc = _locked(str(out), sys.executable, "-c", probe)
-    assert proc.returncode == 7, proc.stderr  # the child's exit code, and the lease was there
-    assert leases.read_lease(str(out)) is None
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(output_uri):
+    """SIGKILL leaves the lease behind: a run on the same host sees its process is gone and takes
+    over without waiting for the expiry (10 minutes by default)."""
+    _held_by_a_process_that_dies(output_uri)
+    held = leases.read_lease(output_uri)
+    assert held.run_id == "killed-run" and not held.expired(time.time()) and leases.holder_gone(held)
+    leases.acquire(output_uri, "next-run", ttl_s=60).release()
 
 
-def test_locked_entrypoint_skips_when_held(tmp_path):
-    out = str(tmp_path / "out")
-    holder = leases.acquire(out, "scheduled-0900", ttl_s=300)
-    marker = tmp_path / "ran"
-    proc = _locked(out, sys.executable, "-c", f"open({str(marker)!r}, 'w')")
-    assert proc.returncode == EXIT_LEASE_HELD
-    assert "skipped" in proc.stderr and "scheduled-0900" in proc.stderr
-    assert not marker.exists()
-    holder.release()
+def test_a_holder_elsewhere_or_alive_is_waited_for(tmp_path):
+    now = time.time()
+    elsewhere = leases.LeaseInfo("u@other:1", "r", now, now + 60, host="other-host", pid=1, pid_started=1.0)
+    assert not leases.holder_gone(elsewhere) and leases.is_live(elsewhere, now)  # only expiry tells there
+    me = leases.acquire(str(tmp_path), "mine", ttl_s=60)
+    assert not leases.holder_gone(me.info) and leases.is_live(me.info, time.time())
+    reused = dataclasses.replace(me.info, pid_started=me.info.pid_started - 3600)  # same pid, another process
+    assert leases.holder_gone(reused)
+    me.release()
