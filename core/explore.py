@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from core import schema
 from core.errors import BreedlabelError
+from core.output import Output
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,8 @@ class Runs:
 
 def open_runs(uri: str) -> Runs:
     """Read the manifests and rows of every finished run under a label output URI."""
-    from core.output import Output
-
     output = Output(uri.strip())
-    manifests = output.finished_runs()
-    table = output.read_finished(columns=list(COLUMNS))
-    if table.num_rows and pa.types.is_dictionary(table.schema.field(schema.RUN_ID).type):
-        table = table.set_column(table.schema.get_field_index(schema.RUN_ID), schema.RUN_ID,
-                                 pc.cast(table.column(schema.RUN_ID), pa.string()))
-    return Runs(uri, manifests, table)
+    return Runs(uri, output.finished_runs(), output.read_finished(columns=list(COLUMNS)))
 
 
 def manifest_rows(runs: Runs) -> list[list[Any]]:

@@ -2,29 +2,37 @@
 
 Layout under the output URI (local path or s3://):
 
+    _lease.json                                  who is writing now (core.lease)
     _staging/run_id=<id>/_run.json               what the run is (inputs, model_id): for resume
-    _staging/run_id=<id>/part-<aa>-<nnnnnn>.parquet   parts while the run works
-    _staging/run_id=<id>/_commit.json            the manifest, once every part is staged
+    _staging/run_id=<id>/part-<aa>-<nnnnnn>.parquet   parts, staged while the run works
+    _staging/run_id=<id>/_manifest.json          the commit record: once every part is staged
     run_id=<id>/part-….parquet                   published parts
-    run_id=<id>/_manifest.json                   the run manifest, written LAST
+    run_id=<id>/_manifest.json                   the run manifest
 
-Why: pyarrow, pandas and Spark skip `_`-prefixed paths, so reading the folder as a dataset
-never shows a run that did not finish; part names are deterministic (attempt + sequence), so
-a retried write replaces its own file instead of adding a duplicate; a crashed run leaves its
-staged parts, and a rerun with the same inputs and model resumes from them. Publishing is one
-directory rename locally (atomic); on S3 it is copy + delete per part, and `_commit.json`
-lets the next run roll an interrupted publish forward. Readers that must be exact on S3 use
-`finished_runs` (or join on the manifests, see README).
+Why: pyarrow, pandas, DuckDB's globs over `run_id=*` and Spark skip `_`-prefixed paths, so
+reading the folder never shows an unfinished run; part names are deterministic (attempt +
+sequence), so a retried write replaces its own file instead of adding a duplicate; a crashed
+run leaves its staged parts and a rerun resumes from them.
+
+Commit = write the staged `_manifest.json` (the decision), then publish:
+- local: one rename of the whole staging directory, manifest inside: a run's rows and its
+  manifest appear together, atomically.
+- S3 (no multi-object atomicity): copy the parts, then the manifest, then delete the staging
+  prefix. A reader listing the prefix during those seconds may see some of the run's parts;
+  a kill there is rolled forward by the next run (`recover`), which publishes the same files.
+Every step is idempotent, so a kill at any point and a rerun never duplicate a row.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
+import logging
 import posixpath
 import secrets
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +41,10 @@ import pyarrow.parquet as pq
 
 from core import schema
 from core.errors import StorageError
+from core.storage import get_filesystem
 
 STAGING_DIR = "_staging"
 RUN_FILE = "_run.json"
-COMMIT_FILE = "_commit.json"
 MANIFEST_FILE = "_manifest.json"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
@@ -66,7 +74,10 @@ M_EXIT_CODE = "exit_code"
 M_FILES = "output_files"       # relative to the output URI
 M_ATTEMPTS = "attempts"
 M_CONFIG = "config"
+M_RUNTIMES = "runtimes"         # what the actors really ran: {"openvino/f32": rows, ...}
 STATUS_COMPLETE = "complete"
+
+log = logging.getLogger(__name__)
 
 
 def new_run_id() -> str:
@@ -105,13 +116,12 @@ def in_key_set(keys: np.ndarray, value: int) -> bool:
 
 
 class Output:
-    """One output URI: staging, publishing, manifests, and reading finished runs."""
+    """One output URI: staging, commit/publish, recovery, and reading finished runs."""
 
     def __init__(self, uri: str):
-        from core.storage import get_filesystem
-
         self.uri = uri.rstrip("/") if uri != "/" else uri
         self.fs, self.root = get_filesystem(self.uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- paths
     def path(self, *parts: str) -> str:
@@ -140,21 +150,24 @@ class Output:
     def _write_atomic(self, path: str, write) -> None:
         """Local: temp file + rename (a reader never sees half a file). S3: PUT is atomic."""
         parent = posixpath.dirname(path)
-        self.fs.create_dir(parent, recursive=True)
-        local = isinstance(self.fs, pafs.LocalFileSystem)
-        target = posixpath.join(parent, f".{posixpath.basename(path)}.tmp") if local else path
+        target = posixpath.join(parent, f".{posixpath.basename(path)}.tmp") if self.local else path
         try:
+            self.fs.create_dir(parent, recursive=True)
             with self.fs.open_output_stream(target) as f:
                 write(f)
-            if local:
+            if self.local:
                 self.fs.move(target, path)
         except OSError as exc:
             raise StorageError(f"{self.uri}: cannot write {path}: {exc}; check the output URI and permissions") from exc
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     # -- parts
     def write_part(self, run_id: str, name: str, table: pa.Table) -> str:
         """Write one staged part; the same name again replaces it (a retried write, no duplicate)."""
         path = self.staging(run_id, name)
+        table = table.select(schema.FILE_SCHEMA.names).cast(schema.FILE_SCHEMA)
         self._write_atomic(path, lambda f: pq.write_table(table, f, compression=PARQUET_COMPRESSION))
         return path
 
@@ -168,76 +181,67 @@ class Output:
         return sorted(i.path for i in self._ls(self.staging(run_id)) if _is_part(i))
 
     def staged_runs(self) -> list[str]:
-        prefix = f"{schema.PARTITION_KEY}="
-        return sorted(posixpath.basename(i.path)[len(prefix):] for i in self._ls(self.path(STAGING_DIR))
-                      if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith(prefix))
+        return _run_ids(self._ls(self.path(STAGING_DIR)))
+
+    def published_runs(self) -> list[str]:
+        return _run_ids(self._ls(self.root))
 
     # -- commit
-    def commit(self, run_id: str, manifest: dict) -> None:
-        """Publish every staged part of `run_id`, then write its manifest (last)."""
+    def commit(self, run_id: str, manifest: dict) -> dict:
+        """Record the decision (the staged manifest), then publish; returns the manifest written."""
         parts = self.staged_parts(run_id)
         manifest = {**manifest, M_FILES: [posixpath.join(run_dir(run_id), posixpath.basename(p)) for p in parts]}
-        self.write_json(self.staging(run_id, COMMIT_FILE), manifest)
+        self.write_json(self.staging(run_id, MANIFEST_FILE), manifest)
         self._publish(run_id)
+        return manifest
 
     def _publish(self, run_id: str) -> None:
+        """Idempotent: from a staged manifest to a published run, whatever was done before a kill."""
         src, dst = self.staging(run_id), self.published(run_id)
-        commit = self.read_json(posixpath.join(src, COMMIT_FILE))
-        if commit is None:  # already moved (local rename) or never committed
-            commit = self.read_json(posixpath.join(dst, COMMIT_FILE))
-        if commit is None:
-            raise StorageError(f"{self.uri}: run {run_id} has no {COMMIT_FILE}; it cannot be published")
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            if self.fs.get_file_info(src).type == pafs.FileType.Directory:
-                self.fs.create_dir(self.root, recursive=True)
-                self.fs.move(src, dst)  # one atomic directory rename
-        else:
-            for info in self._ls(src):
-                if info.type == pafs.FileType.File:
-                    self.fs.copy_file(info.path, posixpath.join(dst, posixpath.basename(info.path)))
-        self.write_json(self.published(run_id, MANIFEST_FILE), commit)
-        if not isinstance(self.fs, pafs.LocalFileSystem):
-            self.fs.delete_dir(src)
+        if self.local:
+            if self.exists(posixpath.join(dst, MANIFEST_FILE)):  # published already: staging is debris
+                log.warning("%s: run %s was already published; removing its leftover staging", self.uri, run_id)
+                self.fs.delete_dir(src)
+                return
+            self.fs.create_dir(self.root, recursive=True)
+            self.fs.move(src, dst)  # one atomic rename: parts and manifest appear together
+            return
+        manifest = self.read_json(posixpath.join(src, MANIFEST_FILE))
+        if manifest is None:
+            raise StorageError(f"{self.uri}: run {run_id} has no staged {MANIFEST_FILE}; it cannot be published")
+        for rel in manifest.get(M_FILES, []):
+            self.fs.copy_file(posixpath.join(src, posixpath.basename(rel)), self.path(rel))
+        self.write_json(self.published(run_id, MANIFEST_FILE), manifest)
+        self.fs.delete_dir(src)
 
     def recover(self) -> list[str]:
-        """Roll forward publishes that a crash interrupted after commit; returns their run ids."""
-        done: list[str] = []
+        """Roll forward every publish that a kill interrupted after its commit; returns their run ids."""
+        done = []
         for run_id in self.staged_runs():
-            if self.read_json(self.staging(run_id, COMMIT_FILE)) is not None:
+            if self.exists(self.staging(run_id, MANIFEST_FILE)):
                 self._publish(run_id)
                 done.append(run_id)
-        for info in self._ls(self.root):
-            name = posixpath.basename(info.path)
-            if info.type == pafs.FileType.Directory and name.startswith(f"{schema.PARTITION_KEY}="):
-                if self.fs.get_file_info(posixpath.join(info.path, MANIFEST_FILE)).type == pafs.FileType.NotFound \
-                        and self.fs.get_file_info(posixpath.join(info.path, COMMIT_FILE)).type == pafs.FileType.File:
-                    run_id = name.split("=", 1)[1]
-                    self._publish(run_id)
-                    done.append(run_id)
         return done
+
+    def discard_staged(self, run_id: str) -> None:
+        self.fs.delete_dir(self.staging(run_id))
 
     # -- finished runs
     def finished_runs(self) -> list[dict]:
         """Manifests of the runs that finished, oldest first."""
         out = []
-        for info in self._ls(self.root):
-            name = posixpath.basename(info.path)
-            if info.type == pafs.FileType.Directory and name.startswith(f"{schema.PARTITION_KEY}="):
-                manifest = self.read_json(posixpath.join(info.path, MANIFEST_FILE))
-                if manifest is not None and manifest.get(M_STATUS) == STATUS_COMPLETE:
-                    out.append(manifest)
+        for run_id in self.published_runs():
+            manifest = self.read_json(self.published(run_id, MANIFEST_FILE))
+            if manifest is not None and manifest.get(M_STATUS) == STATUS_COMPLETE:
+                out.append(manifest)
         return sorted(out, key=lambda m: m[M_RUN_ID])
 
     def read_finished(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows of finished runs only, exactly the files their manifests list."""
-        files = [self.path(f) for m in self.finished_runs() for f in m.get(M_FILES, [])]
-        return self._read_files(files, columns)
-
-    def _read_files(self, files: Sequence[str], columns: Sequence[str] | None) -> pa.Table:
-        tables = [pq.read_table(f, filesystem=self.fs, columns=list(columns) if columns else None)
-                  for f in files]
+        """Rows of finished runs only (LABEL_SCHEMA, `run_id` included), exactly the files their manifests list."""
+        names = list(columns) if columns else schema.LABEL_SCHEMA.names
+        tables = [schema.with_run_id(pq.read_table(self.path(f), filesystem=self.fs), m[M_RUN_ID]).select(names)
+                  for m in self.finished_runs() for f in m.get(M_FILES, [])]
         if not tables:
-            names = list(columns) if columns else schema.LABEL_SCHEMA.names
             return pa.schema([schema.LABEL_SCHEMA.field(c) for c in names]).empty_table()
         return pa.concat_tables(tables, promote_options="default")
 
@@ -250,11 +254,31 @@ class Output:
                 if model_id is None or mid == model_id:
                     yield key_hash(uri, member, sha, mid)
 
+    def finished_files(self, model_id: str) -> list[str]:
+        return [self.path(f) for m in self.finished_runs() if m.get(M_MODEL_ID) == model_id
+                for f in m.get(M_FILES, [])]
+
     def done_keys(self, model_id: str, extra_files: Sequence[str] = ()) -> np.ndarray:
         """Sorted uint64 key-set of rows already labelled with `model_id` in finished runs (+ extra)."""
-        files = [self.path(f) for m in self.finished_runs() if m.get(M_MODEL_ID) == model_id
-                 for f in m.get(M_FILES, [])]
-        return key_set(self.iter_keys([*files, *extra_files], model_id))
+        return key_set(self.iter_keys([*self.finished_files(model_id), *extra_files], model_id))
+
+    def drop_rows_in(self, part: str, keys: np.ndarray) -> int:
+        """Rewrite a staged part without the rows whose key is in `keys`; returns how many went.
+
+        For a resumed run whose staged rows a run finished since (while it was dead) already
+        published: without this, its commit would publish a second row for those keys.
+        """
+        table = pq.read_table(part, filesystem=self.fs)
+        cols = [table.column(c).to_pylist() for c in schema.KEY_COLUMNS]
+        keep = np.array([not in_key_set(keys, key_hash(*row)) for row in zip(*cols)], dtype=bool)
+        if keep.all():
+            return 0
+        if keep.any():
+            self._write_atomic(part, lambda f: pq.write_table(table.filter(pa.array(keep)), f,
+                                                               compression=PARQUET_COMPRESSION))
+        else:
+            self.fs.delete_file(part)
+        return int((~keep).sum())
 
 
 def _is_part(info: pafs.FileInfo) -> bool:
@@ -262,29 +286,46 @@ def _is_part(info: pafs.FileInfo) -> bool:
     return info.type == pafs.FileType.File and name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)
 
 
+def _run_ids(infos: Iterable[pafs.FileInfo]) -> list[str]:
+    prefix = f"{schema.PARTITION_KEY}="
+    return sorted(posixpath.basename(i.path)[len(prefix):] for i in infos
+                  if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith(prefix))
+
+
 @dataclass
 class PartWriter:
-    """Buffers label tables and writes a staged part every `rows_per_file` rows."""
+    """Buffers label rows and stages a part every `rows_per_file` rows or `every_s` seconds.
+
+    Why both: parts of `rows_per_file` rows keep the file count sane for readers, and the time
+    bound is what a kill can lose (a 10-hour run loses at most the last `every_s` seconds).
+    """
 
     output: Output
     run_id: str
     attempt: int
     rows_per_file: int
+    every_s: float = 30.0
+    clock: Callable[[], float] = time.monotonic
     files: list[str] = field(default_factory=list)
     rows: int = 0
     _buffer: list[pa.Table] = field(default_factory=list)
     _buffered: int = 0
+    _last: float | None = None
 
     def add(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self._buffer.append(table)
-        self._buffered += table.num_rows
+        if self._last is None:
+            self._last = self.clock()
+        if table.num_rows:
+            self._buffer.append(table)
+            self._buffered += table.num_rows
         if self._buffered >= self.rows_per_file:
             self.flush(final=False)
+        elif self._buffered and self.clock() - self._last >= self.every_s:
+            self.flush()
 
     def flush(self, final: bool = True) -> None:
         """Write full parts of `rows_per_file` rows; with `final`, the remainder too."""
+        self._last = self.clock()
         if not self._buffer:
             return
         table = pa.concat_tables(self._buffer)

@@ -1,11 +1,19 @@
 """Label output columns and their Arrow schema, exactly as DESIGN.md "Label output" lists them.
 
 Writers (the label job) and readers (reports, the UI, incremental runs) import these names;
-nobody spells a column name as a literal. One deliberate detail: `run_id` is stored
-dictionary-encoded (still a Parquet STRING column). pandas reads a Hive-partitioned folder
-with `run_id=…` directories as a *dictionary* partition key, and refuses to merge it with a
-plain-string `run_id` inside the files ("Unable to merge: string vs dictionary"); with the
-dictionary type pandas, pyarrow (`pq.read_table`, `ds.dataset`) and DuckDB all read it.
+nobody spells a column name as a literal.
+
+`run_id` is the Hive partition key (`run_id=<id>/` directories) and, as Hive and Spark's
+`partitionBy` do, it is NOT stored inside the part files (FILE_SCHEMA). Why: a partition key
+that also sits in the files must have the same type in both, and the readers disagree on the
+key's type (pandas and `pq.read_table` infer it as dictionary, `pyarrow.dataset(...,
+partitioning="hive")` as string), so any stored type breaks one of them ("Unable to merge").
+Without it in the files, pandas, `pq.read_table`, `pyarrow.dataset` (hive or not) and DuckDB
+all read the folder; readers that take partitions (all but a plain `pyarrow.dataset`) get
+`run_id` back as a column.
+
+`dog_score`, `is_dog` and `version` are nullable and null until the bundle and the listing
+provide them, so outputs keep one schema across versions (a reader takes the first file's).
 """
 from __future__ import annotations
 
@@ -28,6 +36,9 @@ ERROR = "error"
 MODEL_ID = "model_id"
 RUN_ID = "run_id"
 LABELLED_AT = "labelled_at"
+DOG_SCORE = "dog_score"
+IS_DOG = "is_dog"
+VERSION = "version"
 
 # fields of each top_k entry
 BREED_ID = "breed_id"
@@ -40,9 +51,8 @@ TOP_K_TYPE = pa.list_(pa.struct([
     pa.field(BREED, pa.string(), nullable=False),
     pa.field(PROB, pa.float32(), nullable=False),
 ]))
-RUN_ID_TYPE = pa.dictionary(pa.int32(), pa.string())
 
-LABEL_SCHEMA = pa.schema([
+FILE_SCHEMA = pa.schema([
     pa.field(URI, pa.string(), nullable=False),
     pa.field(MEMBER, pa.string()),
     pa.field(BYTES, pa.int64(), nullable=False),
@@ -54,13 +64,14 @@ LABEL_SCHEMA = pa.schema([
     pa.field(PROB, pa.float32()),
     pa.field(ERROR, pa.string()),
     pa.field(MODEL_ID, pa.string(), nullable=False),
-    pa.field(RUN_ID, RUN_ID_TYPE, nullable=False),
     pa.field(LABELLED_AT, pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field(DOG_SCORE, pa.float32()),
+    pa.field(IS_DOG, pa.bool_()),
+    pa.field(VERSION, pa.string()),
 ])
-
-
-def empty_table() -> pa.Table:
-    return LABEL_SCHEMA.empty_table()
+# What a reader of the folder sees: the files' columns plus the partition key, in DESIGN.md's order.
+LABEL_SCHEMA = FILE_SCHEMA.insert(FILE_SCHEMA.get_field_index(MODEL_ID) + 1,
+                                  pa.field(RUN_ID, pa.string(), nullable=False))
 
 
 def build_table(
@@ -77,11 +88,11 @@ def build_table(
     class_ids: Sequence[str],
     class_names: Sequence[str],
     model_id: str,
-    run_id: str,
     k: int = 3,
     labelled_at: _dt.datetime | None = None,
+    versions: Sequence[str | None] | None = None,
 ) -> pa.Table:
-    """Rows for one batch, built column-wise from numpy (no Python object per prediction).
+    """Rows for one batch (FILE_SCHEMA), built column-wise from numpy (no Python object per prediction).
 
     `probs` is float32 [M, C] for the M rows where `labelled` (bool [N]) is true, in order;
     the other rows get an empty `top_k` and null breed/prob. Why vectorised: this runs for
@@ -122,10 +133,12 @@ def build_table(
         pa.array(errors, pa.string()),
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([model_id]))
         .dictionary_decode(),
-        pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([run_id])),
         pa.array(np.full(n, np.datetime64(when.replace(tzinfo=None), "us")), pa.timestamp("us", tz="UTC")),
+        pa.nulls(n, pa.float32()),
+        pa.nulls(n, pa.bool_()),
+        pa.array(versions if versions is not None else [None] * n, pa.string()),
     ]
-    return pa.Table.from_arrays(columns, schema=LABEL_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
 
 
 def _scatter(values: pa.Array, rows: np.ndarray, n: int, typ: pa.DataType) -> pa.Array:
@@ -141,6 +154,8 @@ def _scatter(values: pa.Array, rows: np.ndarray, n: int, typ: pa.DataType) -> pa
     return values.take(pa.array(index, mask=mask)).cast(typ)
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Cast a table read back (e.g. through Ray's Arrow blocks) to LABEL_SCHEMA, column order too."""
-    return table.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
+def with_run_id(table: pa.Table, run_id: str) -> pa.Table:
+    """A part's rows as a reader of the folder sees them (LABEL_SCHEMA): the partition key added."""
+    table = table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
+    index = LABEL_SCHEMA.get_field_index(RUN_ID)
+    return table.add_column(index, LABEL_SCHEMA.field(RUN_ID), pa.array([run_id] * table.num_rows, pa.string()))

@@ -21,26 +21,27 @@ CLASS_IDS = ["n1", "n2", "n3"]
 CLASS_NAMES = ["Alpha", "Beta", "Gamma"]
 
 
-def rows(n: int, run_id: str = "R1", model_id: str = "M", errors_every: int = 0, prefix: str = "img") -> pa.Table:
+def rows(n: int, model_id: str = "M", errors_every: int = 0, prefix: str = "img") -> pa.Table:
     labelled = np.array([not (errors_every and i % errors_every == 0) for i in range(n)])
     probs = np.tile(np.array([[0.2, 0.7, 0.1]], np.float32), (int(labelled.sum()), 1))
     return schema.build_table(
         uris=[f"/data/{prefix}{i}.jpg" for i in range(n)], members=[None] * n, sizes=list(range(n)),
         sha256s=[f"sha{prefix}{i}" for i in range(n)], widths=[10] * n, heights=[20] * n, probs=probs,
         labelled=labelled, errors=[None if ok else "not an image" for ok in labelled],
-        class_ids=CLASS_IDS, class_names=CLASS_NAMES, model_id=model_id, run_id=run_id, k=2)
+        class_ids=CLASS_IDS, class_names=CLASS_NAMES, model_id=model_id, k=2)
 
 
 def test_schema_is_design_md():
     s = schema.LABEL_SCHEMA
     assert s.names == ["uri", "member", "bytes", "content_sha256", "width", "height", "top_k", "breed", "prob",
-                       "error", "model_id", "run_id", "labelled_at"]
+                       "error", "model_id", "run_id", "labelled_at", "dog_score", "is_dog", "version"]
+    assert schema.FILE_SCHEMA.names == [n for n in s.names if n != "run_id"]  # the partition key is the folder
     assert s.field("bytes").type == pa.int64() and s.field("width").type == pa.int32()
     assert s.field("prob").type == pa.float32() and s.field("labelled_at").type == pa.timestamp("us", tz="UTC")
     entry = s.field("top_k").type.value_type
     assert [f.name for f in entry] == ["breed_id", "breed", "prob"] and entry.field("prob").type == pa.float32()
-    assert s.field("run_id").type.value_type == pa.string()  # dictionary-encoded string (see core.schema)
-    for nullable in ("member", "width", "height", "breed", "prob", "error"):
+    assert s.field("run_id").type == pa.string() and s.field("is_dog").type == pa.bool_()
+    for nullable in ("member", "width", "height", "breed", "prob", "error", "dog_score", "is_dog", "version"):
         assert s.field(nullable).nullable
 
 
@@ -51,7 +52,7 @@ def test_build_table_sorted_topk_and_error_rows():
     assert got[0]["width"] == 10 or got[0]["width"] is None  # widths are the caller's choice
     assert got[1]["breed"] == "Beta" and [e["breed_id"] for e in got[1]["top_k"]] == ["n2", "n1"]
     assert got[1]["prob"] == pytest.approx(0.7)
-    assert t.schema.equals(schema.LABEL_SCHEMA)
+    assert t.schema.equals(schema.FILE_SCHEMA)
 
 
 def test_staged_parts_are_invisible_until_commit(tmp_path):
@@ -66,12 +67,30 @@ def test_staged_parts_are_invisible_until_commit(tmp_path):
     out.commit("R1", {output.M_RUN_ID: "R1", output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: "M"})
     manifest = json.loads((tmp_path / "run_id=R1" / output.MANIFEST_FILE).read_text())
     assert len(manifest[output.M_FILES]) == 3
-    assert pd.read_parquet(tmp_path).shape[0] == 10
-    assert ds.dataset(str(tmp_path), format="parquet").count_rows() == 10
-    assert pq.read_table(str(tmp_path)).num_rows == 10
-    q = f"select count(*) from read_parquet('{tmp_path}/run_id=*/*.parquet', hive_partitioning=true)"
-    assert duckdb.sql(q).fetchall()[0][0] == 10
-    assert out.read_finished().num_rows == 10
+    assert not (tmp_path / "_staging" / "run_id=R1").exists()
+    assert out.read_finished().column("run_id").to_pylist() == ["R1"] * 10
+
+
+def test_every_common_reader_reads_the_folder(tmp_path):
+    """pandas, pyarrow (dataset with and without hive partitioning, read_table) and DuckDB: two
+    finished runs, one staged: 10 + 5 rows, `run_id` from the folder wherever the reader takes it."""
+    out = output.Output(str(tmp_path))
+    for run_id, n in (("R1", 10), ("R2", 5)):
+        out.write_part(run_id, output.part_name(0, 0), rows(n, prefix=run_id))
+        out.commit(run_id, {output.M_RUN_ID: run_id, output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: "M"})
+    out.write_part("R3", output.part_name(0, 0), rows(7, prefix="R3"))  # staged, never committed
+    expected = {"R1": 10, "R2": 5}
+    counts = lambda runs: dict(pd.Series(runs).astype(str).value_counts())  # noqa: E731
+    assert counts(pd.read_parquet(tmp_path)["run_id"]) == expected
+    assert counts(ds.dataset(str(tmp_path), partitioning="hive").to_table().column("run_id").to_pylist()) == expected
+    assert ds.dataset(str(tmp_path), format="parquet").count_rows() == 15
+    assert counts(pq.read_table(str(tmp_path)).column("run_id").to_pylist()) == expected
+    for hive in ("", ", hive_partitioning=true"):  # DuckDB detects the partitioning by itself
+        q = f"select run_id, count(*) from read_parquet('{tmp_path}/run_id=*/*.parquet'{hive}) group by run_id"
+        assert dict(duckdb.sql(q).fetchall()) == expected
+    q = f"select count(*) from read_parquet('{tmp_path}/run_id=*/*.parquet', hive_partitioning=false)"
+    assert duckdb.sql(q).fetchall()[0][0] == 15
+    assert counts(out.read_finished().column("run_id").to_pylist()) == expected
 
 
 def test_retried_write_replaces_its_own_part(tmp_path):
@@ -87,8 +106,10 @@ def test_interrupted_publish_rolls_forward(tmp_path):
     out = output.Output(str(tmp_path))
     out.write_part("R1", output.part_name(0, 0), rows(3))
     manifest = {output.M_RUN_ID: "R1", output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: "M"}
-    out.write_json(out.staging("R1", output.COMMIT_FILE), {**manifest, output.M_FILES: ["run_id=R1/part-00-000000.parquet"]})
+    files = {output.M_FILES: ["run_id=R1/part-00-000000.parquet"]}
+    out.write_json(out.staging("R1", output.MANIFEST_FILE), {**manifest, **files})
     assert out.finished_runs() == []  # crashed after deciding to commit, before publishing
+    assert ds.dataset(str(tmp_path), format="parquet").count_rows() == 0
     assert out.recover() == ["R1"]
     assert [m[output.M_RUN_ID] for m in out.finished_runs()] == ["R1"]
     assert out.read_finished().num_rows == 3
@@ -97,7 +118,7 @@ def test_interrupted_publish_rolls_forward(tmp_path):
 def test_done_keys_from_finished_runs_of_the_same_model(tmp_path):
     out = output.Output(str(tmp_path))
     for run_id, model in (("R1", "M"), ("R2", "OTHER")):
-        out.write_part(run_id, output.part_name(0, 0), rows(3, run_id=run_id, model_id=model))
+        out.write_part(run_id, output.part_name(0, 0), rows(3, model_id=model))
         out.commit(run_id, {output.M_RUN_ID: run_id, output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: model})
     keys = out.done_keys("M")
     assert len(keys) == 3
@@ -117,3 +138,49 @@ def test_manifest_exit_codes():
     over = build_manifest(stats, max_error_rate=0.1, **kwargs)
     assert exit_code(over) == EXIT_ERROR_BUDGET and "exceeds --max-error-rate" in summary_text(over, 0.75)
     assert exit_code(None) == EXIT_FAILED
+
+
+def test_leftover_staging_of_a_published_run_is_cleared_not_fatal(tmp_path):
+    """A publish that happened, with its staging copy still there (e.g. copied back by hand or a
+    crash of an old version): the next run's recovery removes the copy instead of failing forever."""
+    out = output.Output(str(tmp_path))
+    out.write_part("R1", output.part_name(0, 0), rows(3))
+    manifest = {output.M_RUN_ID: "R1", output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: "M"}
+    out.commit("R1", manifest)
+    out.write_part("R1", output.part_name(0, 0), rows(3))
+    out.write_json(out.staging("R1", output.MANIFEST_FILE), manifest)
+    assert out.recover() == ["R1"]
+    assert out.staged_runs() == [] and out.read_finished().num_rows == 3
+
+
+def test_a_resumed_run_drops_rows_a_run_finished_since_then(tmp_path):
+    """Run A (inputs X) died with staged rows; run B finished meanwhile and labelled some of the same
+    keys; A's rerun must not publish a second row for them."""
+    from core.label_config import LabelConfig
+    from core.label_run import LabelRun
+
+    out = output.Output(str(tmp_path))
+    cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path))
+    first = LabelRun.start(out, cfg, "M", None)
+    out.write_part(first.run_id, output.part_name(0, 0), rows(6))  # A staged img0..img5, then died
+    out.write_part("B", output.part_name(0, 0), rows(4))            # B published img0..img3
+    out.commit("B", {output.M_RUN_ID: "B", output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: "M"})
+    again = LabelRun.start(out, cfg, "M", None)
+    assert again.run_id == first.run_id and again.attempt == 1 and again.resumed_rows == 2
+    again.commit(None)
+    table = out.read_finished()
+    assert table.num_rows == 6 and len(set(table.column("uri").to_pylist())) == 6
+    assert output.in_key_set(again.done, output.key_hash("/data/img5.jpg", None, "shaimg5", "M"))
+
+
+def test_part_writer_stages_by_rows_and_by_time(tmp_path):
+    now = [0.0]
+    writer = output.PartWriter(output.Output(str(tmp_path)), "R1", 0, rows_per_file=100, every_s=30,
+                               clock=lambda: now[0])
+    writer.add(rows(3))
+    assert writer.files == []          # neither 100 rows nor 30 s yet
+    now[0] = 31.0
+    writer.add(rows(2, prefix="b"))
+    assert writer.rows == 5 and len(writer.files) == 1  # 30 s passed: what arrived is staged
+    writer.add(rows(250, prefix="c"))
+    assert writer.rows == 205 and len(writer.files) == 3  # two full parts; 50 rows wait

@@ -108,9 +108,10 @@ def test_explorer_filters_by_breed_and_run(label_output):
 
 def test_explorer_hides_unfinished_runs_and_bad_uris(label_output, tmp_path):
     from core import output as out_mod
-    from core.schema import empty_table
+    from core.schema import FILE_SCHEMA
 
-    out_mod.Output(str(label_output)).write_part("20990101T000000Z-ffffff", out_mod.part_name(0, 0), empty_table())
+    staged = out_mod.Output(str(label_output))
+    staged.write_part("20990101T000000Z-ffffff", out_mod.part_name(0, 0), FILE_SCHEMA.empty_table())
     assert len(ExplorerPage().view(str(label_output)).manifests) == 1
     empty = tmp_path / "empty"
     empty.mkdir()
