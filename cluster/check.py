@@ -192,17 +192,6 @@ def _parse(prog: str, add_arguments, args: Sequence[str]) -> list[str]:
 def _check_module(module: str, args: Sequence[str]) -> list[str]:
     if importlib.util.find_spec(module) is None:
         return [f"python -m {module}: no such module"]
-    if module == "cluster.locked":
-        from cluster.locked import build_parser
-
-        ns, err = build_parser(), io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                parsed = ns.parse_args(list(args))
-        except SystemExit:
-            return [f"python -m cluster.locked: {err.getvalue().strip()}"]
-        inner = parsed.command[1:] if parsed.command[:1] == ["--"] else parsed.command
-        return check_command(inner)
     mod = importlib.import_module(module)
     if hasattr(mod, "add_arguments"):
         return _parse(f"python -m {module}", mod.add_arguments, args)

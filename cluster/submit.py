@@ -2,7 +2,7 @@
 
 A thin layer over `ray.job_submission.JobSubmissionClient` (the same API as `ray job submit`).
 What it adds is what a scheduler needs: the job's entrypoint is `python -m jobs.<kind> …`
-(wrapped in `cluster.locked` for label jobs, so two runs on one output never overlap), the
+(a label job holds its output's lease itself, so two runs on one output never overlap), the
 job's metadata records what it writes, and the exit code comes from the label run's manifest,
 not from Ray's status alone (DESIGN.md: Ray can report SUCCEEDED for a run that did not finish).
 
@@ -22,8 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
-from cluster.lease import DEFAULT_TTL_S, EXIT_LEASE_HELD
-from core.errors import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, JobError
+from core.errors import (EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, ConfigError, JobError,
+                         StorageError)
+from core.output import (M_ERROR_RATE, M_EXIT_CODE, M_FINISHED_AT, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED,
+                         Output)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINT_MODULES: Mapping[str, str] = {"label": "jobs.label", "train": "jobs.train", "tune": "jobs.tune"}
@@ -31,7 +33,6 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # job metadata keys: what `breedlabel jobs status` needs later to judge a finished job
 META_KIND = "breedlabel_kind"
 META_OUTPUT = "breedlabel_output"
-META_RUN_ID = "breedlabel_run_id"
 POLL_S = 2.0
 AGENT_WAIT_S = 120.0  # how long to retry a head whose job agent is starting or busy
 
@@ -52,10 +53,7 @@ class JobRequest:
     kind: str
     job_args: tuple[str, ...]
     runtime_env: dict[str, Any]
-    output: str | None = None       # label: the --out URI (lease + manifest)
-    run_id: str | None = None       # label: passed as --run-id when the job takes it
-    lease: bool = True
-    lease_ttl_s: float = DEFAULT_TTL_S
+    output: str | None = None       # label: the --out URI (its manifest tells how the job ended)
     submission_id: str | None = None
     entrypoint_num_cpus: float | None = None
     entrypoint_num_gpus: float | None = None
@@ -73,15 +71,7 @@ def build_entrypoint(req: JobRequest) -> str:
     """The shell command the job runs on the cluster (also what plain `ray job submit` takes)."""
     if req.kind not in ENTRYPOINT_MODULES:
         raise ConfigError(f"unknown job {req.kind!r}; use one of {', '.join(ENTRYPOINT_MODULES)}")
-    job = ["python", "-m", ENTRYPOINT_MODULES[req.kind], *req.job_args]
-    if req.run_id and "--run-id" not in req.job_args:
-        job += ["--run-id", req.run_id]
-    if req.kind == "label" and req.lease and req.output:
-        lock = ["python", "-m", "cluster.locked", "--output", req.output, "--ttl", f"{req.lease_ttl_s:g}"]
-        if req.run_id:
-            lock += ["--run-id", req.run_id]
-        job = [*lock, "--", *job]
-    return shlex.join(job)
+    return shlex.join(["python", "-m", ENTRYPOINT_MODULES[req.kind], *req.job_args])
 
 
 def connect(address: str):
@@ -137,8 +127,6 @@ def submit(client, req: JobRequest) -> str:
     metadata = {META_KIND: req.kind}
     if req.output:
         metadata[META_OUTPUT] = req.output
-    if req.run_id:
-        metadata[META_RUN_ID] = req.run_id
     kwargs = dict(
         entrypoint=build_entrypoint(req), runtime_env=req.runtime_env, metadata=metadata,
         submission_id=req.submission_id or f"breedlabel-{req.kind}-{uuid.uuid4().hex[:12]}",
@@ -199,16 +187,13 @@ def _status(info) -> str:
     return getattr(info.status, "value", str(info.status))
 
 
-def read_run_manifest(output: str, run_id: str | None, started_ms: int | None = None) -> dict | None:
-    """The run's manifest: by run id when known, else the newest one finished after the job started.
+def read_run_manifest(output: str, started_ms: int | None = None) -> dict | None:
+    """The newest run manifest finished after the job started (the job held the output's lease,
+    so no other run finished there meanwhile).
 
     Why by finish time: a label run that resumes a crashed one keeps the older run id.
     """
-    from core.output import MANIFEST_FILE, M_FINISHED_AT, Output
-
     out = Output(output)
-    if run_id:
-        return out.read_json(out.published(run_id, MANIFEST_FILE))
     floor = (started_ms or 0) / 1000 - 2.0
     runs = [m for m in out.finished_runs() if _epoch(m.get(M_FINISHED_AT)) >= floor]
     return max(runs, key=lambda m: _epoch(m.get(M_FINISHED_AT))) if runs else None
@@ -245,20 +230,20 @@ def outcome(info) -> Outcome:
 
 
 def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms) -> Outcome:
-    from core.errors import StorageError
-    from core.output import M_ERROR_RATE, M_EXIT_CODE, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED
-
-    output, run_id = meta[META_OUTPUT], meta.get(META_RUN_ID)
+    output = meta[META_OUTPUT]
     if code == EXIT_USAGE:
         return Outcome(EXIT_USAGE, status, "the label job rejected its options (see its log)")
+    if code not in (None, EXIT_OK, EXIT_ERROR_BUDGET):
+        return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): nothing of it is published; its log says "
+                       "why, and a rerun of the same job resumes what it staged")
     try:
-        manifest = read_run_manifest(output, run_id, started_ms)
+        manifest = read_run_manifest(output, started_ms)
     except StorageError as exc:
         return Outcome(EXIT_FAILED, status, f"Ray says {status}, but the run manifest cannot be read "
                        f"from here to confirm it: {exc}")
     if manifest is None:
-        return Outcome(EXIT_FAILED, status, f"Ray says {status}, but run {run_id or '(latest)'} wrote no "
-                       f"manifest under {output}: the run did not finish (its rows are not published)")
+        return Outcome(EXIT_FAILED, status, f"Ray says {status}, but no run manifest under {output} is newer "
+                       "than the job: the run did not finish (its rows are not published)")
     m_code = int(manifest.get(M_EXIT_CODE, EXIT_OK))
     counts = (f"{manifest.get(M_IMAGES, '?')} images, {manifest.get(M_LABELLED, '?')} labelled, "
               f"{manifest.get(M_SKIPPED, 0)} skipped as already labelled")

@@ -1,13 +1,15 @@
-"""Label one batch of input objects: read bytes, hash, skip done ones, decode, predict, rows.
+"""Read -> hash -> skip -> decode -> infer -> rows: the one path from input objects to label rows.
 
-This is the loop inside the label job's actors (jobs/label.py only wraps it for Ray), so it
-is unit-tested on a plain batch without Ray. A batch is a dict of columns, as Ray Data hands
-it over: `uri`, `member` (archive member or None), `data` (bytes already read, e.g. archive
-members, else None) and `error` (a reason known before reading, e.g. a corrupt archive).
+The label job's actors run it on each chunk of the listing (jobs.label_pipeline only carries
+chunks to them), `breedlabel predict`, `evaluate` and the UI run it through core.predict, and
+tests run it on a plain table without Ray. A chunk is an Arrow table (`chunk_table`): `uri`,
+`member` (archive member or null), `data` (bytes already read, e.g. archive members read in
+one pass by the listing, else null) and `error` (a reason known before reading, e.g. a corrupt
+archive). Per-object problems become the row's `error` (core.reasons), never an exception.
 
 Why threads: on a CPU node one actor holds all the cores it labels with; reading, hashing
 (hashlib) and decoding (simplejpeg/PIL) release the GIL, so `decode_threads` threads decode
-a batch on all cores, then the runtime infers it on all cores. The two phases alternate
+a chunk on all cores, then the runtime infers it on all cores. The two phases alternate
 instead of overlapping, so runtime threads + decode threads never fight over the cores.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,20 +28,24 @@ from core.bundle import Bundle
 from core.errors import ImageDecodeError, InputError, StorageError
 from core.images import decode_image
 from core.output import in_key_set, key_hash
+from core.reasons import REASON_INTERNAL, REASON_UNREADABLE
+from core.runtime import Runtime, describe_runtime, load_runtime
+from core.sources import InputItem, ItemData, read_item
 from core.storage import ObjectNotFoundError
 
 log = logging.getLogger(__name__)
 
-# batch columns between the listing, the decode stage and the predict stage
+# chunk columns between the listing, the decode stage and the predict stage
 COL_URI = schema.URI
 COL_MEMBER = schema.MEMBER
 COL_DATA = "data"
 COL_ERROR = schema.ERROR
-COL_IMAGE = "image"          # decoded uint8 [H,W,3] (two-stage pipeline only)
-COL_OK = "ok"
+COL_IMAGE = "image"          # decoded uint8 H*W*3 bytes (two-stage pipeline only)
 SKIPPED = "_skipped"         # extra output column: row already labelled in a finished run
-REASON_UNREADABLE = "cannot read"
-REASON_INTERNAL = "internal error"
+CHUNK_SCHEMA = pa.schema([pa.field(COL_URI, pa.string()), pa.field(COL_MEMBER, pa.string()),
+                          pa.field(COL_DATA, pa.binary()), pa.field(COL_ERROR, pa.string())])
+RUNTIME_META = b"breedlabel.runtime"     # output schema metadata: what this actor really runs
+FALLBACK_META = b"breedlabel.fallback"   # ... and why, when `auto` fell back to TensorFlow
 
 Reader = Callable[[str, "str | None"], bytes]
 
@@ -47,14 +53,22 @@ Reader = Callable[[str, "str | None"], bytes]
 def read_object(uri: str, member: str | None) -> bytes:
     """Bytes of a plain object, or of one archive member named by a manifest (rare: listed
     archives arrive with their members' bytes, read in one pass by the listing)."""
-    from core.sources import InputItem, read_item
-
     return read_item(InputItem(uri, member))
+
+
+def chunk_table(items: Sequence[ItemData]) -> pa.Table:
+    """Listed items (with bytes where the listing read them) -> the chunk an actor labels."""
+    return pa.table({
+        COL_URI: [it.item.uri for it in items],
+        COL_MEMBER: [it.item.member for it in items],
+        COL_DATA: [it.data for it in items],
+        COL_ERROR: [it.error for it in items],
+    }, schema=CHUNK_SCHEMA)
 
 
 @dataclass
 class Fetched:
-    """Per item of a batch: bytes (or None), size, sha256 hex, error reason (or None)."""
+    """Per item of a chunk: bytes (or None), size, sha256 hex, error reason (or None)."""
 
     datas: list[bytes | None]
     sizes: list[int]
@@ -75,11 +89,10 @@ def _fetch_one(uri: str, member: str | None, data: bytes | None, error: str | No
     return (data if error is None else None, len(payload), hashlib.sha256(payload).hexdigest(), error)
 
 
-def fetch(batch: Mapping[str, Sequence], pool: ThreadPoolExecutor | None, read: Reader = read_object) -> Fetched:
+def fetch(uris: Sequence[str], members: Sequence[str | None], datas: Sequence[bytes | None] | None = None,
+          errors: Sequence[str | None] | None = None, pool: ThreadPoolExecutor | None = None,
+          read: Reader = read_object) -> Fetched:
     """Read (where not given) and hash every item; read failures become reasons, never raise."""
-    uris, members = batch[COL_URI], batch[COL_MEMBER]
-    datas = batch.get(COL_DATA)
-    errors = batch.get(COL_ERROR)
     n = len(uris)
     args = [(uris[i], members[i], None if datas is None else datas[i], None if errors is None else errors[i], read)
             for i in range(n)]
@@ -88,11 +101,11 @@ def fetch(batch: Mapping[str, Sequence], pool: ThreadPoolExecutor | None, read: 
     return Fetched(list(d), list(s), list(h), list(e))
 
 
-def decode_into(datas: Sequence[bytes | None], uris: Sequence[str], size: tuple[int, int], policy: str,
+def decode_into(datas: Sequence[bytes | None], sources: Sequence[str], size: tuple[int, int], policy: str,
                 pool: ThreadPoolExecutor | None) -> tuple[np.ndarray, np.ndarray, list, list, list]:
     """Decode into one preallocated uint8 [N,H,W,3] array (no per-image copies to stack).
 
-    Returns (images, ok mask, widths, heights, reasons); rows with data None are not ok.
+    Returns (images, ok mask, widths, heights, reasons); items whose data is None are not ok.
     """
     n = len(datas)
     images = np.zeros((n, size[0], size[1], 3), np.uint8)
@@ -104,18 +117,25 @@ def decode_into(datas: Sequence[bytes | None], uris: Sequence[str], size: tuple[
         if datas[i] is None:
             return
         try:
-            img = decode_image(datas[i], size=size, policy=policy, source=uris[i])
+            img = decode_image(datas[i], size=size, policy=policy, source=sources[i])
             images[i] = img.array
             widths[i], heights[i] = img.width, img.height
         except ImageDecodeError as exc:
             reasons[i] = exc.reason
         except Exception as exc:  # a decoder bug must cost one row, not the job
-            log.warning("decoding %s failed unexpectedly: %s: %s", uris[i], type(exc).__name__, exc)
+            log.warning("decoding %s failed unexpectedly: %s: %s", sources[i], type(exc).__name__, exc)
             reasons[i] = REASON_INTERNAL
 
     list(pool.map(one, range(n))) if pool else [one(i) for i in range(n)]
     ok = np.array([widths[i] is not None for i in range(n)], dtype=bool)
     return images, ok, widths, heights, reasons
+
+
+def infer(runtime: Runtime, images: np.ndarray, ok: np.ndarray, num_classes: int) -> np.ndarray:
+    """Probabilities [M, C] of the M decoded images (rows where `ok`), in order."""
+    if not ok.any():
+        return np.zeros((0, num_classes), np.float32)
+    return runtime.predict(images[ok])
 
 
 def skip_mask(uris: Sequence[str], members: Sequence[str | None], shas: Sequence[str],
@@ -127,79 +147,96 @@ def skip_mask(uris: Sequence[str], members: Sequence[str | None], shas: Sequence
                     dtype=bool)
 
 
+def _row_errors(fetched_errors, decode_reasons, ok, skipped) -> list[str | None]:
+    return [None if (ok[i] or skipped[i]) else (fetched_errors[i] or decode_reasons[i] or REASON_INTERNAL)
+            for i in range(len(ok))]
+
+
+def _columns(chunk: pa.Table) -> tuple[list, list]:
+    uris = chunk.column(COL_URI).to_pylist()
+    members = chunk.column(COL_MEMBER).to_pylist() if COL_MEMBER in chunk.column_names else [None] * len(uris)
+    return uris, members
+
+
+def decode_chunk(chunk: pa.Table, *, size: tuple[int, int], policy: str, model_id: str,
+                 done: np.ndarray | None = None, read: Reader = read_object, io_threads: int = 8) -> pa.Table:
+    """CPU decode stage of the two-stage pipeline (GPU actors): the input of `label_decoded`."""
+    uris, members = _columns(chunk)
+    with ThreadPoolExecutor(max(1, io_threads)) as pool:
+        got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(),
+                    pool, read)
+    skipped = skip_mask(uris, members, got.shas, model_id, done)
+    datas = [None if s else d for d, s in zip(got.datas, skipped)]
+    images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), size, policy, None)
+    return pa.table({
+        COL_URI: pa.array(uris, pa.string()), COL_MEMBER: pa.array(members, pa.string()),
+        schema.BYTES: pa.array(got.sizes, pa.int64()), schema.CONTENT_SHA256: pa.array(got.shas, pa.string()),
+        schema.WIDTH: pa.array(widths, pa.int32()), schema.HEIGHT: pa.array(heights, pa.int32()),
+        COL_ERROR: pa.array(_row_errors(got.errors, reasons, ok, skipped), pa.string()),
+        SKIPPED: pa.array(skipped, pa.bool_()),
+        COL_IMAGE: pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(int(np.prod(images.shape[1:]))), len(images), [None, pa.py_buffer(images)]),
+    })
+
+
+def _sources(uris: Sequence[str], members: Sequence[str | None]) -> list[str]:
+    return [u if m is None else f"{u}[{m}]" for u, m in zip(uris, members)]
+
+
 class BatchLabeller:
-    """Owns the runtime and the thread pools of one actor; `label(batch)` -> Arrow rows."""
+    """Owns the runtime and the thread pools of one actor; `label(chunk)` -> Arrow rows."""
 
     def __init__(self, bundle: Bundle, *, runtime: str = "auto", threads: int | None = None,
-                 decode_threads: int = 1, io_threads: int = 8, top_k: int = 3, run_id: str = "",
+                 decode_threads: int = 1, io_threads: int = 8, top_k: int = 3,
                  done_keys: np.ndarray | None = None, read: Reader = read_object, **runtime_options):
-        from core.runtime import load_runtime
-
         self.bundle = bundle
         self.runtime = load_runtime(bundle, runtime, threads, **runtime_options)
         self.size = bundle.input_size
         self.policy = bundle.resize_policy
         self.class_ids = [c.id for c in bundle.classes]
         self.class_names = [c.name for c in bundle.classes]
-        self.top_k, self.run_id, self.done = top_k, run_id, done_keys
+        self.top_k, self.done = top_k, done_keys
         self.read = read
         self._decode_pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
         self._io_pool = ThreadPoolExecutor(io_threads) if io_threads > 1 else None
+        self._meta = {RUNTIME_META: describe_runtime(self.runtime).encode()}
+        if getattr(self.runtime, "fallback", None):
+            self._meta[FALLBACK_META] = str(self.runtime.fallback).encode()
 
-    def label(self, batch: Mapping[str, Sequence]) -> pa.Table:
-        """Rows for every item of the batch (LABEL_SCHEMA + SKIPPED); nothing is dropped."""
-        got = fetch(batch, self._io_pool, self.read)
-        uris, members = list(batch[COL_URI]), list(batch[COL_MEMBER])
+    def label(self, chunk: pa.Table) -> pa.Table:
+        """Rows for every item of the chunk (FILE_SCHEMA + SKIPPED); nothing is dropped."""
+        uris, members = _columns(chunk)
+        got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(),
+                    self._io_pool, self.read)
         skipped = skip_mask(uris, members, got.shas, self.bundle.model_id, self.done)
         datas = [None if s else d for d, s in zip(got.datas, skipped)]
-        images, ok, widths, heights, reasons = decode_into(datas, uris, self.size, self.policy, self._decode_pool)
-        probs = self.runtime.predict(images[ok]) if ok.any() else np.zeros((0, len(self.class_ids)), np.float32)
-        return self.rows(uris, members, got, skipped, ok, widths, heights, reasons, probs)
+        images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), self.size, self.policy,
+                                                           self._decode_pool)
+        probs = infer(self.runtime, images, ok, len(self.class_ids))
+        return self._rows(uris, members, got.sizes, got.shas, skipped, ok, widths, heights,
+                          _row_errors(got.errors, reasons, ok, skipped), probs)
 
-    def label_decoded(self, batch: Mapping[str, Sequence]) -> pa.Table:
-        """Predict stage of the two-stage pipeline: `batch` comes from `decode_batch`."""
-        ok = np.asarray(batch[COL_OK], dtype=bool)
-        images = np.asarray(batch[COL_IMAGE])
-        probs = self.runtime.predict(images[ok]) if ok.any() else np.zeros((0, len(self.class_ids)), np.float32)
-        got = Fetched([], list(batch[schema.BYTES]), list(batch[schema.CONTENT_SHA256]), list(batch[COL_ERROR]))
-        skipped = np.asarray(batch[SKIPPED], dtype=bool)
-        none = [None] * len(ok)
-        return self.rows(list(batch[COL_URI]), list(batch[COL_MEMBER]), got, skipped, ok,
-                         list(batch[schema.WIDTH]), list(batch[schema.HEIGHT]), none, probs)
+    def label_decoded(self, decoded: pa.Table) -> pa.Table:
+        """Predict stage of the two-stage pipeline: `decoded` comes from `decode_chunk`."""
+        uris, members = _columns(decoded)
+        errors = decoded.column(COL_ERROR).to_pylist()
+        skipped = np.asarray(decoded.column(SKIPPED).to_pylist(), dtype=bool)
+        ok = np.array([e is None and not s for e, s in zip(errors, skipped)], dtype=bool)
+        raw = decoded.column(COL_IMAGE).combine_chunks().buffers()[1]
+        images = np.frombuffer(raw, np.uint8, count=len(uris) * self.size[0] * self.size[1] * 3).reshape(
+            len(uris), self.size[0], self.size[1], 3)
+        probs = infer(self.runtime, images, ok, len(self.class_ids))
+        return self._rows(uris, members, decoded.column(schema.BYTES).to_pylist(),
+                          decoded.column(schema.CONTENT_SHA256).to_pylist(), skipped, ok,
+                          decoded.column(schema.WIDTH).to_pylist(), decoded.column(schema.HEIGHT).to_pylist(),
+                          errors, probs)
 
-    def rows(self, uris, members, got: Fetched, skipped, ok, widths, heights, reasons, probs) -> pa.Table:
-        members = [m if isinstance(m, str) else None for m in members]  # an all-null column may come back as NaN
-        errors = [None if (ok[i] or skipped[i]) else (got.errors[i] or reasons[i] or REASON_INTERNAL)
-                  for i in range(len(uris))]
+    def _rows(self, uris, members, sizes, shas, skipped, ok, widths, heights, errors, probs) -> pa.Table:
         table = schema.build_table(
-            uris=uris, members=members, sizes=got.sizes, sha256s=got.shas,
+            uris=uris, members=members, sizes=sizes, sha256s=shas,
             widths=[w if ok[i] else None for i, w in enumerate(widths)],
             heights=[h if ok[i] else None for i, h in enumerate(heights)],
             probs=probs, labelled=ok, errors=errors, class_ids=self.class_ids, class_names=self.class_names,
-            model_id=self.bundle.model_id, run_id=self.run_id, k=self.top_k)
-        return table.append_column(SKIPPED, pa.array(np.asarray(skipped, dtype=bool)))
-
-
-def decode_batch(batch: Mapping[str, Sequence], *, size: tuple[int, int], policy: str, model_id: str,
-                 done: np.ndarray | None = None, read: Reader = read_object,
-                 io_threads: int = 8) -> dict[str, np.ndarray]:
-    """CPU decode stage of the two-stage pipeline (GPU actors): columns for `label_decoded`."""
-    pool = ThreadPoolExecutor(io_threads) if io_threads > 1 else None
-    try:
-        got = fetch(batch, pool, read)
-    finally:
-        if pool:
-            pool.shutdown()
-    uris, members = list(batch[COL_URI]), list(batch[COL_MEMBER])
-    skipped = skip_mask(uris, members, got.shas, model_id, done)
-    datas = [None if s else d for d, s in zip(got.datas, skipped)]
-    images, ok, widths, heights, reasons = decode_into(datas, uris, size, policy, None)
-    errors = [None if (ok[i] or skipped[i]) else (got.errors[i] or reasons[i] or REASON_INTERNAL)
-              for i in range(len(uris))]
-    return {
-        COL_URI: np.array(uris, dtype=object), COL_MEMBER: np.array(members, dtype=object),
-        schema.BYTES: np.array(got.sizes, np.int64), schema.CONTENT_SHA256: np.array(got.shas, dtype=object),
-        schema.WIDTH: np.array([w or 0 for w in widths], np.int32),
-        schema.HEIGHT: np.array([h or 0 for h in heights], np.int32),
-        COL_ERROR: np.array(errors, dtype=object), COL_OK: ok, SKIPPED: skipped, COL_IMAGE: images,
-    }
+            model_id=self.bundle.model_id, k=self.top_k)
+        table = table.append_column(SKIPPED, pa.array(np.asarray(skipped, dtype=bool)))
+        return table.replace_schema_metadata(self._meta)

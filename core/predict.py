@@ -1,8 +1,9 @@
 """Images in, top-k breeds out: the bundle's decode settings + a runtime + top-k.
 
-The one predictor behind `breedlabel predict`, `evaluate` and the UI. Per-image problems
-(not an image, truncated, unreadable) are kept per image as a short reason, never raised,
-so one bad file does not cost the others their answers.
+The one predictor behind `breedlabel predict`, `evaluate` and the UI. It runs the label job's
+read -> decode -> infer path (core.labelling), so an image gets the same answer and the same
+error reason (core.reasons) everywhere. Per-image problems (not an image, truncated,
+unreadable) are kept per image, never raised, so one bad file does not cost the others.
 """
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
+from core import labelling
 from core.breeds import Breed
 from core.bundle import Bundle, load_bundle
-from core.errors import ConfigError, ImageDecodeError, StorageError
-from core.images import decode_image
+from core.errors import ConfigError
+from core.runtime import load_runtime
 
 log = logging.getLogger(__name__)
-
-REASON_NOT_FOUND = "file not found"
-REASON_UNREADABLE = "cannot read file"
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,6 @@ class Predictor:
 
     def __init__(self, bundle_uri: str | Bundle, runtime: str = "auto", threads: int | None = None,
                  batch_size: int = PredictConfig.batch_size, **runtime_options):
-        from core.runtime import load_runtime
-
         self.bundle = bundle_uri if isinstance(bundle_uri, Bundle) else load_bundle(str(bundle_uri))
         self.runtime = load_runtime(self.bundle, runtime, threads, **runtime_options)
         self.batch_size = max(1, int(batch_size))
@@ -97,25 +94,7 @@ class Predictor:
                       sources: Sequence[str] | None = None, with_probs: bool = False) -> list[ImageResult]:
         """Decode + predict; a bad image gets an error result, the others their top-k."""
         sources = list(sources) if sources is not None else [f"image {i}" for i in range(len(datas))]
-        results: list[ImageResult | None] = [None] * len(datas)
-        good: list[int] = []
-        arrays: list[np.ndarray] = []
-        sizes: list[tuple[int, int]] = []
-        for i, (data, source) in enumerate(zip(datas, sources)):
-            try:
-                decoded = decode_image(data, size=self.size, policy=self.policy, source=source)
-            except ImageDecodeError as exc:
-                results[i] = ImageResult(source, error=exc.reason)
-                continue
-            good.append(i)
-            arrays.append(decoded.array)
-            sizes.append((decoded.width, decoded.height))
-        if good:
-            probs = self.predict_arrays(np.stack(arrays))
-            rows = zip(good, top_k(probs, self.classes, k), sizes, probs)
-            for i, preds, (w, h), row in rows:
-                results[i] = ImageResult(sources[i], preds, width=w, height=h, probs=row if with_probs else None)
-        return results  # type: ignore[return-value]
+        return self._results(sources, list(datas), [None] * len(datas), k, with_probs)
 
     def predict_paths(self, paths: Sequence[str], k: int = PredictConfig.top_k,
                       with_probs: bool = False) -> list[ImageResult]:
@@ -123,33 +102,20 @@ class Predictor:
         results: list[ImageResult] = []
         for start in range(0, len(paths), self.batch_size):
             chunk = [str(p) for p in paths[start:start + self.batch_size]]
-            datas, errors = zip(*(_read(p) for p in chunk)) if chunk else ((), ())
-            readable = [i for i, err in enumerate(errors) if err is None]
-            done = self.predict_bytes([datas[i] for i in readable], k, [chunk[i] for i in readable], with_probs)
-            by_index = dict(zip(readable, done))
-            results.extend(by_index.get(i) or ImageResult(chunk[i], error=errors[i]) for i in range(len(chunk)))
+            got = labelling.fetch(chunk, [None] * len(chunk))
+            results += self._results(chunk, got.datas, got.errors, k, with_probs)
         return results
 
-
-def _read(path: str) -> tuple[bytes, str | None]:
-    """Bytes of a local path or a URI; (b"", reason) when it cannot be read."""
-    if "://" in path:
-        from core import storage
-
-        try:
-            return storage.read_bytes(path), None
-        except storage.ObjectNotFoundError:
-            return b"", REASON_NOT_FOUND
-        except StorageError as exc:
-            log.debug("cannot read %s: %s", path, exc)
-            return b"", REASON_UNREADABLE
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(), None
-    except FileNotFoundError:
-        return b"", REASON_NOT_FOUND
-    except IsADirectoryError:
-        return b"", "is a directory"
-    except OSError as exc:
-        return b"", f"{REASON_UNREADABLE} ({exc.strerror or exc})"
-
+    def _results(self, sources: list[str], datas: list, errors: list, k: int, with_probs: bool) -> list[ImageResult]:
+        images, ok, widths, heights, reasons = labelling.decode_into(datas, sources, self.size, self.policy, None)
+        probs = self.predict_arrays(images[ok])
+        ranked = iter(zip(top_k(probs, self.classes, k), probs))
+        results = []
+        for i, source in enumerate(sources):
+            if not ok[i]:
+                results.append(ImageResult(source, error=errors[i] or reasons[i]))
+                continue
+            preds, row = next(ranked)
+            results.append(ImageResult(source, preds, width=widths[i], height=heights[i],
+                                       probs=row if with_probs else None))
+        return results

@@ -39,6 +39,12 @@ class Runtime(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray: ...
 
 
+def describe_runtime(runtime: Runtime) -> str:
+    """What really runs, for run manifests and logs: "openvino/f32", "tensorflow"."""
+    precision = getattr(runtime, "precision", None)
+    return f"{runtime.name}/{precision}" if precision else runtime.name
+
+
 def _check_batch(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     arr = np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (*size, 3):
@@ -143,6 +149,7 @@ class TensorFlowRuntime:
     """tf.saved_model.load + the serving signature; GPU memory growth on."""
 
     name = "tensorflow"
+    fallback: str | None = None  # why `auto` chose TensorFlow on a CPU (OpenVINO failed)
 
     def __init__(self, bundle: Bundle, threads: int | None = None):
         import tensorflow as tf
@@ -219,4 +226,6 @@ def load_runtime(bundle: Bundle, runtime: str = "auto", threads: int | None = No
                               f"({type(exc).__name__}: {exc}); use --runtime tensorflow") from exc
         reason = f"OpenVINO cannot run this model ({type(exc).__name__}: {str(exc)[:200]})"
     log.warning("runtime auto: %s; falling back to TensorFlow", reason)
-    return TensorFlowRuntime(bundle, threads)
+    fallback = TensorFlowRuntime(bundle, threads)
+    fallback.fallback = reason  # the label job's driver says it once, and the manifest records it
+    return fallback

@@ -12,15 +12,11 @@ Reading bytes, and the intended use by the label job
 * Plain objects: `read_item(item)` (random access; a vanished object raises
   `ObjectNotFoundError`, whose `.reason` "not found" goes into the row's `error`).
 * Archives: a tar (and any gzip stream) can only be read front to back, so reading members
-  one by one with `read_item` would re-read the archive each time. Read each archive ONCE:
-  - list with `iter_items(..., expand_archives=False)`: an archive is then one item with
-    `item.is_archive` true, and the label job makes it one unit of work whose read step
-    calls `iter_archive_members(item.uri)` and emits a row per member (tar: one sequential
-    GET; zip: central directory + buffered range reads);
-  - or, when items were expanded, pass a batch to `iter_item_bytes(items)`, which reads
-    consecutive members of the same archive in one pass (batches that split an archive
-    re-read only the part up to their members).
-  Both yield `ItemData(item, data, error)`: `data` is None exactly when `error` is set.
+  one by one with `read_item` would re-read the archive each time. `iter_label_items` (what
+  the label job lists) reads each archive ONCE with `iter_archive_members` (tar: one sequential
+  GET; zip: central directory + buffered range reads) and hands on its members' bytes, as
+  `ItemData(item, data, error)`: `data` is None for plain objects (the actors read them) and
+  whenever `error` is set.
 """
 from __future__ import annotations
 
@@ -32,10 +28,13 @@ import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from core import storage
 from core.errors import InputError, StorageError
+from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_MEMBER_NOT_FOUND, REASON_MEMBER_TOO_LARGE,
+                          REASON_NOT_FOUND)
 from core.storage import IMAGE_EXTENSIONS, ObjectNotFoundError, S3Options
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -45,11 +44,6 @@ MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_MEMBER_BYTES = 512 << 20  # larger archive members are an error row, not an allocation
-
-ERR_NOT_FOUND = "not found"
-ERR_CORRUPT_ARCHIVE = "corrupt archive"
-ERR_MEMBER_NOT_FOUND = "member not found"
-ERR_MEMBER_TOO_LARGE = "archive member too large"
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
 
@@ -156,7 +150,7 @@ def _archive_items(uri: str, size: int, exts: tuple[str, ...] | None, expand: bo
                     if info.isfile() and _wanted_member(info.name, exts):
                         yield InputItem(uri, info.name, info.size)
     except ObjectNotFoundError:
-        yield InputItem(uri, error=ERR_NOT_FOUND)
+        yield InputItem(uri, error=REASON_NOT_FOUND)
     except StorageError:
         raise
     except _ARCHIVE_ERRORS as exc:
@@ -164,13 +158,28 @@ def _archive_items(uri: str, size: int, exts: tuple[str, ...] | None, expand: bo
 
 
 def _archive_reason(exc: BaseException) -> str:
-    return f"{ERR_CORRUPT_ARCHIVE}: {type(exc).__name__}"
+    return f"{REASON_CORRUPT_ARCHIVE}: {type(exc).__name__}"
 
 
 def _zip_members(zf: zipfile.ZipFile, exts: tuple[str, ...] | None) -> list[zipfile.ZipInfo]:
     """Image members in archive (offset) order, so reading them is sequential."""
     infos = [i for i in zf.infolist() if not i.is_dir() and _wanted_member(i.filename, exts)]
     return sorted(infos, key=lambda i: i.header_offset)
+
+
+def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
+                     extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
+                     s3: S3Options | None = None) -> Iterator[ItemData]:
+    """Everything a label run labels, streamed in input order: plain objects without their bytes
+    (the actors read them, in parallel), archive members with theirs (read here, once per archive)."""
+    exts = tuple(extensions) if extensions is not None else None
+    listings = [iter_items(inputs, extensions=exts, expand_archives=False, s3=s3)] if inputs else []
+    listings += [iter_items([], manifest=m, extensions=exts, expand_archives=False, s3=s3) for m in manifests]
+    for item in chain.from_iterable(listings):
+        if item.is_archive:
+            yield from iter_archive_members(item.uri, extensions=exts, s3=s3)
+        else:
+            yield ItemData(item, None, item.error)
 
 
 # --- manifests -----------------------------------------------------------------------------
@@ -262,7 +271,7 @@ def read_item(item: InputItem, *, s3: S3Options | None = None) -> bytes:
         if got.error:
             raise InputError(f"{item.uri}[{item.member}]: {got.error}")
         return got.data  # type: ignore[return-value]
-    raise InputError(f"{item.uri}[{item.member}]: {ERR_MEMBER_NOT_FOUND}")
+    raise InputError(f"{item.uri}[{item.member}]: {REASON_MEMBER_NOT_FOUND}")
 
 
 def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
@@ -285,7 +294,7 @@ def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_E
             if wanted is not None and not wanted:
                 return
     except ObjectNotFoundError:
-        yield ItemData(InputItem(uri, error=ERR_NOT_FOUND), None, ERR_NOT_FOUND)
+        yield ItemData(InputItem(uri, error=REASON_NOT_FOUND), None, REASON_NOT_FOUND)
         return
     except StorageError:
         raise
@@ -296,7 +305,7 @@ def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_E
     finally:
         reader.close()  # releases the HTTP stream at once when stopping early
     for name in sorted(wanted or ()):
-        yield ItemData(InputItem(uri, name, error=ERR_MEMBER_NOT_FOUND), None, ERR_MEMBER_NOT_FOUND)
+        yield ItemData(InputItem(uri, name, error=REASON_MEMBER_NOT_FOUND), None, REASON_MEMBER_NOT_FOUND)
 
 
 def _member_ok(name: str, exts, wanted) -> bool:
@@ -304,7 +313,7 @@ def _member_ok(name: str, exts, wanted) -> bool:
 
 
 def _too_large(uri: str, name: str, size: int) -> ItemData:
-    return ItemData(InputItem(uri, name, size, ERR_MEMBER_TOO_LARGE), None, ERR_MEMBER_TOO_LARGE)
+    return ItemData(InputItem(uri, name, size, REASON_MEMBER_TOO_LARGE), None, REASON_MEMBER_TOO_LARGE)
 
 
 def _zip_data(uri: str, exts, wanted, s3) -> Iterator[ItemData]:
@@ -340,46 +349,3 @@ def _tar_data(uri: str, exts, wanted, s3) -> Iterator[ItemData]:
                 yield ItemData(replace(item, error=reason), None, reason)
                 raise
             yield ItemData(item, data, None)
-
-
-def iter_item_bytes(items: Iterable[InputItem], *, s3: S3Options | None = None) -> Iterator[ItemData]:
-    """Bytes for a batch of items, in order; consecutive members of one archive share one read.
-
-    Per-item problems (vanished object, item error, bad member) come back as `error`; run-level
-    storage failures (no credentials, unreachable endpoint) still raise StorageError.
-    """
-    group: list[InputItem] = []
-    for item in items:
-        joins = item.member is not None and not item.error
-        if group and not (joins and item.uri == group[0].uri):
-            yield from _group_data(group, s3)
-            group = []
-        if joins:
-            group.append(item)
-        elif item.error:
-            yield ItemData(item, None, item.error)
-        elif item.is_archive:
-            yield from iter_archive_members(item.uri, s3=s3)
-        else:
-            try:
-                yield ItemData(item, storage.read_bytes(item.uri, s3=s3), None)
-            except ObjectNotFoundError as exc:
-                yield ItemData(item, None, exc.reason)
-    yield from _group_data(group, s3)
-
-
-def _group_data(group: list[InputItem], s3: S3Options | None) -> Iterator[ItemData]:
-    """Members of one archive, returned in the caller's order."""
-    if not group:
-        return
-    names = {i.member for i in group}
-    by_name: dict[str | None, ItemData] = {}
-    archive_error = None
-    for got in iter_archive_members(group[0].uri, extensions=None, members=names, s3=s3):  # type: ignore[arg-type]
-        if got.item.member is None:  # archive unreadable from here on: members not read get its error
-            archive_error = got.error
-        else:
-            by_name[got.item.member] = got
-    for item in group:
-        got = by_name.get(item.member) or ItemData(item, None, archive_error or ERR_MEMBER_NOT_FOUND)
-        yield ItemData(item, got.data, got.error)

@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Sequence
 
-from core.errors import EXIT_FAILED, EXIT_USAGE, BreedlabelError
+from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, BreedlabelError
 
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,17 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._module.run(args))
     except BreedlabelError as exc:
-        print(f"breedlabel {args.command}: error: {exc}", file=sys.stderr)
+        what = "skipped" if exc.exit_code == EXIT_LEASE_HELD else "error"
+        print(f"breedlabel {args.command}: {what}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"breedlabel {args.command}: interrupted", file=sys.stderr)
         return EXIT_FAILED
-
-
-def usage_error(message: str) -> int:
-    """For checks argparse cannot express; same exit code as argparse's own."""
-    print(f"breedlabel: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 if __name__ == "__main__":

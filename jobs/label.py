@@ -2,11 +2,12 @@
 
     breedlabel label s3://bucket/photos/ archive.tar.gz --model BUNDLE --out s3://bucket/labels/
 
-One row per input object (bad images get an `error`, never a lost row); Hive-style
-`run_id=…/` partitions published only when the run finishes, the run manifest written last.
-Exit codes: 0 done, 3 done but the error rate exceeded --max-error-rate, 1 failed, 2 usage.
-A crashed run rerun with the same inputs and model resumes from its staged parts;
-`--incremental` also skips inputs a finished run already labelled with this model.
+One row per input object and model (bad images get an `error`, never a lost row), whatever
+runs overlap, get killed or are repeated: every run holds the output's lease, skips what a
+finished run already labelled with the same model, stages its rows as they come and
+publishes them together with the run manifest. Exit codes: 0 done, 3 done but the error rate
+exceeded --max-error-rate, 75 skipped (another run holds the output), 1 failed or stopped
+(rerun the same command: it resumes), 2 usage.
 """
 from __future__ import annotations
 
@@ -14,64 +15,25 @@ import argparse
 import dataclasses
 import logging
 import sys
-from dataclasses import dataclass
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
-from core.errors import ConfigError
+import numpy as np
+
+from core import labelling, lease, output
+from core.bundle import load_bundle
+from core.label_config import PIPELINES, LabelConfig
+from core.label_run import LabelRun
+from core.label_summary import exit_code, summary_text
+from core.runtime import RUNTIMES
+from core.sources import iter_label_items
+from core.stop import GracefulStop, Stopped
+from core.storage import IMAGE_EXTENSIONS
+from jobs import ray_session
+from jobs.cli import main as cli_main
+from jobs.label_pipeline import run_pipeline
 
 log = logging.getLogger(__name__)
-
-PIPELINES = ("auto", "fused", "two-stage")
-RUNTIMES = ("auto", "openvino", "tensorflow")
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    """Every default of `breedlabel label` (shown by --help). 0 = sized from the cluster."""
-
-    inputs: tuple[str, ...] = ()
-    model: str = ""
-    out: str = ""
-    manifests: tuple[str, ...] = ()
-    any_extension: bool = False       # also label keys without an image extension
-    runtime: str = "auto"             # auto = OpenVINO on CPU actors, TensorFlow on GPU actors
-    pipeline: str = "auto"            # auto = decode fused into CPU actors, two stages with GPUs
-    batch_size: int = 64              # images per inference call
-    actors: int = 0                   # 0: one per node (CPU) or one per GPU
-    cpus_per_actor: int = 0           # 0: all CPUs of the smallest node (CPU actors)
-    decode_threads: int = 0           # 0: the actor's CPUs
-    io_threads: int = 8               # concurrent reads per actor (S3 latency)
-    rows_per_file: int = 20_000       # target rows per Parquet part
-    top_k: int = 3
-    min_prob: float = 0.5             # below: counted as low confidence in the summary
-    max_error_rate: float = 1.0       # above: exit code 3 (rows are still written)
-    incremental: bool = False
-    resume: bool = True
-    dry_run: bool = False
-    address: str | None = None        # Ray address ("auto" = running cluster); none = local Ray
-    queue_chunks: int = 8             # listing chunks buffered ahead of the pipeline
-    progress: bool = True
-
-    def check(self) -> None:
-        """Usage errors (exit 2) before anything starts."""
-        if not self.inputs and not self.manifests:
-            raise ConfigError("give at least one INPUT (folder, s3:// prefix, archive, image) or --manifest FILE")
-        if not self.model:
-            raise ConfigError("--model BUNDLE is required (a bundle directory or URI)")
-        if not self.out and not self.dry_run:
-            raise ConfigError("--out OUTPUT is required (a folder or s3:// prefix for the Parquet)")
-        for name in ("batch_size", "rows_per_file", "top_k", "io_threads", "queue_chunks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("actors", "cpus_per_actor", "decode_threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be 0 (auto) or more, got {getattr(self, name)}")
-        if not 0.0 <= self.max_error_rate <= 1.0:
-            raise ConfigError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
-        if self.runtime not in RUNTIMES:
-            raise ConfigError(f"--runtime {self.runtime!r} is not one of {list(RUNTIMES)}")
-        if self.pipeline not in PIPELINES:
-            raise ConfigError(f"--pipeline {self.pipeline!r} is not one of {list(PIPELINES)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,15 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode threads per actor (0 = the actor's CPUs)")
     parser.add_argument("--io-threads", type=int, default=d.io_threads, help="concurrent reads per actor")
     parser.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="target rows per Parquet part")
+    parser.add_argument("--stage-every", dest="stage_every_s", type=float, default=d.stage_every_s, metavar="S",
+                        help="stage the rows received at least every S seconds: the most a kill can lose")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="breeds kept per image")
     parser.add_argument("--min-prob", type=float, default=d.min_prob,
                         help="top-1 probability below which an image counts as low confidence")
     parser.add_argument("--max-error-rate", type=float, default=d.max_error_rate,
                         help="exit code 3 when the share of rows with an error exceeds this")
+    parser.add_argument("--relabel", action="store_true",
+                        help="label again inputs a finished run already labelled with this model (readers then "
+                             "see one row per run for them; by default they are skipped)")
     parser.add_argument("--incremental", action="store_true",
-                        help="skip inputs a finished run already labelled (same uri, member, bytes, model)")
+                        help="skip inputs a finished run already labelled (same uri, member, content hash, "
+                             "model): always on unless --relabel; kept for older scripts")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="do not resume an interrupted run with the same inputs and model")
+                        help="start a new run instead of resuming an interrupted one with the same inputs and model")
+    parser.add_argument("--lease-ttl", dest="lease_ttl_s", type=float, default=d.lease_ttl_s, metavar="S",
+                        help="the output's lease lifetime, renewed every S/3 while the run works")
     parser.add_argument("--dry-run", action="store_true", help="list what would be labelled, label nothing")
     parser.add_argument("--address", default=d.address, help="Ray cluster address ('auto'); default: local Ray")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -119,60 +89,69 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.label_run import label
-
     cfg = config_from_args(args)
     manifest = label(cfg)
+    return 0 if cfg.dry_run else exit_code(manifest)
+
+
+def label(cfg: LabelConfig) -> dict | None:
+    """Run the job; returns the run manifest (None for --dry-run). Raises BreedlabelError on failure:
+    LeaseHeldError (75) when another run writes the output, Stopped (1) on SIGTERM/SIGINT."""
+    cfg.check()
+    bundle = load_bundle(cfg.model)
     if cfg.dry_run:
-        return 0
-    from core.label_summary import exit_code
+        dry_run(cfg, bundle.model_id)
+        return None
+    out = output.Output(cfg.out)
+    with GracefulStop() as stop, lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s,
+                                             on_lost=lambda exc: stop.request(str(exc))) as held:
+        run = LabelRun.start(out, cfg, bundle.model_id, held)
+        started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
+        stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+        try:
+            plan = run_pipeline(cfg, run, stop)
+        except BaseException as exc:
+            with stop.deferred():
+                run.stage()  # what arrived is staged: a rerun resumes from it
+            if isinstance(exc, Stopped):
+                raise Stopped(f"{exc}: {run.stats.images} images of run {run.run_id} are staged; rerun the "
+                              "same command to resume") from None
+            raise  # the lease is released on the way out; Ray is shut down at exit (after the message)
+        with stop.deferred():
+            manifest = run.commit(plan)
+    if started_ray:
+        import ray
 
-    return exit_code(manifest)
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One input object for the pipeline; `data` is set for archive members (read in one pass)."""
-
-    uri: str
-    member: str | None = None
-    data: bytes | None = None
-    error: str | None = None
-
-
-def iter_items(cfg: LabelConfig) -> Iterator[WorkItem]:
-    """The streamed listing of every input (core.sources), archive members with their bytes.
-
-    Why bytes here: a tar can only be read front to back, so each archive (given as an input
-    or found in a listed folder) stays one listing item and is read by one sequential pass
-    (`iter_archive_members`) that hands its members' bytes on, instead of every actor
-    re-reading it. Members a manifest names one by one are read alone by the actors.
-    """
-    from itertools import chain
-
-    from core import sources, storage
-
-    exts = None if cfg.any_extension else storage.IMAGE_EXTENSIONS
-    listings = [sources.iter_items(cfg.inputs, extensions=exts, expand_archives=False)] if cfg.inputs else []
-    listings += [sources.iter_items([], manifest=m, extensions=exts, expand_archives=False) for m in cfg.manifests]
-    for item in chain.from_iterable(listings):
-        if item.is_archive:
-            yield from _archive_work(item.uri, exts)
-        else:
-            yield WorkItem(item.uri, item.member, None, item.error)
+        ray.shutdown()
+    print(summary_text(manifest, cfg.min_prob), file=sys.stderr)
+    return manifest
 
 
-def _archive_work(uri: str, exts) -> Iterator[WorkItem]:
-    from core import sources
-
-    for got in sources.iter_archive_members(uri, extensions=exts):
-        yield WorkItem(got.item.uri, got.item.member, got.data, got.error)
+def dry_run(cfg: LabelConfig, model_id: str) -> None:
+    """Print what would be labelled (one line each) and how many inputs are already done."""
+    done = np.zeros(0, np.uint64)
+    if cfg.out and not cfg.relabel:
+        done = output.Output(cfg.out).done_keys(model_id)
+    exts = None if cfg.any_extension else IMAGE_EXTENSIONS
+    items = iter_label_items(cfg.inputs, cfg.manifests, extensions=exts)
+    total = already = 0
+    with ThreadPoolExecutor(cfg.io_threads) as pool:
+        while chunk := list(islice(items, 256)):
+            uris, members = [i.item.uri for i in chunk], [i.item.member for i in chunk]
+            shas = (labelling.fetch(uris, members, [i.data for i in chunk], [i.error for i in chunk], pool).shas
+                    if len(done) else [""] * len(chunk))
+            skip = labelling.skip_mask(uris, members, shas, model_id, done)
+            for uri, member, s in zip(uris, members, skip):
+                if not s:
+                    print(uri if member is None else f"{uri}\t{member}")
+            total += len(chunk)
+            already += int(skip.sum())
+    print(f"dry run: {total} inputs, {already} already labelled with model {model_id[:12]}, "
+          f"{total - already} would be labelled", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.label …`: this subcommand alone (as a Ray job entrypoint), same exit codes."""
-    from jobs.cli import main as cli_main
-
     return cli_main(["label", *(sys.argv[1:] if argv is None else argv)])
 
 

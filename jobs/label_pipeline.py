@@ -1,52 +1,74 @@
-"""The Ray Data side of `breedlabel label`: streamed listing in, Arrow rows out.
+"""The Ray side of `breedlabel label`: the streamed listing in, label rows out to the run.
 
-    listing (driver thread) -> bounded Ray queue -> read tasks -> predict actors -> driver writer
+    listing (driver thread) -> bounded Ray queue -> read tasks -> [decode tasks] -> predict actors -> LabelRun
 
 Why a queue: Ray Data plans read tasks from a list known up front, but a bucket's listing is
 a generator that may take longer than the labelling; a driver thread puts chunks of the
 listing into a bounded `ray.util.queue.Queue` and a few read tasks pull from it, so labelling
 starts with the first page and memory is bounded by the queue, not by the bucket.
 
-On CPU nodes the predict actor also decodes (`core.labelling.BatchLabeller`: a thread pool for
-reads and decode, then the runtime on the same cores): measured faster than a separate Ray
-decode stage (see bench/label_throughput.py). With GPUs, decode runs as CPU tasks and each
-GPU gets one TensorFlow actor. Rows come back to the driver, which writes the Parquet parts:
-they are small (no image data), and one writer keeps part names deterministic.
+Why one row per chunk: Ray Data merges the small blocks a task yields until they reach
+`target_max_block_size` (128 MiB), so a long-lived read task handed its whole listing on in
+one block at the end, and the rows of a 3,000-image run reached the driver together after
+79 s. Here every Ray Data row is a whole chunk (an Arrow IPC payload: `batch_size` inputs in,
+their label rows out) and blocks are never merged, so rows reach the driver chunk by chunk
+and are staged as they come (core.label_run).
+
+Everything that is not Ray lives in core: the plan (core.label_plan), the chunk logic
+(core.labelling), the run state (core.label_run).
 """
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from core import labelling
+from core.bundle import load_bundle
+from core.errors import JobError
+from core.label_config import LabelConfig
+from core.label_plan import FUSED, ClusterResources, PipelinePlan, plan
+from core.label_run import LabelRun
+from core.sources import ItemData, iter_label_items
+from core.stop import GracefulStop
+from core.storage import IMAGE_EXTENSIONS
 from jobs import ray_session
-from jobs.label import LabelConfig
 
 log = logging.getLogger(__name__)
 
-DECODE_TASK_MEMORY = 256 << 20  # a decode task's batch of large photos, bytes + decoded arrays
+DECODE_TASK_MEMORY = 256 << 20  # a decode task's chunk of large photos, bytes + decoded arrays
 READ_TASKS = 2          # listing relays; they do no work beyond handing chunks on
+CHUNK = "chunk"         # the one column of every Ray Data row: an Arrow IPC payload
 _QUEUE_POLL_S = 0.5
 
 
-def chunk_table(items: list) -> pa.Table:
-    """InputItems -> the columns read tasks hand to the pipeline."""
-    return pa.table({
-        labelling.COL_URI: pa.array([it.uri for it in items], pa.string()),
-        labelling.COL_MEMBER: pa.array([it.member for it in items], pa.string()),
-        labelling.COL_DATA: pa.array([getattr(it, "data", None) for it in items], pa.binary()),
-        labelling.COL_ERROR: pa.array([getattr(it, "error", None) for it in items], pa.string()),
-    })
+def pack(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack(payload: bytes) -> pa.Table:
+    return pa.ipc.open_stream(payload).read_all()
+
+
+def _row(table: pa.Table) -> pa.Table:
+    return pa.table({CHUNK: pa.array([pack(table)], pa.binary())})
+
+
+def _tables(batch: pa.Table) -> Iterator[pa.Table]:
+    for payload in batch.column(CHUNK).to_pylist():
+        yield unpack(payload)
 
 
 class Feeder:
-    """Driver thread: streams the listing into a bounded queue, one chunk per batch."""
+    """Driver thread: streams the listing into a bounded queue, one chunk per actor call."""
 
-    def __init__(self, items: Iterable, chunk: int, maxsize: int):
+    def __init__(self, items: Iterable[ItemData], chunk: int, maxsize: int):
         from ray.util.queue import Queue
 
         self.queue = Queue(maxsize=maxsize, actor_options={"num_cpus": 0, **ray_session.driver_node_affinity()})
@@ -62,7 +84,10 @@ class Feeder:
         return self
 
     def stop(self) -> None:
+        """Stop listing; waits for a queue call in flight (at most a poll), so no thread is
+        inside Ray when the process exits or shuts Ray down."""
         self._stop.set()
+        self._thread.join(timeout=2 * _QUEUE_POLL_S)
 
     def _put(self, item) -> bool:
         from ray.util.queue import Full
@@ -75,20 +100,25 @@ class Feeder:
                 continue
         return False
 
-    def _run(self) -> None:
+    def _put_chunk(self, buf: list[ItemData]) -> bool:
         import ray
 
+        if not self._put([ray.put(_row(labelling.chunk_table(buf)))]):
+            return False
+        self.listed += len(buf)
+        return True
+
+    def _run(self) -> None:
         try:
-            buf: list = []
+            buf: list[ItemData] = []
             for item in self._items:
                 buf.append(item)
                 if len(buf) >= self._chunk:
-                    if not self._put([ray.put(chunk_table(buf))]):
+                    if not self._put_chunk(buf):
                         return
-                    self.listed += len(buf)
                     buf = []
-            if buf and self._put([ray.put(chunk_table(buf))]):
-                self.listed += len(buf)
+            if buf and not self._put_chunk(buf):
+                return
             self.finished = True
         except BaseException as exc:  # surfaced by the driver loop; the job fails with exit 1
             self.error = exc
@@ -122,96 +152,118 @@ def _queue_datasource(queue, n_tasks: int):
 
 
 class LabelActor:
-    """Fused stage (CPU): load the bundle once, then read + decode + predict each batch."""
+    """Fused stage (CPU): load the bundle once, then read + decode + predict each chunk."""
 
-    def __init__(self, model: str, run_id: str, done: list, *, runtime: str, threads: int,
-                 decode_threads: int, io_threads: int, top_k: int):
+    def __init__(self, model: str, done: list, *, runtime: str, threads: int, decode_threads: int,
+                 io_threads: int, top_k: int):
         import ray
-
-        from core.bundle import load_bundle
 
         keys = ray.get(done[0]) if done else None
         self.labeller = labelling.BatchLabeller(
             load_bundle(model), runtime=runtime, threads=threads, decode_threads=decode_threads,
-            io_threads=io_threads, top_k=top_k, run_id=run_id, done_keys=keys)
+            io_threads=io_threads, top_k=top_k, done_keys=keys)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return self.labeller.label(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([_row(self.labeller.label(t)) for t in _tables(batch)])
 
 
 class PredictActor(LabelActor):
-    """Predict stage of the two-stage pipeline (GPU, or measured on CPU): decoded batches in."""
+    """Predict stage of the two-stage pipeline (GPU, or measured on CPU): decoded chunks in."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return self.labeller.label_decoded(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([_row(self.labeller.label_decoded(t)) for t in _tables(batch)])
 
 
-def resources() -> tuple[int, int, int]:
-    """(total CPUs, CPUs of the smallest alive node, GPUs) of the connected cluster."""
+def _decode_stage(batch: pa.Table, *, size, policy, model_id, done, io_threads) -> pa.Table:
+    import ray
+
+    keys = ray.get(done[0]) if done else None
+    return pa.concat_tables([_row(labelling.decode_chunk(t, size=tuple(size), policy=policy, model_id=model_id,
+                                                         done=keys, io_threads=io_threads))
+                             for t in _tables(batch)])
+
+
+def cluster_resources() -> ClusterResources:
+    """CPUs and GPUs of the connected cluster's alive nodes."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = [int(n["Resources"].get("CPU", 0)) for n in nodes if n["Resources"].get("CPU", 0) >= 1]
     gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
-    return sum(cpus), (min(cpus) if cpus else 1), gpus
+    return ClusterResources(total_cpus=sum(cpus), min_node_cpus=min(cpus) if cpus else 1, gpus=gpus)
 
 
-def plan(cfg: LabelConfig) -> dict:
-    """Pipeline shape from the config and the cluster: pipeline, actors, CPUs and threads each."""
-    total, per_node, gpus = resources()
-    pipeline = cfg.pipeline
-    if pipeline == "auto":
-        pipeline = "two-stage" if gpus and cfg.runtime != "openvino" else "fused"
-    use_gpu = pipeline == "two-stage" and gpus > 0 and cfg.runtime != "openvino"
-    if use_gpu:
-        actors, cpus = cfg.actors or gpus, cfg.cpus_per_actor or 1
-    else:
-        cpus = min(cfg.cpus_per_actor or per_node, total)
-        actors = cfg.actors or max(1, total // cpus)
-        if pipeline == "two-stage":  # CPU: leave cores to the decode tasks
-            cpus = cfg.cpus_per_actor or max(1, per_node // 2)
-            actors = cfg.actors or 1
-    return {"pipeline": pipeline, "actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": 1 if use_gpu else 0,
-            "decode_threads": cfg.decode_threads or cpus, "runtime_threads": cpus, "cluster_cpus": total}
-
-
-def build_dataset(cfg: LabelConfig, shape: dict, queue, run_id: str, done_ref):
-    """read (queue) -> [decode tasks] -> predict actors; rows come out as Arrow tables."""
+def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
+    """read (queue) -> [decode tasks] -> predict actors; one row per chunk all the way."""
     import ray
     from ray.data import ActorPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), num_cpus=0,
-                                  override_num_blocks=READ_TASKS,
-                                  ray_remote_args=ray_session.driver_node_affinity())
+    ctx.target_max_block_size = 1  # every row (a whole chunk) is its own block: nothing waits to be merged
+    ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), num_cpus=0, override_num_blocks=READ_TASKS,
+                                  label_selector=ray_session.driver_node_label())
     done = [done_ref] if done_ref is not None else []
-    actor_kwargs = dict(model=cfg.model, run_id=run_id, done=done, runtime=cfg.runtime,
-                        threads=shape["runtime_threads"], decode_threads=shape["decode_threads"],
-                        io_threads=cfg.io_threads, top_k=cfg.top_k)
-    compute = ActorPoolStrategy(size=shape["actors"])
-    if shape["pipeline"] == "fused":
-        return ds.map_batches(LabelActor, fn_constructor_kwargs=actor_kwargs, compute=compute,
-                              batch_size=cfg.batch_size, batch_format="numpy", num_cpus=shape["cpus_per_actor"],
-                              zero_copy_batch=True)
-    from core.bundle import load_bundle
-
+    actor_kwargs = dict(model=cfg.model, done=done, runtime=cfg.runtime, threads=shape.runtime_threads,
+                        decode_threads=shape.decode_threads, io_threads=cfg.io_threads, top_k=cfg.top_k)
+    compute = ActorPoolStrategy(size=shape.actors)
+    if shape.pipeline == FUSED:
+        return ds.map_batches(LabelActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,
+                              batch_format="pyarrow", num_cpus=shape.cpus_per_actor, zero_copy_batch=True)
     bundle = load_bundle(cfg.model)
     # A memory request of its own also keeps Ray from fusing this stage into the actors.
     decoded = ds.map_batches(
-        _decode_stage, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
-        fn_kwargs=dict(size=bundle.input_size, policy=bundle.resize_policy, model_id=bundle.model_id,
-                       done=done, io_threads=cfg.io_threads))
+        _decode_stage, batch_size=1, batch_format="pyarrow", num_cpus=1, memory=DECODE_TASK_MEMORY,
+        zero_copy_batch=True, fn_kwargs=dict(size=bundle.input_size, policy=bundle.resize_policy,
+                                             model_id=bundle.model_id, done=done, io_threads=cfg.io_threads))
     actor_kwargs["decode_threads"] = 1
-    return decoded.map_batches(PredictActor, fn_constructor_kwargs=actor_kwargs, compute=compute,
-                               batch_size=cfg.batch_size, batch_format="numpy",
-                               num_cpus=shape["cpus_per_actor"], num_gpus=shape["gpus_per_actor"])
+    return decoded.map_batches(PredictActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,
+                               batch_format="pyarrow", num_cpus=shape.cpus_per_actor,
+                               num_gpus=shape.gpus_per_actor, zero_copy_batch=True)
 
 
-def _decode_stage(batch: dict[str, np.ndarray], *, size, policy, model_id, done, io_threads) -> dict:
+def run_pipeline(cfg: LabelConfig, run: LabelRun, stop: GracefulStop) -> PipelinePlan:
+    """Label everything the inputs list into `run`; returns the plan it ran with."""
     import ray
 
-    keys = ray.get(done[0]) if done else None
-    return labelling.decode_batch(batch, size=tuple(size), policy=policy, model_id=model_id, done=keys,
-                                  io_threads=io_threads)
+    shape = plan(cfg, cluster_resources())
+    log.info("label plan: %s", shape)
+    done_ref = ray.put(run.done) if run.done is not None and len(run.done) else None
+    exts = None if cfg.any_extension else IMAGE_EXTENSIONS
+    feeder = Feeder(iter_label_items(cfg.inputs, cfg.manifests, extensions=exts), cfg.batch_size,
+                    cfg.queue_chunks).start()
+    pbar = _progress(cfg)
+    try:
+        ds = build_dataset(cfg, shape, feeder.queue, done_ref)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rows in _tables(batch):
+                run.add(rows)
+                _tick(pbar, feeder, rows.num_rows, run)
+            stop.check()
+    finally:
+        feeder.stop()
+        if pbar is not None:
+            pbar.close()
+    if feeder.error is not None:
+        raise feeder.error
+    if not feeder.finished or run.seen != feeder.listed:
+        raise JobError(f"run {run.run_id}: {feeder.listed} inputs listed but {run.seen} came back from the "
+                       "pipeline; nothing was published. Rerun the same command: it resumes from the staged parts")
+    return shape
+
+
+def _progress(cfg: LabelConfig):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit="img", desc="labelling", dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+
+
+def _tick(pbar, feeder: Feeder, n: int, run: LabelRun) -> None:
+    if pbar is None:
+        return
+    pbar.total = max(feeder.listed, pbar.n + n)
+    pbar.set_postfix_str(f"errors {run.stats.errors}" + ("" if feeder.finished else ", listing…"), refresh=False)
+    pbar.update(n)

@@ -28,6 +28,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     return True
 
 
+def driver_node_label() -> dict[str, str]:
+    """A label selector that keeps Ray Data tasks on the driver's node (as Ray's own local reads do)."""
+    import ray
+
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+
+
 def driver_node_affinity() -> dict:
     """Ray remote args that keep a task or actor on the driver's node.
 

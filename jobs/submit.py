@@ -23,10 +23,10 @@ import sys
 import time
 from typing import Sequence
 
-from cluster import lease as leases
 from cluster import runtime_env as renv
 from cluster import submit as sub
-from core.errors import EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
+from core import lease as leases
+from core.errors import EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
 
 LOG_TAIL_LINES = 40
 
@@ -48,10 +48,6 @@ def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -
                         help="code to upload (default: this breedlabel checkout)")
     parser.add_argument("--env", action="append", default=d([]), metavar="NAME=VALUE",
                         help="extra environment variable for the job (never credentials)")
-    parser.add_argument("--no-lease", action="store_true", default=d(False),
-                        help="label: do not take the output's lease (allows overlapping runs)")
-    parser.add_argument("--lease-ttl", type=float, default=d(leases.DEFAULT_TTL_S), metavar="S",
-                        help="label: lease lifetime, renewed every S/3 while the job runs")
     parser.add_argument("--submission-id", default=d(None), help="job id to use (default: generated)")
     parser.add_argument("--entrypoint-num-cpus", type=float, default=d(None),
                         help="CPUs reserved for the job's driver")
@@ -80,16 +76,12 @@ def split_args(args: argparse.Namespace) -> list[str]:
     return job_args + rest[cut + 1:]
 
 
-def _job_namespace(kind: str, job_args: list[str]) -> tuple[argparse.Namespace | None, bool]:
+def _job_namespace(kind: str, job_args: list[str]) -> argparse.Namespace:
     """Parse the job's arguments with the job's own parser (usage errors before submitting)."""
-    try:
-        module = importlib.import_module(sub.ENTRYPOINT_MODULES[kind])
-    except ImportError:
-        return None, False
+    module = importlib.import_module(sub.ENTRYPOINT_MODULES[kind])
     parser = argparse.ArgumentParser(prog=f"breedlabel submit {kind}")
     module.add_arguments(parser)
-    takes_run_id = any("--run-id" in a.option_strings for a in parser._actions)
-    return parser.parse_args(job_args), takes_run_id  # exits 2 on a usage error
+    return parser.parse_args(job_args)  # exits 2 on a usage error
 
 
 def _check_paths(job_args: Sequence[str]) -> None:
@@ -109,10 +101,10 @@ def _lease_skip(output: str) -> int | None:
               file=sys.stderr)
         return None
     now = time.time()
-    if holder is not None and not holder.expired(now):
+    if leases.is_live(holder, now):
         print(f"breedlabel submit: skipped: {leases.LeaseHeldError(leases.lease_uri(output), holder, now)}",
               file=sys.stderr)
-        return leases.EXIT_LEASE_HELD
+        return EXIT_LEASE_HELD
     return None
 
 
@@ -127,20 +119,14 @@ def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def build_request(args: argparse.Namespace, job_args: list[str]) -> sub.JobRequest:
-    from core.output import new_run_id
-
-    ns, takes_run_id = _job_namespace(args.job, job_args)
+    ns = _job_namespace(args.job, job_args)
     _check_paths(job_args)
-    output = getattr(ns, "out", None) if args.job == "label" else None
-    run_id = None
-    if args.job == "label":
-        run_id = getattr(ns, "run_id", None) or (new_run_id() if takes_run_id else None)
+    output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
     return sub.JobRequest(
         kind=args.job, job_args=tuple(job_args),
         runtime_env=renv.build_runtime_env(args.runtime_env, working_dir=args.working_dir,
                                            env_vars=_env_vars(args.env)),
-        output=output, run_id=run_id, lease=not args.no_lease, lease_ttl_s=args.lease_ttl,
-        submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
+        output=output, submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
         entrypoint_num_gpus=args.entrypoint_num_gpus)
 
 
@@ -150,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         req = build_request(args, job_args)
     except SystemExit as exc:  # the job's parser rejected its options (message already printed)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    if req.kind == "label" and req.lease and req.output:
+    if req.output:
         skipped = _lease_skip(req.output)
         if skipped is not None:
             return skipped

@@ -79,7 +79,7 @@ def test_kubernetes_manifests(tmp_path):
     (rayjob,) = check.load_yaml_docs(check.SCHEDULES_DIR / "rayjob.yaml")
     assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"] == "ray.io/v1"
     entry = rayjob["spec"]["entrypoint"]
-    assert entry.startswith("python -m cluster.locked") and "-m jobs.label" in entry and "--incremental" in entry
+    assert entry.startswith("python -m jobs.label") and "--out" in entry  # the label job holds the lease itself
     for doc in (cronjob, rayjob):
         assert "AWS_SECRET" not in yaml.safe_dump(doc)
 
@@ -89,8 +89,7 @@ def test_kubernetes_manifests(tmp_path):
     (["python", "-m", "jobs.lable", "x"], "no such module"),
     (["breedlabel", "submit", "label", "s3://b/in", "--model", "s3://b/m", "--out", "s3://b/o",
       "--incremantal"], "unrecognized arguments"),
-    (["python", "-m", "cluster.locked", "--output", "s3://b/o", "--", "python", "-m", "jobs.label",
-      "s3://b/in"], "--model"),
+    (["python", "-m", "jobs.label", "s3://b/in", "--out", "s3://b/o"], "--model"),
     (["curl", "http://x"], "not a breedlabel entry point"),
 ])
 def test_check_catches_bad_commands(argv, expect):
@@ -116,13 +115,13 @@ def test_submit_options_anywhere_job_options_pass_through(tmp_path):
     assert job_args == ["/data/in", "--model", "/m", "--out", "/o", "--incremental", "--address", "auto"]
 
 
-def test_label_entrypoint_holds_the_lease():
-    req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m"), runtime_env={},
-                         output="/o", lease_ttl_s=120)
-    assert sub.build_entrypoint(req) == ("python -m cluster.locked --output /o --ttl 120 -- "
-                                         "python -m jobs.label /in --out /o --model /m")
-    no_lease = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
-    assert sub.build_entrypoint(no_lease) == "python -m jobs.train --workers 2"
+def test_entrypoint_is_the_job_module():
+    """No wrapper: the label job takes its output's lease itself (--lease-ttl is its own option)."""
+    req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m", "--lease-ttl", "120"),
+                         runtime_env={}, output="/o")
+    assert sub.build_entrypoint(req) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
+    train = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
+    assert sub.build_entrypoint(train) == "python -m jobs.train --workers 2"
 
 
 def test_runtime_env_modes():
@@ -156,31 +155,29 @@ class FakeInfo:
     message: str = ""
 
 
-def _write_manifest(out: str, run_id: str, exit_code: int) -> None:
+def _write_manifest(out: str, run_id: str, exit_code: int, finished_at: str = "2030-01-01T00:00:00+00:00") -> None:
     from core import output as o
 
     dest = o.Output(out)
     dest.write_json(dest.published(run_id, o.MANIFEST_FILE), {
         o.M_RUN_ID: run_id, o.M_STATUS: o.STATUS_COMPLETE, o.M_EXIT_CODE: exit_code, o.M_IMAGES: 5,
         o.M_LABELLED: 4, o.M_SKIPPED: 0, o.M_ERROR_RATE: 0.2, o.M_MAX_ERROR_RATE: 0.1,
-        o.M_FINISHED_AT: "2030-01-01T00:00:00+00:00"})
+        o.M_FINISHED_AT: finished_at})
 
 
 def test_exit_codes_follow_the_manifest(tmp_path):
     out = str(tmp_path / "labels")
-    meta = {sub.META_KIND: "label", sub.META_OUTPUT: out, sub.META_RUN_ID: "r1"}
+    meta = {sub.META_KIND: "label", sub.META_OUTPUT: out}
     # Ray says SUCCEEDED but nothing was published: failed
     assert sub.outcome(FakeInfo("SUCCEEDED", 0, meta)).exit_code == 1
     _write_manifest(out, "r1", 0)
     done = sub.outcome(FakeInfo("SUCCEEDED", 0, meta))
     assert done.exit_code == 0 and "5 images" in done.message
-    _write_manifest(out, "r2", 3)
-    over = sub.outcome(FakeInfo("FAILED", 3, {**meta, sub.META_RUN_ID: "r2"}))
+    _write_manifest(out, "r2", 3, finished_at="2031-01-01T00:00:00+00:00")
+    over = sub.outcome(FakeInfo("FAILED", 3, meta))  # the newest manifest finished after the job started
     assert over.exit_code == 3 and "error rate" in over.message
-    # no run id known: the newest manifest finished after the job started
-    latest = sub.outcome(FakeInfo("FAILED", 3, {sub.META_KIND: "label", sub.META_OUTPUT: out},
-                                  start_time=1_000))
-    assert latest.exit_code in (0, 3)
+    # a job that failed is failed, whatever manifests other runs wrote
+    assert sub.outcome(FakeInfo("FAILED", 1, meta)).exit_code == 1
     assert sub.outcome(FakeInfo("FAILED", 75, meta)).exit_code == 75
     assert sub.outcome(FakeInfo("STOPPED", None, meta)).exit_code == 1
     assert sub.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2

@@ -6,26 +6,27 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from core import labelling, output, schema
 from core.bundle import load_bundle
+from core.sources import InputItem, ItemData
 from tests.fixtures.images import SAMPLE_KINDS, sample_images
 
 
-def batch_of(samples, missing: int = 0, **extra) -> dict:
-    uris = [f"mem://{s.kind}/{s.filename}" for s in samples] + [f"/nonexistent/gone{i}.jpg" for i in range(missing)]
-    datas = [s.data for s in samples] + [None] * missing
-    return {labelling.COL_URI: np.array(uris, dtype=object),
-            labelling.COL_MEMBER: np.array([None] * len(uris), dtype=object),
-            labelling.COL_DATA: np.array(datas, dtype=object),
-            labelling.COL_ERROR: np.array([None] * len(uris), dtype=object), **extra}
+def batch_of(samples, missing: int = 0, errors: dict | None = None) -> pa.Table:
+    """A chunk as the listing hands it to an actor: bytes given (like archive members) or to read."""
+    items = [ItemData(InputItem(f"mem://{s.kind}/{s.filename}"), s.data, None) for s in samples]
+    items += [ItemData(InputItem(f"/nonexistent/gone{i}.jpg"), None, None) for i in range(missing)]
+    items += [ItemData(InputItem(uri, error=reason), None, reason) for uri, reason in (errors or {}).items()]
+    return labelling.chunk_table(items)
 
 
 @pytest.fixture(scope="module")
 def labeller(tiny_bundle):
     return labelling.BatchLabeller(load_bundle(str(tiny_bundle)), runtime="openvino", threads=1,
-                                   decode_threads=2, io_threads=2, top_k=3, run_id="RUN")
+                                   decode_threads=2, io_threads=2, top_k=3)
 
 
 def test_every_kind_gives_one_row_with_label_or_reason(labeller):
@@ -43,18 +44,15 @@ def test_every_kind_gives_one_row_with_label_or_reason(labeller):
         else:  # the short reason, possibly with a detail: "unsupported format (TIFF)"
             assert row["error"].startswith(sample.error), sample.kind
             assert row["top_k"] == [] and row["breed"] is None and row["width"] is None
-        assert row["bytes"] == len(sample.data) and row["run_id"] == "RUN"
+        assert row["bytes"] == len(sample.data) and row["model_id"] == labeller.bundle.model_id
     assert got[-1]["error"] == "not found" and got[-1]["bytes"] == 0  # vanished between listing and reading
     assert not any(table.column(labelling.SKIPPED).to_pylist())
-    assert table.drop_columns([labelling.SKIPPED]).schema.equals(schema.LABEL_SCHEMA)
+    assert table.drop_columns([labelling.SKIPPED]).schema.remove_metadata().equals(schema.FILE_SCHEMA)
+    assert table.schema.metadata[labelling.RUNTIME_META] == b"openvino/f32"  # what the actor really ran
 
 
 def test_listing_errors_pass_through(labeller):
-    batch = batch_of([])
-    batch = {labelling.COL_URI: np.array(["s3://b/broken.tar"], dtype=object),
-             labelling.COL_MEMBER: np.array([None], dtype=object), labelling.COL_DATA: np.array([None], dtype=object),
-             labelling.COL_ERROR: np.array(["corrupt archive: ReadError"], dtype=object)}
-    row = labeller.label(batch).to_pylist()[0]
+    row = labeller.label(batch_of([], errors={"s3://b/broken.tar": "corrupt archive: ReadError"})).to_pylist()[0]
     assert row["error"] == "corrupt archive: ReadError" and row["top_k"] == []
 
 
@@ -62,7 +60,7 @@ def test_two_stage_matches_fused(labeller, tiny_bundle):
     samples = sample_images(["jpeg", "png", "cmyk_jpeg", "truncated_jpeg", "webp"])
     fused = labeller.label(batch_of(samples))
     bundle = load_bundle(str(tiny_bundle))
-    decoded = labelling.decode_batch(batch_of(samples), size=bundle.input_size, policy=bundle.resize_policy,
+    decoded = labelling.decode_chunk(batch_of(samples), size=bundle.input_size, policy=bundle.resize_policy,
                                      model_id=bundle.model_id, io_threads=1)
     staged = labeller.label_decoded(decoded)
     cols = [schema.URI, schema.BYTES, schema.CONTENT_SHA256, schema.WIDTH, schema.HEIGHT, schema.BREED, schema.ERROR]
@@ -98,7 +96,7 @@ def test_runtime_parity_on_real_photos(sample_bucket_dir):
         pytest.skip("set BREEDLABEL_TEST_BUNDLE to a trained bundle to run the real-photo parity test")
     bundle = load_bundle(path)
     files = sorted(str(p) for p in sample_bucket_dir.rglob("*") if p.is_file())
-    batch = {labelling.COL_URI: np.array(files, dtype=object), labelling.COL_MEMBER: np.array([None] * len(files))}
+    batch = labelling.chunk_table([ItemData(InputItem(f), None, None) for f in files])
     ov = labelling.BatchLabeller(bundle, runtime="openvino").label(batch)
     tf = labelling.BatchLabeller(bundle, runtime="tensorflow").label(batch)
     same = np.mean(np.array(ov.column(schema.BREED).to_pylist()) == np.array(tf.column(schema.BREED).to_pylist()))

@@ -17,8 +17,8 @@ import pytest
 from core import output
 from core.errors import EXIT_ERROR_BUDGET, EXIT_OK
 from jobs import label as label_cmd
-from jobs.label import LabelConfig
-from jobs.label_run import label
+from core.label_config import LabelConfig
+from jobs.label import label
 from tests.fixtures.images import jpeg_bytes, png_bytes, sample_images
 
 SMALL = dict(actors=2, cpus_per_actor=1, batch_size=4, rows_per_file=7, io_threads=2, progress=False)
@@ -89,7 +89,7 @@ def test_incremental_rerun_labels_only_new_images(ray_local, tmp_path, tiny_bund
     for i in range(6):
         (folder / f"p{i}.jpg").write_bytes(jpeg_bytes(40 + i, 30))
     out = tmp_path / "out"
-    base = dict(inputs=(str(folder),), model=str(tiny_bundle), out=str(out), incremental=True, **SMALL)
+    base = dict(inputs=(str(folder),), model=str(tiny_bundle), out=str(out), **SMALL)
     assert label(LabelConfig(**base))[output.M_IMAGES] == 6
     (folder / "new.png").write_bytes(png_bytes(33, 33))
     (folder / "p0.jpg").write_bytes(jpeg_bytes(99, 30))  # changed content: labelled again

@@ -9,8 +9,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from core import output, storage
-from jobs.label import LabelConfig
-from jobs.label_run import label
+from core.label_config import LabelConfig
+from jobs.label import label
 from tests.fixtures.images import jpeg_bytes, png_bytes
 
 SMALL = dict(actors=1, cpus_per_actor=1, batch_size=4, rows_per_file=5, io_threads=4, progress=False)
@@ -38,7 +38,7 @@ def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
     src, dst = buckets
     out = f"{dst}/labels"
     base = dict(inputs=(f"{src}/photos/", f"{src}/packs/pack.tar"), manifests=(f"{src}/lists/manifest.txt",),
-                model=str(tiny_bundle), out=out, incremental=True, **SMALL)
+                model=str(tiny_bundle), out=out, **SMALL)
     m = label(LabelConfig(**base))
     assert m[output.M_IMAGES] == 5 + 1 + 2 + 1
     assert m[output.M_ERRORS_BY_KIND] == {"not an image": 1, "not found": 1}
@@ -47,7 +47,8 @@ def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
     assert table.num_rows == 9
     assert sorted(k for k in table.column("member").to_pylist() if k) == ["a.jpg", "b.png"]
     assert set(table.column("uri").to_pylist()) >= {f"{src}/packs/pack.tar", f"{src}/photos/d0/p0.jpg"}
-    assert not storage.exists(f"{out}/_staging/run_id={m[output.M_RUN_ID]}/{output.COMMIT_FILE}")
+    assert not storage.exists(f"{out}/_staging/run_id={m[output.M_RUN_ID]}/{output.MANIFEST_FILE}")
+    assert storage.exists(f"{out}/run_id={m[output.M_RUN_ID]}/{output.MANIFEST_FILE}")
 
     again = label(LabelConfig(**base))  # nothing new: every row is skipped (rows with errors too)
     assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 9

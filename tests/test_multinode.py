@@ -62,8 +62,8 @@ def _victim(workers):
 
 def test_node_lost_mid_run_every_input_labelled_once(three_nodes, tiny_bundle, tmp_path):
     from core.output import MANIFEST_FILE, Output
-    from jobs.label import LabelConfig
-    from jobs.label_run import label
+    from core.label_config import LabelConfig
+    from jobs.label import label
 
     cluster, workers = three_nodes
     photos = tmp_path / "photos"

@@ -63,7 +63,7 @@ def test_folder_is_listed_recursively_and_sorted(root):
     assert rel == ["/a.png", "/a/1.JPEG", "/b/2.jpg"]
     assert [i.size for i in items] == [3, 1, 2]
     assert [sources.read_item(i) for i in items] == [b"333", b"1", b"22"]
-    assert [d.data for d in sources.iter_item_bytes(items)] == [b"333", b"1", b"22"]
+    assert list(sources.iter_label_items([root])) == [ItemData(i, None, None) for i in items]  # actors read them
 
 
 def test_single_file_and_extension_less(root):
@@ -90,11 +90,10 @@ def test_archive_members_listed_and_read_once(root, name):
     got = list(sources.iter_archive_members(uri))
     assert [(g.item.member, g.data, g.error) for g in got] == [(m, MEMBERS[m], None) for m in IMAGES]
     assert sources.read_item(items[1]) == MEMBERS[IMAGES[1]]
-    reversed_batch = [items[2], items[0]]
-    assert [d.data for d in sources.iter_item_bytes(reversed_batch)] == [MEMBERS[IMAGES[2]], MEMBERS[IMAGES[0]]]
     whole = list(sources.iter_items([uri], expand_archives=False))
     assert len(whole) == 1 and whole[0].is_archive
-    assert [d.item.member for d in sources.iter_item_bytes(whole)] == IMAGES
+    labelled = list(sources.iter_label_items([uri]))  # the label job's listing: members with their bytes
+    assert [(d.item.member, d.data) for d in labelled] == [(m, MEMBERS[m]) for m in IMAGES]
 
 
 def test_archives_inside_a_folder_are_expanded(root):
@@ -118,7 +117,8 @@ def test_corrupt_archive_is_one_error_item(root, name, data):
     assert items[0].error.startswith("corrupt archive")
     got = list(sources.iter_archive_members(uri))
     assert len(got) == 1 and got[0].data is None and got[0].error.startswith("corrupt archive")
-    assert list(sources.iter_item_bytes(items)) == [ItemData(items[0], None, items[0].error)]
+    (only,) = sources.iter_label_items([uri])
+    assert only.data is None and only.error.startswith("corrupt archive")
 
 
 def test_truncated_archive_keeps_what_was_read(root):
@@ -135,7 +135,7 @@ def test_truncated_archive_keeps_what_was_read(root):
     got = [(g.item.member, g.data is not None, g.error) for g in sources.iter_archive_members(uri)]
     assert got == [("a.jpg", True, None), ("b.jpg", False, "corrupt archive: ReadError"),
                    (None, False, "corrupt archive: ReadError")]
-    rows = [(d.item.member, d.data is not None) for d in sources.iter_item_bytes(items)]
+    rows = [(d.item.member, d.data is not None) for d in sources.iter_label_items([uri])]
     assert rows == [("a.jpg", True), ("b.jpg", False), (None, False)]
 
 
@@ -143,7 +143,8 @@ def test_missing_member_is_a_row_error(tmp_path):
     uri = str(tmp_path / "b.zip")
     storage.write_bytes(uri, _zip())
     ghost = InputItem(uri, "dogs/ghost.jpg")
-    assert list(sources.iter_item_bytes([ghost])) == [ItemData(ghost, None, "member not found")]
+    got = list(sources.iter_archive_members(uri, members={ghost.member}))
+    assert [(g.item.member, g.data, g.error) for g in got] == [(ghost.member, None, "member not found")]
     with pytest.raises(InputError, match="member not found"):
         sources.read_item(ghost)
 
@@ -155,7 +156,7 @@ def test_object_deleted_between_list_and_read(moto_s3):
     storage.delete(items[0].uri)
     with pytest.raises(storage.ObjectNotFoundError, match="not found"):
         sources.read_item(items[0])
-    assert [(d.data, d.error) for d in sources.iter_item_bytes(items)] == [(None, "not found"), (b"2", None)]
+    assert sources.read_item(items[1]) == b"2"
 
 
 def test_manifests_txt_csv_parquet(root):
@@ -172,7 +173,7 @@ def test_manifests_txt_csv_parquet(root):
     for kind in ("csv", "parquet"):
         items = list(sources.iter_items([], manifest=storage.join(root, f"m.{kind}")))
         assert items == expected
-        assert [d.data for d in sources.iter_item_bytes(items)] == [b"1", b"2", MEMBERS["dogs/a.PNG"]]
+        assert [sources.read_item(i) for i in items] == [b"1", b"2", MEMBERS["dogs/a.PNG"]]
 
 
 def test_manifest_relative_paths_and_archive_rows(tmp_path):
@@ -206,10 +207,9 @@ def test_s3_archive_is_read_in_one_pass(moto_s3, monkeypatch, name, whole_read_m
         monkeypatch.setattr(s3, "TAIL_BYTES", 200)
     uri = moto_s3.make_bucket(f"pass-{uuid.uuid4().hex[:12]}") + "/" + name
     storage.write_bytes(uri, ARCHIVES[name]())
-    items = list(sources.iter_items([uri]))
     client = storage.s3_client()
     calls: list[str] = []
     real = client._make_api_call
     monkeypatch.setattr(client, "_make_api_call", lambda op, p: calls.append(op) or real(op, p))
-    assert [d.data for d in sources.iter_item_bytes(items)] == [MEMBERS[m] for m in IMAGES]
+    assert [d.data for d in sources.iter_label_items([uri])] == [MEMBERS[m] for m in IMAGES]
     assert calls.count("GetObject") <= max_gets, calls

@@ -10,12 +10,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import lease as leases
+from core import lease as leases
+from core.errors import EXIT_LEASE_HELD
+from tests.fixtures.crash import Point, label_command
 from tests.fixtures.images import jpeg_bytes, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +86,8 @@ def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, 
     assert runs[-1][M_LABELLED] == 0 and runs[-1][M_IMAGES] == 0 and runs[-1][M_SKIPPED] == len(expected)
     assert _finished_rows(out).num_rows == len(expected)  # nothing new labelled
 
-    # A live lease on the output: plain `ray job submit` of the lease-holding entrypoint is
-    # skipped inside the job (exit 75), and `breedlabel jobs status` reports the skip.
+    # A live lease on the output: plain `ray job submit` of the label job is skipped inside the
+    # job (exit 75: the job takes the lease itself), and `breedlabel jobs status` reports the skip.
     holder = leases.acquire(str(out), "someone-else", ttl_s=600)
     try:
         ray_cli = Path(sys.executable).with_name("ray")
@@ -92,13 +95,53 @@ def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, 
             [str(ray_cli) if ray_cli.exists() else shutil.which("ray"), "job", "submit",
              "--address", ray_head.address, "--working-dir", str(REPO), "--submission-id", "skip-check",
              "--metadata-json", f'{{"breedlabel_kind": "label", "breedlabel_output": "{out}"}}',
-             "--", "python", "-m", "cluster.locked", "--output", str(out), "--",
-             "python", "-m", "jobs.label", str(photos), "--model", str(tiny_bundle), "--out", str(out)],
+             "--", "python", "-m", "jobs.label", str(photos), "--model", str(tiny_bundle), "--out", str(out)],
             cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
         assert skip.returncode != 0
         assert "skipped" in skip.stdout + skip.stderr and "someone-else" in skip.stdout + skip.stderr
         status = _breedlabel(ray_head, "jobs", "status", "skip-check", "--address", ray_head.address)
-        assert status.returncode == leases.EXIT_LEASE_HELD, status.stdout + status.stderr
+        assert status.returncode == EXIT_LEASE_HELD, status.stdout + status.stderr
     finally:
         holder.release()
     assert len(Output(str(out)).finished_runs()) == 2
+
+
+def test_jobs_stop_releases_the_lease_and_a_rerun_resumes(ray_head, photos, tiny_bundle, tmp_path):
+    """`breedlabel jobs stop` on a running label job (paused by its code path after staging a part):
+    the job stops within Ray's 3 s grace, stages what it has and releases the output's lease, so
+    an immediate rerun is not skipped and resumes the run: every input once."""
+    from core.output import M_ATTEMPTS, Output
+
+    out, marker = tmp_path / "labels", tmp_path / "paused"
+    args = [str(photos), "--model", str(tiny_bundle), "--out", str(out), "--batch-size", "2", "--stage-every", "0",
+            "--no-progress"]
+    cmd = label_command(args, Point("core.output:Output.write_part", action="pause"), marker=marker,
+                        release=tmp_path / "never")
+    ray_cli = Path(sys.executable).with_name("ray")
+    submitted = subprocess.run(
+        [str(ray_cli) if ray_cli.exists() else shutil.which("ray"), "job", "submit", "--no-wait",
+         "--address", ray_head.address, "--working-dir", str(REPO), "--submission-id", "stop-me",
+         "--metadata-json", f'{{"breedlabel_kind": "label", "breedlabel_output": "{out}"}}',
+         "--", "python", *cmd[1:]],
+        cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert submitted.returncode == 0, submitted.stderr
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not marker.exists():
+        assert time.monotonic() < deadline, _breedlabel(ray_head, "jobs", "logs", "stop-me", "--address",
+                                                        ray_head.address).stdout[-3000:]
+        time.sleep(0.2)
+    assert leases.read_lease(str(out)) is not None
+
+    stop = _breedlabel(ray_head, "jobs", "stop", "stop-me", "--address", ray_head.address)
+    assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    assert leases.read_lease(str(out)) is None  # released by the job itself, not left to expire
+    logs = _breedlabel(ray_head, "jobs", "logs", "stop-me", "--address", ray_head.address).stdout
+    assert "stopped by SIGTERM" in logs and "rerun the same command to resume" in logs, logs[-4000:]
+    assert Output(str(out)).finished_runs() == [] and Output(str(out)).staged_runs()
+
+    rerun = _submit_label(ray_head, photos, tiny_bundle, out)
+    assert rerun.returncode == 0, f"{rerun.stdout}\n{rerun.stderr}"
+    (manifest,) = Output(str(out)).finished_runs()
+    assert manifest[M_ATTEMPTS] == 2
+    uris = _finished_rows(out).column("uri").to_pylist()
+    assert sorted(uris) == sorted(str(p) for p in photos.rglob("*") if p.is_file())

@@ -1,0 +1,167 @@
+"""One labelling run on its output, from start to commit: resume, skip-set, staging, manifest.
+
+The label job (jobs.label) holds the output's lease (core.lease) around all of this, so no
+other run writes the output meanwhile, and drives it:
+
+    run = LabelRun.start(out, cfg, model_id, lease)   # recover, resume or begin, read back
+    run.add(rows) ...                                 # rows from the pipeline, staged as they come
+    run.commit(plan)                                  # publish + manifest (core.output)
+
+What makes the output a table users can query blindly (one row per uri, member,
+content_sha256, model_id across finished runs):
+- a run never labels a key a finished run holds (the skip-set), unless `relabel` says so;
+- a run killed at any point leaves only staged parts; the next run with the same inputs and
+  model resumes them (after dropping any key a run finished since then), one that was killed
+  after deciding to commit is published by the next run first (`Output.recover`);
+- rows are staged as they arrive (every `stage_every_s`), so a kill loses seconds, not the run.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from core import output, schema, storage
+from core.label_config import LabelConfig
+from core.label_plan import PipelinePlan
+from core.label_summary import RunStats, build_manifest
+from core.labelling import FALLBACK_META, RUNTIME_META, SKIPPED
+from core.lease import Lease
+
+log = logging.getLogger(__name__)
+
+RUN_INPUTS = "inputs"
+RUN_MANIFESTS = "manifests"
+RUN_ANY_EXTENSION = "any_extension"
+RUN_RELABEL = "relabel"
+RUN_ATTEMPT = "attempt"
+
+
+def run_identity(cfg: LabelConfig, model_id: str) -> dict:
+    """What a rerun must match to resume a run: the same inputs, model and options that choose rows."""
+    return {output.M_MODEL_ID: model_id, RUN_INPUTS: [storage.normalize_uri(u) for u in cfg.inputs],
+            RUN_MANIFESTS: [storage.normalize_uri(u) for u in cfg.manifests],
+            RUN_ANY_EXTENSION: cfg.any_extension, RUN_RELABEL: cfg.relabel}
+
+
+class LabelRun:
+    """The state of one run; build it with `LabelRun.start`."""
+
+    def __init__(self, out: output.Output, cfg: LabelConfig, model_id: str, lease: Lease | None,
+                 run_id: str, attempt: int, staged: list[str]):
+        self.out, self.cfg, self.model_id, self.lease = out, cfg, model_id, lease
+        self.run_id, self.attempt, self.staged = run_id, attempt, staged
+        self.stats = RunStats(min_prob=cfg.min_prob)
+        self.writer = output.PartWriter(out, run_id, attempt, cfg.rows_per_file, cfg.stage_every_s)
+        self.runtimes: collections.Counter = collections.Counter()
+        self.fallbacks: set[str] = set()
+        self.seen = 0      # rows that came back from the pipeline (written + skipped)
+        self.resumed_rows = 0
+        self.done: np.ndarray | None = None
+
+    # -- start
+    @classmethod
+    def start(cls, out: output.Output, cfg: LabelConfig, model_id: str, lease: Lease | None) -> "LabelRun":
+        """Publish interrupted commits, then resume the newest interrupted run with the same
+        identity, or begin a new one; build the skip-set the actors use."""
+        for run_id in out.recover():
+            log.warning("published run %s, whose commit an earlier run did not finish", run_id)
+        finished = None if cfg.relabel else out.done_keys(model_id)
+        run = cls._resume(out, cfg, model_id, lease, finished) or cls._begin(out, cfg, model_id, lease)
+        staged_keys = output.key_set(out.iter_keys(run.staged, model_id)) if run.staged else None
+        parts = [k for k in (finished, staged_keys) if k is not None and len(k)]
+        run.done = np.unique(np.concatenate(parts)) if parts else None
+        if lease is not None:
+            lease.renew(cfg.lease_ttl_s, run_id=run.run_id)  # the lease names the run it protects
+        return run
+
+    @classmethod
+    def _begin(cls, out, cfg, model_id, lease) -> "LabelRun":
+        run_id = output.new_run_id()
+        out.write_json(out.staging(run_id, output.RUN_FILE),
+                       {output.M_RUN_ID: run_id, RUN_ATTEMPT: 0, **run_identity(cfg, model_id)})
+        return cls(out, cfg, model_id, lease, run_id, 0, [])
+
+    @classmethod
+    def _resume(cls, out, cfg, model_id, lease, finished: np.ndarray | None) -> "LabelRun | None":
+        if not cfg.resume:
+            return None
+        ident = run_identity(cfg, model_id)
+        for run_id in reversed(out.staged_runs()):
+            meta = out.read_json(out.staging(run_id, output.RUN_FILE)) or {}
+            if {k: meta.get(k) for k in ident} != ident:
+                continue
+            attempt = int(meta.get(RUN_ATTEMPT, 0)) + 1
+            out.write_json(out.staging(run_id, output.RUN_FILE), {**meta, RUN_ATTEMPT: attempt})
+            run = cls(out, cfg, model_id, lease, run_id, attempt, [])
+            run._read_back(out.staged_parts(run_id), finished)
+            return run
+        return None
+
+    def _read_back(self, parts: list[str], finished: np.ndarray | None) -> None:
+        """Count what earlier attempts staged (the manifest covers the whole run), after dropping
+        rows whose key a run finished since they were staged."""
+        for path in parts:
+            if finished is not None and len(finished) and self.out.drop_rows_in(path, finished):
+                log.info("run %s: dropped staged rows that a later finished run already holds", self.run_id)
+            if not self.out.exists(path):
+                continue
+            table = pq.read_table(path, filesystem=self.out.fs, columns=[schema.ERROR, schema.BREED, schema.PROB])
+            self.stats.add(table)
+            self.resumed_rows += table.num_rows
+            self.staged.append(path)
+        if self.resumed_rows:
+            log.info("resuming run %s: %d images already labelled by attempt %d", self.run_id, self.resumed_rows,
+                     self.attempt - 1)
+
+    # -- rows
+    def add(self, rows: pa.Table) -> pa.Table:
+        """Rows from the pipeline (with the SKIPPED column): stage the new ones; returns them."""
+        meta = rows.schema.metadata or {}
+        skip = rows.column(SKIPPED)
+        fresh = rows.filter(pc.invert(skip)).drop_columns([SKIPPED])
+        self.writer.add(fresh)
+        self.stats.add(fresh, rows.num_rows - fresh.num_rows)
+        self.seen += rows.num_rows
+        labelled = int(pc.sum(pc.is_null(fresh.column(schema.ERROR))).as_py() or 0)
+        if RUNTIME_META in meta and labelled:
+            self.runtimes[meta[RUNTIME_META].decode()] += labelled
+        reason = meta.get(FALLBACK_META)
+        if reason and reason.decode() not in self.fallbacks:
+            self.fallbacks.add(reason.decode())
+            log.warning("a predict actor runs TensorFlow instead of OpenVINO: %s", reason.decode())
+        return fresh
+
+    def stage(self) -> None:
+        """Stage every row received so far (on a stop or a failure: the next run resumes them)."""
+        self.writer.flush()
+
+    # -- commit
+    def commit(self, plan: PipelinePlan | None) -> dict:
+        """Stage the rest, check the lease is still ours, publish; returns the run manifest."""
+        self.writer.flush()
+        if self.lease is not None:
+            self.lease.renew(self.cfg.lease_ttl_s)  # LeaseLostError: someone else may write; publish nothing
+        manifest = build_manifest(
+            self.stats, run_id=self.run_id, model_id=self.model_id, runtime=self._runtime(plan),
+            inputs=[storage.normalize_uri(u) for u in (*self.cfg.inputs, *self.cfg.manifests)],
+            max_error_rate=self.cfg.max_error_rate, attempts=self.attempt + 1, resumed_rows=self.resumed_rows,
+            config={**asdict(self.cfg), "plan": plan.to_dict() if plan else None})
+        manifest[output.M_RUNTIMES] = dict(self.runtimes)
+        # staged rows of an earlier attempt are listed and skipped again: not "already labelled" by another run
+        manifest[output.M_SKIPPED] = max(0, self.stats.skipped - self.resumed_rows)
+        return self.out.commit(self.run_id, manifest)
+
+    def _runtime(self, plan: PipelinePlan | None) -> str | None:
+        """The runtime that labelled the rows: one name, or "mixed" (the manifest's `runtimes` says which)."""
+        names = {label.split("/")[0] for label in self.runtimes}
+        if len(names) == 1:
+            return names.pop()
+        if names:
+            return "mixed"
+        return plan.runtime if plan else None

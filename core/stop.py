@@ -1,0 +1,75 @@
+"""Stop a run cleanly on SIGTERM and SIGINT (Ctrl-C, `kill`, `breedlabel jobs stop`, a scheduler).
+
+`ray job stop` sends SIGTERM to the job's driver and SIGKILLs it 3 s later
+(RAY_JOB_STOP_WAIT_TIME_S), so the stop path must be short: stage the rows already received,
+release the output's lease, exit 1 with one line. Ray's own driver handler (`sys.exit` from
+anywhere) is replaced while a run holds its output, and restored after.
+
+Critical sections (the commit, the clean-up after a stop) run under `deferred()`: a signal
+there is recorded, not raised, so a stop never leaves a half-made commit or a held lease.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+from core.errors import BreedlabelError
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BreedlabelError):
+    """The run was asked to stop (a signal, or a lost lease); what it labelled is staged."""
+
+
+class GracefulStop:
+    """Context manager: turns SIGTERM/SIGINT into `Stopped`, raised in the main thread."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._deferring = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        return self.arm()
+
+    def arm(self) -> "GracefulStop":
+        """Install the handlers (again: `ray.init` replaces the SIGTERM one). Main thread only."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                previous = signal.signal(sig, self._on_signal)
+                self._previous.setdefault(sig, previous)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def request(self, reason: str) -> None:
+        """Ask the run to stop (from any thread, e.g. the lease renewal); seen at `check()`."""
+        self.reason = self.reason or reason
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise Stopped(self.reason)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals inside are recorded, not raised (`check()` afterwards where it matters)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        first = self.reason is None
+        self.request(f"stopped by {signal.Signals(signum).name}")
+        if self._deferring:
+            return
+        if first:
+            raise Stopped(self.reason)
+        raise KeyboardInterrupt  # a second signal while stopping: give up waiting
