@@ -29,7 +29,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, replace
 from itertools import chain
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from core import storage
 from core.errors import InputError, StorageError
@@ -40,7 +40,7 @@ from core.storage import IMAGE_EXTENSIONS, ObjectNotFoundError, S3Options
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 ZIP_SUFFIXES = (".zip",)
 ARCHIVE_SUFFIXES = TAR_SUFFIXES + ZIP_SUFFIXES
-MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet", ".json")
 MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_MEMBER_BYTES = 512 << 20  # larger archive members are an error row, not an allocation
@@ -53,6 +53,7 @@ class InputItem:
     member: str | None = None
     size: int | None = None
     error: str | None = None
+    version: str | None = None  # the listed identity of the bytes (storage.object_version); members: the archive's
 
     @property
     def is_archive(self) -> bool:
@@ -101,17 +102,17 @@ def _expand(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
             s3: S3Options | None) -> Iterator[InputItem]:
     if is_archive_uri(uri):
         try:
-            size = storage.stat(uri, s3=s3).size
+            info = storage.stat(uri, s3=s3)
         except ObjectNotFoundError:
             raise InputError(f"{uri}: archive not found; check the path") from None
-        yield from _archive_items(uri, size, exts, expand_archives, s3)
+        yield from _archive_items(info, exts, expand_archives, s3)
         return
     if storage.parse_uri(uri).scheme == "file" and os.path.isfile(uri):
-        yield InputItem(uri, size=os.path.getsize(uri))
+        yield _item(storage.stat(uri))
         return
     if storage.is_s3(uri) and not uri.endswith("/") and storage.parse_uri(uri).path:
         try:
-            yield InputItem(uri, size=storage.stat(uri, s3=s3).size)
+            yield _item(storage.stat(uri, s3=s3))
             return
         except ObjectNotFoundError:
             pass  # not an object: a prefix
@@ -126,35 +127,40 @@ def _expand_listing(uri: str, exts: tuple[str, ...] | None, expand_archives: boo
     for info in storage.list_files(uri, extensions=listed, s3=s3):
         found += 1
         if is_archive_uri(info.uri):
-            yield from _archive_items(info.uri, info.size, exts, expand_archives, s3)
+            yield from _archive_items(info, exts, expand_archives, s3)
         else:
-            yield InputItem(info.uri, size=info.size)
+            yield _item(info)
     if not found:
         what = "files" if exts is None else f"images ({', '.join(exts)})"
         raise InputError(f"{uri}: no {what} found; check the path or prefix (listing is recursive)")
 
 
-def _archive_items(uri: str, size: int, exts: tuple[str, ...] | None, expand: bool,
+def _item(info: storage.FileInfo) -> InputItem:
+    return InputItem(info.uri, size=info.size, version=info.version)
+
+
+def _archive_items(archive: storage.FileInfo, exts: tuple[str, ...] | None, expand: bool,
                    s3: S3Options | None) -> Iterator[InputItem]:
+    uri, version = archive.uri, archive.version
     if not expand:
-        yield InputItem(uri, size=size)
+        yield _item(archive)
         return
     try:
         if _is_zip(uri):
             with storage.open_input(uri, s3=s3) as f, zipfile.ZipFile(f) as zf:
                 for info in _zip_members(zf, exts):
-                    yield InputItem(uri, info.filename, info.file_size)
+                    yield InputItem(uri, info.filename, info.file_size, version=version)
         else:
             with storage.open_stream(uri, s3=s3) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
                 for info in tf:
                     if info.isfile() and _wanted_member(info.name, exts):
-                        yield InputItem(uri, info.name, info.size)
+                        yield InputItem(uri, info.name, info.size, version=version)
     except ObjectNotFoundError:
-        yield InputItem(uri, error=REASON_NOT_FOUND)
+        yield InputItem(uri, error=REASON_NOT_FOUND, version=version)
     except StorageError:
         raise
     except _ARCHIVE_ERRORS as exc:
-        yield InputItem(uri, error=_archive_reason(exc))
+        yield InputItem(uri, error=_archive_reason(exc), version=version)
 
 
 def _archive_reason(exc: BaseException) -> str:
@@ -168,21 +174,48 @@ def _zip_members(zf: zipfile.ZipFile, exts: tuple[str, ...] | None) -> list[zipf
 
 
 def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
-                     extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
-                     s3: S3Options | None = None) -> Iterator[ItemData]:
+                     extensions: Iterable[str] | None = IMAGE_EXTENSIONS, s3: S3Options | None = None,
+                     keep: Callable[[InputItem], bool] | None = None) -> Iterator[ItemData]:
     """Everything a label run labels, streamed in input order: plain objects without their bytes
-    (the actors read them, in parallel), archive members with theirs (read here, once per archive)."""
+    (the actors read them, in parallel), archive members with theirs (read here, once per archive).
+
+    `keep(item)` decides from the listing alone (uri, member, size, version) whether an item is
+    still to label: an archive it refuses is not read at all, a plain object it refuses is never
+    fetched. Members carry their archive's version.
+    """
     exts = tuple(extensions) if extensions is not None else None
     listings = [iter_items(inputs, extensions=exts, expand_archives=False, s3=s3)] if inputs else []
     listings += [iter_items([], manifest=m, extensions=exts, expand_archives=False, s3=s3) for m in manifests]
     for item in chain.from_iterable(listings):
-        if item.is_archive:
-            yield from iter_archive_members(item.uri, extensions=exts, s3=s3)
-        else:
+        if keep is not None and not keep(item):
+            continue
+        if not item.is_archive:
             yield ItemData(item, None, item.error)
+            continue
+        for got in iter_archive_members(item.uri, extensions=exts, s3=s3):
+            member = replace(got.item, version=item.version)
+            if keep is None or got.item.member is None or keep(member):
+                yield ItemData(member, got.data, got.error)
 
 
 # --- manifests -----------------------------------------------------------------------------
+#
+# A manifest lists objects instead of a folder or prefix: `.txt` (one URI a line), `.csv` with a
+# header, `.parquet`, or an S3 Inventory report as S3 writes it (its `manifest.json`, or one of its
+# Parquet data files). Columns: `uri` (+ `member`), or S3 Inventory's `bucket` + `key` (+ `size`,
+# `e_tag`, `version_id`, `is_latest`, `is_delete_marker`). With an ETag the row carries the
+# object's version, so a scheduled run skips it unread when it was labelled before.
+
+INVENTORY_BUCKET, INVENTORY_KEY, INVENTORY_ETAG = "bucket", "key", "e_tag"
+INVENTORY_IS_LATEST, INVENTORY_DELETE_MARKER = "is_latest", "is_delete_marker"
+_ETAG_COLUMNS = (INVENTORY_ETAG, "etag")
+
+
+class _ManifestRow(NamedTuple):
+    uri: str
+    member: str | None = None
+    version: str | None = None
+
 
 def _iter_manifest(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
                    s3: S3Options | None) -> Iterator[InputItem]:
@@ -190,41 +223,60 @@ def _iter_manifest(uri: str, exts: tuple[str, ...] | None, expand_archives: bool
     lower = uri.lower()
     if not lower.endswith(MANIFEST_SUFFIXES):
         raise InputError(f"{uri}: unknown manifest type; use .txt (one URI a line), .csv or .parquet "
-                         f"(columns {MANIFEST_URI!r}, optional {MANIFEST_MEMBER!r})")
+                         f"(columns {MANIFEST_URI!r}, optional {MANIFEST_MEMBER!r}; or S3 Inventory's "
+                         f"{INVENTORY_BUCKET!r}, {INVENTORY_KEY!r}, {INVENTORY_ETAG!r}), or an S3 Inventory "
+                         "manifest.json")
     try:
-        rows = _manifest_rows(uri, lower, s3)
         base = storage.normalize_uri(uri)
-        for row_uri, member in rows:
-            target = _resolve(base, row_uri)
-            if member is None and expand_archives and is_archive_uri(target):
-                yield from _archive_items(target, 0, exts, True, s3)
+        for row in _manifest_rows(uri, lower, s3):
+            target = _resolve(base, row.uri)
+            if row.member is None and expand_archives and is_archive_uri(target):
+                yield from _archive_items(storage.FileInfo(target, 0, row.version), exts, True, s3)
             else:
-                yield InputItem(target, member or None)
+                yield InputItem(target, row.member or None, version=row.version)
     except ObjectNotFoundError:
         raise InputError(f"{uri}: manifest not found; check the path") from None
 
 
-def _manifest_rows(uri: str, lower: str, s3: S3Options | None) -> Iterator[tuple[str, str | None]]:
+def _manifest_rows(uri: str, lower: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
     if lower.endswith(".parquet"):
         yield from _parquet_rows(uri, s3)
+        return
+    if lower.endswith(".json"):
+        yield from _inventory_rows(uri, s3)
         return
     text = storage.read_bytes(uri, s3=s3).decode("utf-8-sig")
     if lower.endswith(".txt"):
         for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
-                yield line, None
+                yield _ManifestRow(line)
         return
     reader = csv.DictReader(io.StringIO(text))
-    if MANIFEST_URI not in (reader.fieldnames or ()):
+    columns = [c.strip().lower() for c in reader.fieldnames or ()]
+    if MANIFEST_URI not in columns and not {INVENTORY_BUCKET, INVENTORY_KEY} <= set(columns):
         raise InputError(f"{uri}: CSV manifest has no {MANIFEST_URI!r} column (header: {reader.fieldnames}); "
-                         f"add a header row with {MANIFEST_URI!r} and optionally {MANIFEST_MEMBER!r}")
-    for row in reader:
-        if (row.get(MANIFEST_URI) or "").strip():
-            yield row[MANIFEST_URI].strip(), (row.get(MANIFEST_MEMBER) or "").strip() or None
+                         f"add a header row with {MANIFEST_URI!r} and optionally {MANIFEST_MEMBER!r}, or "
+                         f"S3 Inventory's {INVENTORY_BUCKET!r}, {INVENTORY_KEY!r} and {INVENTORY_ETAG!r}")
+    for raw in reader:
+        yield from _row({k.strip().lower(): (v or "").strip() or None for k, v in raw.items() if k})
 
 
-def _parquet_rows(uri: str, s3: S3Options | None) -> Iterator[tuple[str, str | None]]:
+def _row(row: dict) -> Iterator[_ManifestRow]:
+    """One manifest row as an object to label: none for delete markers and non-current versions."""
+    if str(row.get(INVENTORY_DELETE_MARKER, "")).lower() == "true":
+        return
+    if str(row.get(INVENTORY_IS_LATEST, "true")).lower() == "false":
+        return
+    etag = next((row[c] for c in _ETAG_COLUMNS if row.get(c)), None)
+    version = storage.object_version(etag=etag) if etag else None
+    if row.get(MANIFEST_URI):
+        yield _ManifestRow(str(row[MANIFEST_URI]), row.get(MANIFEST_MEMBER) or None, version)
+    elif row.get(INVENTORY_BUCKET) and row.get(INVENTORY_KEY):
+        yield _ManifestRow(f"s3://{row[INVENTORY_BUCKET]}/{row[INVENTORY_KEY]}", None, version)
+
+
+def _parquet_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
     """Streamed in record batches: a manifest of millions of rows never sits in memory whole."""
     import pyarrow.parquet as pq
 
@@ -235,16 +287,51 @@ def _parquet_rows(uri: str, s3: S3Options | None) -> Iterator[tuple[str, str | N
         raise ObjectNotFoundError(uri) from None
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for bad files
         raise InputError(f"{uri}: cannot read Parquet manifest: {exc}") from None
-    names = pf.schema_arrow.names
-    if MANIFEST_URI not in names:
-        raise InputError(f"{uri}: Parquet manifest has no {MANIFEST_URI!r} column (columns: {names})")
-    columns = [MANIFEST_URI] + ([MANIFEST_MEMBER] if MANIFEST_MEMBER in names else [])
+    names = {n.lower(): n for n in pf.schema_arrow.names}
+    if MANIFEST_URI not in names and not {INVENTORY_BUCKET, INVENTORY_KEY} <= set(names):
+        raise InputError(f"{uri}: Parquet manifest has no {MANIFEST_URI!r} column and no S3 Inventory "
+                         f"{INVENTORY_BUCKET!r}/{INVENTORY_KEY!r} columns (columns: {list(names.values())})")
+    wanted = [MANIFEST_URI, MANIFEST_MEMBER, INVENTORY_BUCKET, INVENTORY_KEY, *_ETAG_COLUMNS,
+              INVENTORY_IS_LATEST, INVENTORY_DELETE_MARKER]
+    columns = [names[c] for c in wanted if c in names]
     for batch in pf.iter_batches(batch_size=10_000, columns=columns):
-        uris = batch.column(0).to_pylist()
-        members = batch.column(1).to_pylist() if len(columns) == 2 else [None] * len(uris)
-        for u, m in zip(uris, members):
-            if u:
-                yield u, m
+        for raw in batch.to_pylist():
+            yield from _row({k.lower(): v for k, v in raw.items()})
+
+
+def _inventory_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
+    """An S3 Inventory report as S3 writes it: `manifest.json` names its CSV (gzip) or Parquet files."""
+    import gzip
+    import json
+    from urllib.parse import unquote
+
+    try:
+        spec = json.loads(storage.read_bytes(uri, s3=s3))
+        fmt, files = str(spec["fileFormat"]).upper(), [f["key"] for f in spec["files"]]
+        bucket = str(spec["destinationBucket"]).rsplit(":", 1)[-1]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{uri}: not an S3 Inventory manifest.json ({exc}); JSON manifests must be the "
+                         "manifest.json of an S3 Inventory report") from None
+    for key in files:
+        data_uri = f"s3://{bucket}/{key}"
+        if fmt == "PARQUET":
+            yield from _parquet_rows(data_uri, s3)
+        elif fmt == "CSV":
+            schema = [_snake(c) for c in str(spec.get("fileSchema", "")).split(",")]
+            text = gzip.decompress(storage.read_bytes(data_uri, s3=s3)).decode("utf-8")
+            for values in csv.reader(io.StringIO(text)):
+                row = dict(zip(schema, values))
+                row[INVENTORY_KEY] = unquote(row.get(INVENTORY_KEY, ""))  # CSV inventories URL-encode keys
+                yield from _row(row)
+        else:
+            raise InputError(f"{uri}: S3 Inventory format {fmt} is not supported; use CSV or Parquet")
+
+
+def _snake(column: str) -> str:
+    """S3 Inventory's CSV schema names ("ETag", "IsLatest") as its Parquet columns ("e_tag", "is_latest")."""
+    column = column.strip()
+    return {"ETag": INVENTORY_ETAG}.get(column) or "".join(
+        f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(column))
 
 
 def _resolve(manifest_uri: str, row_uri: str) -> str:

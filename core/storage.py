@@ -29,7 +29,7 @@ from core.s3 import (READ_BUFFER_BYTES, ObjectNotFoundError, S3Options, S3RangeR
                      bucket_region, s3_client, s3_errors)
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FileInfo", "ObjectNotFoundError", "ParsedURI", "S3Options", "copy", "delete",
+    "IMAGE_EXTENSIONS", "FileInfo", "ObjectNotFoundError", "object_version", "ParsedURI", "S3Options", "copy", "delete",
     "delete_tree", "exists", "get_filesystem", "is_dir", "is_s3", "join", "list_files",
     "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri", "read_bytes",
     "read_range", "rename", "s3_client", "stat", "write_bytes",
@@ -51,6 +51,25 @@ class ParsedURI:
 class FileInfo:
     uri: str
     size: int
+    version: str | None = None  # what identifies these bytes without reading them (see object_version)
+
+
+def object_version(*, etag: str | None = None, mtime_ns: int | None = None, size: int | None = None) -> str | None:
+    """The listed identity of an object's bytes: its S3 ETag, or a local file's mtime_ns and size.
+
+    Why: a scheduled run decides from the listing alone which objects it has labelled already,
+    without a GET of their bodies; a new version of an object has a new identity. (The ETag is a
+    hash of the content; a local file rewritten keeps neither its mtime nor, usually, its size.)
+    """
+    if etag:
+        return etag.strip('"')
+    if mtime_ns is not None and size is not None:
+        return f"{mtime_ns}:{size}"
+    return None
+
+
+def _local_info(uri: str, st: os.stat_result) -> FileInfo:
+    return FileInfo(uri, st.st_size, object_version(mtime_ns=st.st_mtime_ns, size=st.st_size))
 
 
 def parse_uri(uri: str) -> ParsedURI:
@@ -159,15 +178,16 @@ def write_bytes(uri: str, data: bytes, *, s3: S3Options | None = None) -> None:
 
 
 def stat(uri: str, *, s3: S3Options | None = None) -> FileInfo:
-    """Size of one file/object; ObjectNotFoundError when absent (or a directory)."""
+    """Size and version of one file/object; ObjectNotFoundError when absent (or a directory)."""
     p = parse_uri(uri)
     if p.scheme == "s3":
         with s3_errors(uri, "stat", s3):
-            return FileInfo(uri, int(s3_client(s3).head_object(Bucket=p.bucket, Key=p.path)["ContentLength"]))
+            head = s3_client(s3).head_object(Bucket=p.bucket, Key=p.path)
+        return FileInfo(uri, int(head["ContentLength"]), object_version(etag=head.get("ETag")))
     if not os.path.isfile(p.path):
         raise ObjectNotFoundError(uri)
     with _local_errors(uri, "stat"):
-        return FileInfo(uri, os.path.getsize(p.path))
+        return _local_info(uri, os.stat(p.path))
 
 
 def exists(uri: str, *, s3: S3Options | None = None) -> bool:
@@ -273,7 +293,7 @@ def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
         return
     if os.path.isfile(p.path):
         if matches_extensions(p.path, exts):
-            yield FileInfo(uri, os.path.getsize(p.path))
+            yield _local_info(uri, os.stat(p.path))
         return
     if not os.path.isdir(p.path):
         raise StorageError(f"{uri}: no such file or directory; check the path")
@@ -294,10 +314,10 @@ def _list_local(uri: str, root: str, exts: tuple[str, ...] | None,
             yield from _list_local(uri, root, exts, (*rel, entry.name))
         elif matches_extensions(entry.name, exts):
             try:
-                size = entry.stat().st_size
+                st = entry.stat()
             except FileNotFoundError:
                 continue  # vanished while listing
-            yield FileInfo(join(uri, *rel, entry.name), size)
+            yield _local_info(join(uri, *rel, entry.name), st)
 
 
 def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: int,
@@ -307,10 +327,10 @@ def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: in
     pages = paginator.paginate(Bucket=p.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
     with s3_errors(uri, "list", s3):
         for page in pages:
-            keys = sorted((o["Key"], o["Size"]) for o in page.get("Contents", ()))
-            for key, size in keys:
+            keys = sorted((o["Key"], o["Size"], o.get("ETag")) for o in page.get("Contents", ()))
+            for key, size, etag in keys:
                 if not key.endswith("/") and matches_extensions(key, exts):
-                    yield FileInfo(f"s3://{p.bucket}/{key}", int(size))
+                    yield FileInfo(f"s3://{p.bucket}/{key}", int(size), object_version(etag=etag))
 
 
 # --- file handles -----------------------------------------------------------------------

@@ -69,7 +69,8 @@ def test_folder_is_listed_recursively_and_sorted(root):
 def test_single_file_and_extension_less(root):
     _put(root, {"one.jpg": b"1", "blobs/k1": b"k"})
     one = storage.join(root, "one.jpg")
-    assert list(sources.iter_items([one])) == [InputItem(storage.normalize_uri(one), size=1)]
+    (item,) = sources.iter_items([one])
+    assert (item.uri, item.size) == (storage.normalize_uri(one), 1) and item.version  # ETag, or mtime:size
     blobs = list(sources.iter_items([storage.join(root, "blobs")], extensions=None))
     assert [sources.read_item(i) for i in blobs] == [b"k"]
 
@@ -196,7 +197,7 @@ def test_input_errors_are_clear(tmp_path):
     with pytest.raises(InputError, match="no 'uri' column"):
         list(sources.iter_items([], manifest=str(tmp_path / "m.csv")))
     with pytest.raises(InputError, match="unknown manifest type"):
-        list(sources.iter_items([], manifest=str(tmp_path / "m.json")))
+        list(sources.iter_items([], manifest=str(tmp_path / "m.yaml")))
 
 
 @pytest.mark.parametrize("name,whole_read_max,max_gets", [
