@@ -195,6 +195,9 @@ def read_run_manifest(output: str, started_ms: int | None = None) -> dict | None
     """
     out = Output(output)
     floor = (started_ms or 0) / 1000 - 2.0
+    last = out.last_run()  # every run that ends writes it; a run with nothing to label writes only it
+    if last is not None and _epoch(last.get(M_FINISHED_AT)) >= floor:
+        return last
     runs = [m for m in out.finished_runs() if _epoch(m.get(M_FINISHED_AT)) >= floor]
     return max(runs, key=lambda m: _epoch(m.get(M_FINISHED_AT))) if runs else None
 

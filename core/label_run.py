@@ -9,7 +9,9 @@ other run writes the output meanwhile, and drives it:
 
 What makes the output a table users can query blindly (one row per uri, member,
 content_sha256, model_id across finished runs):
-- a run never labels a key a finished run holds (the skip-set), unless `relabel` says so;
+- a run never labels a key a finished run holds (core.skipset), unless `relabel` says so: the
+  listing skips objects and whole archives whose listed version a finished run labelled,
+  without reading them; the actors skip what they read and find labelled by content;
 - a run killed at any point leaves only staged parts; the next run with the same inputs and
   model resumes them (after dropping any key a run finished since then), one that was killed
   after deciding to commit is published by the next run first (`Output.recover`);
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import asdict
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,6 +36,8 @@ from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
 from core.labelling import FALLBACK_META, RUNTIME_META, SKIPPED
 from core.lease import Lease
+from core.skipset import KeyLog, SkipSet, archive_key, contains, listing_key
+from core.sources import InputItem
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,14 @@ class LabelRun:
         self.fallbacks: set[str] = set()
         self.seen = 0      # rows that came back from the pipeline (written + skipped)
         self.resumed_rows = 0
-        self.done: np.ndarray | None = None
+        self.skipset = SkipSet()  # what finished runs (and earlier attempts of this one) hold
+        self.keys = KeyLog()      # the keys of this run's rows: its `_keys.npz`
+        self.first_rows_at: float | None = None  # epoch time of the first labelled rows
+
+    @property
+    def done(self) -> np.ndarray | None:
+        """Content keys the actors skip after reading (None when empty)."""
+        return self.skipset.content if len(self.skipset.content) else None
 
     # -- start
     @classmethod
@@ -71,11 +84,10 @@ class LabelRun:
         identity, or begin a new one; build the skip-set the actors use."""
         for run_id in out.recover():
             log.warning("published run %s, whose commit an earlier run did not finish", run_id)
-        finished = None if cfg.relabel else out.done_keys(model_id)
+        finished = SkipSet() if cfg.relabel else out.done_keys(model_id)
         run = cls._resume(out, cfg, model_id, lease, finished) or cls._begin(out, cfg, model_id, lease)
-        staged_keys = output.key_set(out.iter_keys(run.staged, model_id)) if run.staged else None
-        parts = [k for k in (finished, staged_keys) if k is not None and len(k)]
-        run.done = np.unique(np.concatenate(parts)) if parts else None
+        # staged rows may hold part of an archive: their archives' own keys do not count yet
+        run.skipset = SkipSet.union([finished, out.parts_keys(run.staged, archives=False)])
         if lease is not None:
             lease.renew(cfg.lease_ttl_s, run_id=run.run_id)  # the lease names the run it protects
         return run
@@ -88,7 +100,7 @@ class LabelRun:
         return cls(out, cfg, model_id, lease, run_id, 0, [])
 
     @classmethod
-    def _resume(cls, out, cfg, model_id, lease, finished: np.ndarray | None) -> "LabelRun | None":
+    def _resume(cls, out, cfg, model_id, lease, finished: SkipSet) -> "LabelRun | None":
         if not cfg.resume:
             return None
         ident = run_identity(cfg, model_id)
@@ -103,21 +115,35 @@ class LabelRun:
             return run
         return None
 
-    def _read_back(self, parts: list[str], finished: np.ndarray | None) -> None:
+    def _read_back(self, parts: list[str], finished: SkipSet) -> None:
         """Count what earlier attempts staged (the manifest covers the whole run), after dropping
         rows whose key a run finished since they were staged."""
         for path in parts:
-            if finished is not None and len(finished) and self.out.drop_rows_in(path, finished):
+            if len(finished.content) and self.out.drop_rows_in(path, finished.content):
                 log.info("run %s: dropped staged rows that a later finished run already holds", self.run_id)
             if not self.out.exists(path):
                 continue
-            table = pq.read_table(path, filesystem=self.out.fs, columns=[schema.ERROR, schema.BREED, schema.PROB])
+            table = pq.read_table(path, filesystem=self.out.fs)
             self.stats.add(table)
+            self.keys.add_rows(table)
             self.resumed_rows += table.num_rows
             self.staged.append(path)
         if self.resumed_rows:
             log.info("resuming run %s: %d images already labelled by attempt %d", self.run_id, self.resumed_rows,
                      self.attempt - 1)
+
+    # -- listing
+    def keep(self, item: InputItem) -> bool:
+        """False for a listed object (or whole archive) whose listed version a finished run holds:
+        it is skipped without being read. Objects listed without a version are always read."""
+        if item.version is None or not len(self.skipset.listing):
+            return True
+        key = (archive_key(item.uri, item.version, self.model_id) if item.is_archive
+               else listing_key(item.uri, item.member, item.version, self.model_id))
+        if contains(self.skipset.listing, key):
+            self.stats.skipped += 1
+            return False
+        return True
 
     # -- rows
     def add(self, rows: pa.Table) -> pa.Table:
@@ -127,6 +153,11 @@ class LabelRun:
         fresh = rows.filter(pc.invert(skip)).drop_columns([SKIPPED])
         self.writer.add(fresh)
         self.stats.add(fresh, rows.num_rows - fresh.num_rows)
+        self.keys.add_rows(fresh)
+        if fresh.num_rows < rows.num_rows:  # read again (changed version, same content): next time skip unread
+            self.keys.add_rows(rows.filter(skip), content=False)
+        if fresh.num_rows and self.first_rows_at is None:
+            self.first_rows_at = time.time()
         self.seen += rows.num_rows
         labelled = int(pc.sum(pc.is_null(fresh.column(schema.ERROR))).as_py() or 0)
         if RUNTIME_META in meta and labelled:
@@ -147,15 +178,23 @@ class LabelRun:
         self.writer.flush()
         if self.lease is not None:
             self.lease.renew(self.cfg.lease_ttl_s)  # LeaseLostError: someone else may write; publish nothing
+        startup = None if self.first_rows_at is None else self.first_rows_at - psutil.Process().create_time()
         manifest = build_manifest(
             self.stats, run_id=self.run_id, model_id=self.model_id, runtime=self._runtime(plan),
             inputs=[storage.normalize_uri(u) for u in (*self.cfg.inputs, *self.cfg.manifests)],
             max_error_rate=self.cfg.max_error_rate, attempts=self.attempt + 1, resumed_rows=self.resumed_rows,
-            config={**asdict(self.cfg), "plan": plan.to_dict() if plan else None})
+            config={**asdict(self.cfg), "model": storage.normalize_uri(self.cfg.model),
+                    "plan": plan.to_dict() if plan else None},
+            startup_s=startup)
         manifest[output.M_RUNTIMES] = dict(self.runtimes)
         # staged rows of an earlier attempt are listed and skipped again: not "already labelled" by another run
         manifest[output.M_SKIPPED] = max(0, self.stats.skipped - self.resumed_rows)
-        return self.out.commit(self.run_id, manifest)
+        return self.out.commit(self.run_id, manifest, self.keys.skipset())
+
+    def abandon(self) -> None:
+        """A new run that failed before staging anything leaves no trace (no `_run.json` debris)."""
+        if self.attempt == 0 and not self.writer.files:
+            self.out.discard_staged(self.run_id)
 
     def _runtime(self, plan: PipelinePlan | None) -> str | None:
         """The runtime that labelled the rows: one name, or "mixed" (the manifest's `runtimes` says which)."""

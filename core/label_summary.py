@@ -32,14 +32,15 @@ class RunStats:
     breeds: collections.Counter = field(default_factory=collections.Counter)
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=lambda: _now())
-    first_row_at: float | None = None
+    first_row_at: float | None = None   # monotonic time the first labelled rows arrived
+    first_rows: int = 0                 # ... and how many
 
     def add(self, rows: pa.Table, skipped: int = 0) -> None:
         self.skipped += skipped
         if rows.num_rows == 0:
             return
         if self.first_row_at is None:
-            self.first_row_at = time.monotonic()
+            self.first_row_at, self.first_rows = time.monotonic(), rows.num_rows
         self.images += rows.num_rows
         errors = rows.column(schema.ERROR)
         ok = pc.is_null(errors)
@@ -62,6 +63,14 @@ class RunStats:
     def wall_s(self) -> float:
         return time.monotonic() - self.started
 
+    def img_per_s(self, fresh: int) -> float:
+        """The labelling rate, start-up excluded: rows after the first batch over the time since it
+        came (Ray start, actor start and model load are not labelling); whole-run rate for one batch."""
+        since = time.monotonic() - self.first_row_at if self.first_row_at is not None else 0.0
+        if fresh > self.first_rows and since > 0:
+            return (fresh - self.first_rows) / since
+        return fresh / self.wall_s if self.wall_s > 0 else 0.0
+
     def error_rate(self) -> float:
         return self.errors / self.images if self.images else 0.0
 
@@ -81,7 +90,8 @@ def exit_code(manifest: dict | None) -> int:
 
 
 def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str, inputs: list[str],
-                   max_error_rate: float | None, attempts: int, resumed_rows: int, config: dict) -> dict:
+                   max_error_rate: float | None, attempts: int, resumed_rows: int, config: dict,
+                   startup_s: float | None = None) -> dict:
     """Everything a scheduler or an operator asks about a finished run (files are added at commit)."""
     wall = stats.wall_s
     total = stats.images  # includes the rows of an interrupted attempt, read back on resume
@@ -94,8 +104,10 @@ def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str,
         output.M_SKIPPED: stats.skipped, output.M_RESUMED: resumed_rows,
         output.M_LOW_CONFIDENCE: stats.low_confidence,
         output.M_TOP_BREEDS: dict(stats.breeds.most_common(TOP_BREEDS_SHOWN)),
-        output.M_IMG_PER_S: round(fresh / wall, 2) if wall > 0 else 0.0,
-        output.M_WALL_S: round(wall, 3), output.M_STARTED_AT: stats.started_at, output.M_FINISHED_AT: _now(),
+        output.M_IMG_PER_S: round(stats.img_per_s(fresh), 2),
+        output.M_WALL_S: round(wall, 3),
+        output.M_STARTUP_S: None if startup_s is None else round(startup_s, 3),
+        output.M_STARTED_AT: stats.started_at, output.M_FINISHED_AT: _now(),
         output.M_ERROR_RATE: round(stats.error_rate(), 6), output.M_MAX_ERROR_RATE: max_error_rate,
         output.M_ATTEMPTS: attempts, output.M_CONFIG: config,
     }
@@ -110,8 +122,9 @@ def summary_text(manifest: dict, min_prob: float) -> str:
         f"run {m[output.M_RUN_ID]}: {m[output.M_IMAGES]} images "
         f"({m[output.M_LABELLED]} labelled, {m[output.M_ERRORS]} errors, {m[output.M_SKIPPED]} already done"
         + (f", {m[output.M_RESUMED]} from the interrupted attempt" if m.get(output.M_RESUMED) else "") + ")",
-        f"  {m[output.M_IMG_PER_S]:.1f} img/s, wall {m[output.M_WALL_S]:.1f} s, runtime {m[output.M_RUNTIME]}, "
-        f"model {m[output.M_MODEL_ID][:12]}",
+        f"  {m[output.M_IMG_PER_S]:.1f} img/s, wall {m[output.M_WALL_S]:.1f} s"
+        + (f" (start-up {m[output.M_STARTUP_S]:.1f} s)" if m.get(output.M_STARTUP_S) is not None else "")
+        + f", runtime {m[output.M_RUNTIME]}, model {m[output.M_MODEL_ID][:12]}",
     ]
     if m[output.M_ERRORS_BY_KIND]:
         kinds = ", ".join(f"{k}: {v}" for k, v in m[output.M_ERRORS_BY_KIND].items())

@@ -27,9 +27,9 @@ from core import schema
 from core.bundle import Bundle
 from core.errors import ImageDecodeError, InputError, StorageError
 from core.images import decode_image
-from core.output import in_key_set, key_hash
 from core.reasons import REASON_INTERNAL, REASON_UNREADABLE
 from core.runtime import Runtime, describe_runtime, load_runtime
+from core.skipset import contains_all, content_key
 from core.sources import InputItem, ItemData, read_item
 from core.storage import ObjectNotFoundError
 
@@ -40,10 +40,12 @@ COL_URI = schema.URI
 COL_MEMBER = schema.MEMBER
 COL_DATA = "data"
 COL_ERROR = schema.ERROR
+COL_VERSION = schema.VERSION
 COL_IMAGE = "image"          # decoded uint8 H*W*3 bytes (two-stage pipeline only)
 SKIPPED = "_skipped"         # extra output column: row already labelled in a finished run
 CHUNK_SCHEMA = pa.schema([pa.field(COL_URI, pa.string()), pa.field(COL_MEMBER, pa.string()),
-                          pa.field(COL_DATA, pa.binary()), pa.field(COL_ERROR, pa.string())])
+                          pa.field(COL_DATA, pa.binary()), pa.field(COL_ERROR, pa.string()),
+                          pa.field(COL_VERSION, pa.string())])
 RUNTIME_META = b"breedlabel.runtime"     # output schema metadata: what this actor really runs
 FALLBACK_META = b"breedlabel.fallback"   # ... and why, when `auto` fell back to TensorFlow
 
@@ -63,6 +65,7 @@ def chunk_table(items: Sequence[ItemData]) -> pa.Table:
         COL_MEMBER: [it.item.member for it in items],
         COL_DATA: [it.data for it in items],
         COL_ERROR: [it.error for it in items],
+        COL_VERSION: [it.item.version for it in items],
     }, schema=CHUNK_SCHEMA)
 
 
@@ -140,11 +143,12 @@ def infer(runtime: Runtime, images: np.ndarray, ok: np.ndarray, num_classes: int
 
 def skip_mask(uris: Sequence[str], members: Sequence[str | None], shas: Sequence[str],
               model_id: str, done: np.ndarray | None) -> np.ndarray:
-    """True where (uri, member, sha, model_id) is in the sorted key-set `done`."""
+    """True where the content key (uri, member, sha, model_id) is in the sorted key-set `done`."""
     if done is None or len(done) == 0:
         return np.zeros(len(uris), dtype=bool)
-    return np.array([in_key_set(done, key_hash(u, m, s, model_id)) for u, m, s in zip(uris, members, shas)],
-                    dtype=bool)
+    keys = np.fromiter((content_key(u, m, s, model_id) for u, m, s in zip(uris, members, shas)), np.uint64,
+                       count=len(uris))
+    return contains_all(done, keys)
 
 
 def _row_errors(fetched_errors, decode_reasons, ok, skipped) -> list[str | None]:
@@ -156,6 +160,10 @@ def _columns(chunk: pa.Table) -> tuple[list, list]:
     uris = chunk.column(COL_URI).to_pylist()
     members = chunk.column(COL_MEMBER).to_pylist() if COL_MEMBER in chunk.column_names else [None] * len(uris)
     return uris, members
+
+
+def _versions(chunk: pa.Table) -> list:
+    return chunk.column(COL_VERSION).to_pylist() if COL_VERSION in chunk.column_names else [None] * chunk.num_rows
 
 
 def decode_chunk(chunk: pa.Table, *, size: tuple[int, int], policy: str, model_id: str,
@@ -173,6 +181,7 @@ def decode_chunk(chunk: pa.Table, *, size: tuple[int, int], policy: str, model_i
         schema.BYTES: pa.array(got.sizes, pa.int64()), schema.CONTENT_SHA256: pa.array(got.shas, pa.string()),
         schema.WIDTH: pa.array(widths, pa.int32()), schema.HEIGHT: pa.array(heights, pa.int32()),
         COL_ERROR: pa.array(_row_errors(got.errors, reasons, ok, skipped), pa.string()),
+        COL_VERSION: pa.array(_versions(chunk), pa.string()),
         SKIPPED: pa.array(skipped, pa.bool_()),
         COL_IMAGE: pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(int(np.prod(images.shape[1:]))), len(images), [None, pa.py_buffer(images)]),
@@ -214,7 +223,7 @@ class BatchLabeller:
                                                            self._decode_pool)
         probs = infer(self.runtime, images, ok, len(self.class_ids))
         return self._rows(uris, members, got.sizes, got.shas, skipped, ok, widths, heights,
-                          _row_errors(got.errors, reasons, ok, skipped), probs)
+                          _row_errors(got.errors, reasons, ok, skipped), probs, _versions(chunk))
 
     def label_decoded(self, decoded: pa.Table) -> pa.Table:
         """Predict stage of the two-stage pipeline: `decoded` comes from `decode_chunk`."""
@@ -229,14 +238,14 @@ class BatchLabeller:
         return self._rows(uris, members, decoded.column(schema.BYTES).to_pylist(),
                           decoded.column(schema.CONTENT_SHA256).to_pylist(), skipped, ok,
                           decoded.column(schema.WIDTH).to_pylist(), decoded.column(schema.HEIGHT).to_pylist(),
-                          errors, probs)
+                          errors, probs, _versions(decoded))
 
-    def _rows(self, uris, members, sizes, shas, skipped, ok, widths, heights, errors, probs) -> pa.Table:
+    def _rows(self, uris, members, sizes, shas, skipped, ok, widths, heights, errors, probs, versions) -> pa.Table:
         table = schema.build_table(
             uris=uris, members=members, sizes=sizes, sha256s=shas,
             widths=[w if ok[i] else None for i, w in enumerate(widths)],
             heights=[h if ok[i] else None for i, h in enumerate(heights)],
             probs=probs, labelled=ok, errors=errors, class_ids=self.class_ids, class_names=self.class_names,
-            model_id=self.bundle.model_id, k=self.top_k)
+            model_id=self.bundle.model_id, k=self.top_k, versions=versions)
         table = table.append_column(SKIPPED, pa.array(np.asarray(skipped, dtype=bool)))
         return table.replace_schema_metadata(self._meta)

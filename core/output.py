@@ -3,10 +3,12 @@
 Layout under the output URI (local path or s3://):
 
     _lease.json                                  who is writing now (core.lease)
+    _last_run.json                               the manifest of the newest run that ended
     _staging/run_id=<id>/_run.json               what the run is (inputs, model_id): for resume
     _staging/run_id=<id>/part-<aa>-<nnnnnn>.parquet   parts, staged while the run works
     _staging/run_id=<id>/_manifest.json          the commit record: once every part is staged
     run_id=<id>/part-….parquet                   published parts
+    run_id=<id>/_keys.npz                        their skip-set keys (core.skipset): what later runs skip
     run_id=<id>/_manifest.json                   the run manifest
 
 Why: pyarrow, pandas, DuckDB's globs over `run_id=*` and Spark skip `_`-prefixed paths, so
@@ -25,14 +27,14 @@ Every step is idempotent, so a kill at any point and a rerun never duplicate a r
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import posixpath
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +43,14 @@ import pyarrow.parquet as pq
 
 from core import schema
 from core.errors import StorageError
+from core.skipset import KeyLog, SkipSet, contains_all, content_key
 from core.storage import get_filesystem
 
 STAGING_DIR = "_staging"
 RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
+KEYS_FILE = "_keys.npz"            # the run's skip-set keys (core.skipset), published with it
+LAST_RUN_FILE = "_last_run.json"   # the manifest of the newest run that ended, empty runs included
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 PARQUET_COMPRESSION = "zstd"
@@ -72,10 +77,14 @@ M_ERROR_RATE = "error_rate"
 M_MAX_ERROR_RATE = "max_error_rate"
 M_EXIT_CODE = "exit_code"
 M_FILES = "output_files"       # relative to the output URI
+M_KEYS = "keys_file"           # relative to the output URI
+M_STARTUP_S = "startup_s"      # from the process start to the first labelled rows
 M_ATTEMPTS = "attempts"
 M_CONFIG = "config"
 M_RUNTIMES = "runtimes"         # what the actors really ran: {"openvino/f32": rows, ...}
 STATUS_COMPLETE = "complete"
+
+_READ_THREADS = 16  # concurrent small reads (manifests, key files) on S3
 
 log = logging.getLogger(__name__)
 
@@ -92,27 +101,6 @@ def run_dir(run_id: str) -> str:
 
 def part_name(attempt: int, seq: int) -> str:
     return f"{PART_PREFIX}{attempt:02d}-{seq:06d}{PART_SUFFIX}"
-
-
-def key_hash(uri: str, member: str | None, sha256: str, model_id: str) -> int:
-    """64-bit key of (uri, member, content_sha256, model_id) for the incremental skip-set.
-
-    Why 64 bits: the set stays a flat sorted uint64 array (8 bytes an image) that Ray can hand
-    to every actor zero-copy; a false match needs a collision (~1e-7 at a million images).
-    """
-    text = "\0".join((uri, member or "", sha256, model_id)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
-
-
-def key_set(hashes: Iterable[int]) -> np.ndarray:
-    return np.unique(np.fromiter(hashes, dtype=np.uint64))
-
-
-def in_key_set(keys: np.ndarray, value: int) -> bool:
-    if len(keys) == 0:
-        return False
-    i = int(np.searchsorted(keys, np.uint64(value)))
-    return i < len(keys) and int(keys[i]) == value
 
 
 class Output:
@@ -187,12 +175,27 @@ class Output:
         return _run_ids(self._ls(self.root))
 
     # -- commit
-    def commit(self, run_id: str, manifest: dict) -> dict:
-        """Record the decision (the staged manifest), then publish; returns the manifest written."""
+    def commit(self, run_id: str, manifest: dict, keys: SkipSet | None = None) -> dict:
+        """Record the decision (the staged manifest), then publish; returns the manifest written.
+
+        A run that wrote no row and learned no key publishes nothing but `_last_run.json`: an
+        hourly no-op run over an unchanged bucket leaves no folder behind. (A run that only read
+        objects whose new version holds labelled content publishes their keys, so the next run
+        does not read them again.)
+        """
         parts = self.staged_parts(run_id)
         manifest = {**manifest, M_FILES: [posixpath.join(run_dir(run_id), posixpath.basename(p)) for p in parts]}
+        if not parts and (keys is None or not len(keys.listing)):
+            self.write_json(self.path(LAST_RUN_FILE), manifest)
+            self.discard_staged(run_id)
+            return manifest
+        if keys is not None:
+            self._write_atomic(self.staging(run_id, KEYS_FILE),
+                               lambda f: np.savez(f, content=keys.content, listing=keys.listing))
+            manifest[M_KEYS] = posixpath.join(run_dir(run_id), KEYS_FILE)
         self.write_json(self.staging(run_id, MANIFEST_FILE), manifest)
         self._publish(run_id)
+        self.write_json(self.path(LAST_RUN_FILE), manifest)
         return manifest
 
     def _publish(self, run_id: str) -> None:
@@ -209,7 +212,7 @@ class Output:
         manifest = self.read_json(posixpath.join(src, MANIFEST_FILE))
         if manifest is None:
             raise StorageError(f"{self.uri}: run {run_id} has no staged {MANIFEST_FILE}; it cannot be published")
-        for rel in manifest.get(M_FILES, []):
+        for rel in [*manifest.get(M_FILES, []), *([manifest[M_KEYS]] if manifest.get(M_KEYS) else [])]:
             self.fs.copy_file(posixpath.join(src, posixpath.basename(rel)), self.path(rel))
         self.write_json(self.published(run_id, MANIFEST_FILE), manifest)
         self.fs.delete_dir(src)
@@ -224,17 +227,21 @@ class Output:
         return done
 
     def discard_staged(self, run_id: str) -> None:
-        self.fs.delete_dir(self.staging(run_id))
+        if self.exists(self.staging(run_id)):
+            self.fs.delete_dir(self.staging(run_id))
 
     # -- finished runs
     def finished_runs(self) -> list[dict]:
-        """Manifests of the runs that finished, oldest first."""
-        out = []
-        for run_id in self.published_runs():
-            manifest = self.read_json(self.published(run_id, MANIFEST_FILE))
-            if manifest is not None and manifest.get(M_STATUS) == STATUS_COMPLETE:
-                out.append(manifest)
-        return sorted(out, key=lambda m: m[M_RUN_ID])
+        """Manifests of the runs that finished, oldest first (read in parallel: S3 latency)."""
+        paths = [self.published(run_id, MANIFEST_FILE) for run_id in self.published_runs()]
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            manifests = list(pool.map(self.read_json, paths))
+        return sorted((m for m in manifests if m is not None and m.get(M_STATUS) == STATUS_COMPLETE),
+                      key=lambda m: m[M_RUN_ID])
+
+    def last_run(self) -> dict | None:
+        """The manifest of the newest run that ended, including a run that had nothing to label."""
+        return self.read_json(self.path(LAST_RUN_FILE))
 
     def read_finished(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Rows of finished runs only (LABEL_SCHEMA, `run_id` included), exactly the files their manifests list."""
@@ -245,22 +252,28 @@ class Output:
             return pa.schema([schema.LABEL_SCHEMA.field(c) for c in names]).empty_table()
         return pa.concat_tables(tables, promote_options="default")
 
-    def iter_keys(self, files: Sequence[str], model_id: str | None = None) -> Iterator[int]:
-        """key_hash of each row in `files` (optionally only rows of `model_id`), file by file."""
+    def done_keys(self, model_id: str) -> SkipSet:
+        """The keys of every row finished runs hold for `model_id`: their `_keys.npz` files, read in
+        parallel (outputs written before those files existed: computed from their parts)."""
+        runs = [m for m in self.finished_runs() if m.get(M_MODEL_ID) == model_id]
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            return SkipSet.union(pool.map(self._run_keys, runs))
+
+    def _run_keys(self, manifest: dict) -> SkipSet:
+        if manifest.get(M_KEYS):
+            with self.fs.open_input_file(self.path(manifest[M_KEYS])) as f:
+                keys = np.load(f, allow_pickle=False)
+                return SkipSet(keys["content"], keys["listing"])
+        return self.parts_keys([self.path(f) for f in manifest.get(M_FILES, [])])
+
+    def parts_keys(self, files: Sequence[str], *, archives: bool = True) -> SkipSet:
+        """Keys of the rows in these part files (a resumed run's staged parts: `archives=False`)."""
+        log = KeyLog()
         for f in files:
-            t = pq.read_table(f, filesystem=self.fs, columns=list(schema.KEY_COLUMNS))
-            cols = [t.column(c).to_pylist() for c in schema.KEY_COLUMNS]
-            for uri, member, sha, mid in zip(*cols):
-                if model_id is None or mid == model_id:
-                    yield key_hash(uri, member, sha, mid)
-
-    def finished_files(self, model_id: str) -> list[str]:
-        return [self.path(f) for m in self.finished_runs() if m.get(M_MODEL_ID) == model_id
-                for f in m.get(M_FILES, [])]
-
-    def done_keys(self, model_id: str, extra_files: Sequence[str] = ()) -> np.ndarray:
-        """Sorted uint64 key-set of rows already labelled with `model_id` in finished runs (+ extra)."""
-        return key_set(self.iter_keys([*self.finished_files(model_id), *extra_files], model_id))
+            names = pq.read_schema(f, filesystem=self.fs).names
+            columns = [c for c in (*schema.KEY_COLUMNS, schema.VERSION) if c in names]
+            log.add_rows(pq.read_table(f, filesystem=self.fs, columns=columns), archives=archives)
+        return log.skipset()
 
     def drop_rows_in(self, part: str, keys: np.ndarray) -> int:
         """Rewrite a staged part without the rows whose key is in `keys`; returns how many went.
@@ -270,7 +283,8 @@ class Output:
         """
         table = pq.read_table(part, filesystem=self.fs)
         cols = [table.column(c).to_pylist() for c in schema.KEY_COLUMNS]
-        keep = np.array([not in_key_set(keys, key_hash(*row)) for row in zip(*cols)], dtype=bool)
+        keep = ~contains_all(keys, np.fromiter((content_key(*row) for row in zip(*cols)), np.uint64,
+                                               count=table.num_rows))
         if keep.all():
             return 0
         if keep.any():

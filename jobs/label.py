@@ -16,9 +16,8 @@ import dataclasses
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
-
-import numpy as np
+from itertools import chain, islice
+from typing import Iterator
 
 from core import labelling, lease, output
 from core.bundle import load_bundle
@@ -26,7 +25,7 @@ from core.label_config import PIPELINES, LabelConfig
 from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
 from core.runtime import RUNTIMES
-from core.sources import iter_label_items
+from core.sources import ItemData, iter_label_items
 from core.stop import GracefulStop, Stopped
 from core.storage import IMAGE_EXTENSIONS
 from jobs import ray_session
@@ -103,16 +102,23 @@ def label(cfg: LabelConfig) -> dict | None:
         dry_run(cfg, bundle.model_id)
         return None
     out = output.Output(cfg.out)
+    started_ray = plan = None
     with GracefulStop() as stop, lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s,
                                              on_lost=lambda exc: stop.request(str(exc))) as held:
         run = LabelRun.start(out, cfg, bundle.model_id, held)
-        started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
-        stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
         try:
-            plan = run_pipeline(cfg, run, stop)
+            # List until the first object still to label before starting Ray: a bad input fails in
+            # a second, and a scheduled run over an unchanged bucket ends without Ray at all.
+            items = _pending(cfg, run)
+            first = next(items, None)
+            if first is not None:
+                started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
+                stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+                plan = run_pipeline(cfg, run, chain([first], items), stop)
         except BaseException as exc:
             with stop.deferred():
                 run.stage()  # what arrived is staged: a rerun resumes from it
+                run.abandon()
             if isinstance(exc, Stopped):
                 raise Stopped(f"{exc}: {run.stats.images} images of run {run.run_id} are staged; rerun the "
                               "same command to resume") from None
@@ -127,27 +133,39 @@ def label(cfg: LabelConfig) -> dict | None:
     return manifest
 
 
-def dry_run(cfg: LabelConfig, model_id: str) -> None:
-    """Print what would be labelled (one line each) and how many inputs are already done."""
-    done = np.zeros(0, np.uint64)
-    if cfg.out and not cfg.relabel:
-        done = output.Output(cfg.out).done_keys(model_id)
+def _pending(cfg: LabelConfig, run: LabelRun) -> Iterator[ItemData]:
+    """The listing, without what a finished run labelled (judged from the listing alone)."""
     exts = None if cfg.any_extension else IMAGE_EXTENSIONS
-    items = iter_label_items(cfg.inputs, cfg.manifests, extensions=exts)
+    return iter_label_items(cfg.inputs, cfg.manifests, extensions=exts, keep=run.keep)
+
+
+def dry_run(cfg: LabelConfig, model_id: str) -> None:
+    """Print what would be labelled (one line each) and how many inputs are already done.
+
+    Objects whose listed version a finished run labelled are skipped unread, as in a real run;
+    the others are read and hashed, and skipped when their content was labelled."""
+    out = output.Output(cfg.out) if cfg.out else None
+    run = LabelRun(out, cfg, model_id, None, "dry-run", 0, []) if out else None
+    if run is not None and not cfg.relabel:
+        run.skipset = out.done_keys(model_id)
+    items = _pending(cfg, run) if run else iter_label_items(
+        cfg.inputs, cfg.manifests, extensions=None if cfg.any_extension else IMAGE_EXTENSIONS)
     total = already = 0
     with ThreadPoolExecutor(cfg.io_threads) as pool:
         while chunk := list(islice(items, 256)):
             uris, members = [i.item.uri for i in chunk], [i.item.member for i in chunk]
+            done = run.done if run else None
             shas = (labelling.fetch(uris, members, [i.data for i in chunk], [i.error for i in chunk], pool).shas
-                    if len(done) else [""] * len(chunk))
+                    if done is not None else [""] * len(chunk))
             skip = labelling.skip_mask(uris, members, shas, model_id, done)
             for uri, member, s in zip(uris, members, skip):
                 if not s:
                     print(uri if member is None else f"{uri}\t{member}")
             total += len(chunk)
             already += int(skip.sum())
-    print(f"dry run: {total} inputs, {already} already labelled with model {model_id[:12]}, "
-          f"{total - already} would be labelled", file=sys.stderr)
+    unread = run.stats.skipped if run else 0
+    print(f"dry run: {total + unread} inputs, {already + unread} already labelled with model {model_id[:12]} "
+          f"({unread} judged from the listing alone), {total - already} would be labelled", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,8 @@ from core.errors import JobError
 from core.label_config import LabelConfig
 from core.label_plan import FUSED, ClusterResources, PipelinePlan, plan
 from core.label_run import LabelRun
-from core.sources import ItemData, iter_label_items
+from core.sources import ItemData
 from core.stop import GracefulStop
-from core.storage import IMAGE_EXTENSIONS
 from jobs import ray_session
 
 log = logging.getLogger(__name__)
@@ -223,16 +222,14 @@ def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
                                num_gpus=shape.gpus_per_actor, zero_copy_batch=True)
 
 
-def run_pipeline(cfg: LabelConfig, run: LabelRun, stop: GracefulStop) -> PipelinePlan:
-    """Label everything the inputs list into `run`; returns the plan it ran with."""
+def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], stop: GracefulStop) -> PipelinePlan:
+    """Label `items` (the listing, what is left of it) into `run`; returns the plan it ran with."""
     import ray
 
     shape = plan(cfg, cluster_resources())
     log.info("label plan: %s", shape)
-    done_ref = ray.put(run.done) if run.done is not None and len(run.done) else None
-    exts = None if cfg.any_extension else IMAGE_EXTENSIONS
-    feeder = Feeder(iter_label_items(cfg.inputs, cfg.manifests, extensions=exts), cfg.batch_size,
-                    cfg.queue_chunks).start()
+    done_ref = ray.put(run.done) if run.done is not None else None
+    feeder = Feeder(items, cfg.batch_size, cfg.queue_chunks).start()
     pbar = _progress(cfg)
     try:
         ds = build_dataset(cfg, shape, feeder.queue, done_ref)

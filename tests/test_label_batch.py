@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core import labelling, output, schema
+from core import labelling, schema, skipset
 from core.bundle import load_bundle
 from core.sources import InputItem, ItemData
 from tests.fixtures.images import SAMPLE_KINDS, sample_images
@@ -73,7 +73,7 @@ def test_done_keys_skip_only_identical_content(tiny_bundle):
     bundle = load_bundle(str(tiny_bundle))
     samples = sample_images(["jpeg", "png"])
     first = labelling.BatchLabeller(bundle, runtime="openvino", threads=1).label(batch_of(samples)).to_pylist()
-    done = output.key_set([output.key_hash(first[0]["uri"], None, first[0]["content_sha256"], bundle.model_id)])
+    done = skipset.key_set([skipset.content_key(first[0]["uri"], None, first[0]["content_sha256"], bundle.model_id)])
     again = labelling.BatchLabeller(bundle, runtime="openvino", threads=1, done_keys=done).label(batch_of(samples))
     assert again.column(labelling.SKIPPED).to_pylist() == [True, False]
 

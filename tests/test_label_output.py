@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from core import output, schema
+from core import output, schema, skipset
 from core.errors import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK
 from core.label_summary import RunStats, build_manifest, exit_code, summary_text
 
@@ -120,11 +120,11 @@ def test_done_keys_from_finished_runs_of_the_same_model(tmp_path):
     for run_id, model in (("R1", "M"), ("R2", "OTHER")):
         out.write_part(run_id, output.part_name(0, 0), rows(3, model_id=model))
         out.commit(run_id, {output.M_RUN_ID: run_id, output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: model})
-    keys = out.done_keys("M")
+    keys = out.done_keys("M").content
     assert len(keys) == 3
-    assert output.in_key_set(keys, output.key_hash("/data/img1.jpg", None, "shaimg1", "M"))
-    assert not output.in_key_set(keys, output.key_hash("/data/img1.jpg", None, "changed", "M"))
-    assert not output.in_key_set(keys, output.key_hash("/data/img1.jpg", None, "shaimg1", "OTHER2"))
+    assert skipset.contains(keys, skipset.content_key("/data/img1.jpg", None, "shaimg1", "M"))
+    assert not skipset.contains(keys, skipset.content_key("/data/img1.jpg", None, "changed", "M"))
+    assert not skipset.contains(keys, skipset.content_key("/data/img1.jpg", None, "shaimg1", "OTHER2"))
 
 
 def test_manifest_exit_codes():
@@ -170,7 +170,7 @@ def test_a_resumed_run_drops_rows_a_run_finished_since_then(tmp_path):
     again.commit(None)
     table = out.read_finished()
     assert table.num_rows == 6 and len(set(table.column("uri").to_pylist())) == 6
-    assert output.in_key_set(again.done, output.key_hash("/data/img5.jpg", None, "shaimg5", "M"))
+    assert skipset.contains(again.done, skipset.content_key("/data/img5.jpg", None, "shaimg5", "M"))
 
 
 def test_part_writer_stages_by_rows_and_by_time(tmp_path):

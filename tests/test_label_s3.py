@@ -51,5 +51,7 @@ def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
     assert storage.exists(f"{out}/run_id={m[output.M_RUN_ID]}/{output.MANIFEST_FILE}")
 
     again = label(LabelConfig(**base))  # nothing new: every row is skipped (rows with errors too)
-    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 9
+    # 6 photos and the tar (counted once) unread, from the listing; the manifest's line has no
+    # version, so it was read ("not found" again) and skipped by content
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 8
     assert output.Output(out).read_finished().num_rows == 9

@@ -1,0 +1,152 @@
+"""A scheduled run costs what changed: objects (and whole archives) whose listed version a finished
+run labelled are skipped without a GET of their bodies — counted at the real S3 server
+(moto_server's request log) — and a run with nothing to do ends before Ray starts."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core import output, storage
+from core.label_config import LabelConfig
+from jobs.label import label
+from tests.fixtures.images import jpeg_bytes, png_bytes
+
+SMALL = dict(actors=1, cpus_per_actor=1, batch_size=4, rows_per_file=50, io_threads=2, progress=False)
+KEY = ["uri", "member", "content_sha256", "model_id"]
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bucket(moto_s3, tmp_path):
+    name = f"incr-{os.getpid()}-{tmp_path.name[-12:]}".lower().replace("_", "-")
+    moto_s3.make_bucket(name)
+    client = moto_s3.client()
+    for i in range(8):
+        client.put_object(Bucket=name, Key=f"photos/p{i}.jpg", Body=jpeg_bytes(40 + i, 30))
+    client.put_object(Bucket=name, Key="packs/pack.tar", Body=_tar({"a.jpg": jpeg_bytes(30, 30),
+                                                                     "b.png": png_bytes(20, 20)}))
+    return name
+
+
+def _one_row_per_key(out: str) -> pd.DataFrame:
+    fs, root = storage.get_filesystem(out)
+    df = pd.read_parquet(root, filesystem=fs)
+    assert not df.duplicated(KEY).any()
+    return df
+
+
+def test_no_op_over_a_prefix_and_a_tar_on_s3_reads_no_body(ray_local, moto_s3, bucket, tiny_bundle):
+    out = f"s3://{bucket}/labels"
+    cfg = LabelConfig(inputs=(f"s3://{bucket}/photos/", f"s3://{bucket}/packs/pack.tar"), model=str(tiny_bundle),
+                      out=out, **SMALL)
+    first = label(cfg)
+    assert first[output.M_IMAGES] == 10
+    gets = len(moto_s3.object_gets(bucket))
+    again = label(cfg)
+    new_gets = [k for k in moto_s3.object_gets(bucket)[gets:] if not k.startswith("labels/")]
+    assert new_gets == []  # not one photo, not the tar
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 9  # 8 photos + 1 archive, unread
+    assert again[output.M_CONFIG]["plan"] is None  # ended before Ray was asked for anything
+    assert output.Output(out).last_run()[output.M_RUN_ID] == again[output.M_RUN_ID]
+    assert len(output.Output(out).finished_runs()) == 1  # an empty run publishes no folder
+    assert len(_one_row_per_key(out)) == 10
+
+
+def test_overwritten_objects_are_relabelled_and_only_they_are_read(ray_local, moto_s3, bucket, tiny_bundle):
+    out = f"s3://{bucket}/labels"
+    cfg = LabelConfig(inputs=(f"s3://{bucket}/photos/",), model=str(tiny_bundle), out=out, **SMALL)
+    label(cfg)
+    client = moto_s3.client()
+    for i in (1, 4, 6):
+        client.put_object(Bucket=bucket, Key=f"photos/p{i}.jpg", Body=jpeg_bytes(70 + i, 50))
+    gets = len(moto_s3.object_gets(bucket))
+    again = label(cfg)
+    read = sorted(k for k in moto_s3.object_gets(bucket)[gets:] if k.startswith("photos/"))
+    assert read == ["photos/p1.jpg", "photos/p4.jpg", "photos/p6.jpg"]
+    assert again[output.M_IMAGES] == 3 and again[output.M_SKIPPED] == 5
+    df = _one_row_per_key(out)  # new rows for the new content, the old rows stay
+    assert len(df) == 11 and df.groupby("uri").size().max() == 2
+
+
+def test_a_new_version_in_a_versioned_bucket_is_relabelled(ray_local, moto_s3, bucket, tiny_bundle):
+    client = moto_s3.client()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    out = f"s3://{bucket}/labels"
+    cfg = LabelConfig(inputs=(f"s3://{bucket}/photos/",), model=str(tiny_bundle), out=out, **SMALL)
+    label(cfg)
+    client.put_object(Bucket=bucket, Key="photos/p2.jpg", Body=jpeg_bytes(90, 60))
+    again = label(cfg)
+    assert again[output.M_IMAGES] == 1
+    versions = _one_row_per_key(out).query("uri.str.endswith('p2.jpg')", engine="python")["version"]
+    assert versions.nunique() == 2  # each row says which version of the object it labelled
+
+
+def test_s3_inventory_manifests_as_s3_writes_them(ray_local, moto_s3, bucket, tiny_bundle, tmp_path):
+    """A Parquet inventory data file and a CSV inventory report (manifest.json + gzip CSV, keys
+    URL-encoded): rows with an ETag are skipped unread on the next run; delete markers and
+    non-current versions are not labelled."""
+    import gzip
+
+    client = moto_s3.client()
+    heads = {f"photos/p{i}.jpg": client.head_object(Bucket=bucket, Key=f"photos/p{i}.jpg") for i in range(8)}
+    rows = [{"bucket": bucket, "key": k, "size": h["ContentLength"], "e_tag": h["ETag"].strip('"'),
+             "is_latest": True, "is_delete_marker": False} for k, h in list(heads.items())[:4]]
+    rows.append({"bucket": bucket, "key": "photos/old.jpg", "size": 1, "e_tag": "x", "is_latest": False,
+                 "is_delete_marker": False})
+    inventory = tmp_path / "inventory.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inventory)
+    client.put_object(Bucket=bucket, Key="photos/with space.jpg", Body=jpeg_bytes(33, 33))
+    etag = client.head_object(Bucket=bucket, Key="photos/with space.jpg")["ETag"]
+    lines = [f'"{bucket}","{k}","{h["ContentLength"]}","{h["ETag"].strip(chr(34))}"' for k, h in
+             list(heads.items())[4:]] + [f'"{bucket}","photos/with%20space.jpg","1","{etag.strip(chr(34))}"']
+    client.put_object(Bucket=bucket, Key="inv/data/part0.csv.gz", Body=gzip.compress("\n".join(lines).encode()))
+    spec = {"sourceBucket": bucket, "destinationBucket": f"arn:aws:s3:::{bucket}", "fileFormat": "CSV",
+            "fileSchema": "Bucket, Key, Size, ETag", "files": [{"key": "inv/data/part0.csv.gz", "size": 1}]}
+    client.put_object(Bucket=bucket, Key="inv/manifest.json", Body=json.dumps(spec).encode())
+
+    out = f"s3://{bucket}/labels"
+    cfg = LabelConfig(manifests=(str(inventory), f"s3://{bucket}/inv/manifest.json"), model=str(tiny_bundle),
+                      out=out, **SMALL)
+    first = label(cfg)
+    assert first[output.M_IMAGES] == 9 and first[output.M_ERRORS] == 0
+    gets = len(moto_s3.object_gets(bucket))
+    again = label(cfg)
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 9
+    assert [k for k in moto_s3.object_gets(bucket)[gets:] if k.startswith("photos/")] == []
+    assert f"s3://{bucket}/photos/with space.jpg" in set(_one_row_per_key(out).uri)
+
+
+def test_touched_file_is_read_once_then_skipped_unread(ray_local, tmp_path, tiny_bundle):
+    """Same bytes, new mtime: read and hashed once (no new row: its content is labelled), and the
+    new version is remembered, so the run after that does not read it again."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(jpeg_bytes(40 + i, 30))
+    cfg = LabelConfig(inputs=(str(folder),), model=str(tiny_bundle), out=str(tmp_path / "out"), **SMALL)
+    label(cfg)
+    stamp = time.time() + 60
+    os.utime(folder / "p1.jpg", (stamp, stamp))
+    touched = label(cfg)
+    assert touched[output.M_IMAGES] == 0 and touched[output.M_SKIPPED] == 3  # 2 from the listing, 1 by content
+    assert touched[output.M_CONFIG]["plan"] is not None  # it had to read p1.jpg
+    quiet = label(cfg)
+    assert quiet[output.M_IMAGES] == 0 and quiet[output.M_CONFIG]["plan"] is None
+    assert len(_one_row_per_key(str(tmp_path / "out"))) == 3
