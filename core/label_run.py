@@ -23,6 +23,7 @@ import collections
 import logging
 import time
 from dataclasses import asdict
+from typing import Sequence
 
 import numpy as np
 import psutil
@@ -36,7 +37,7 @@ from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
 from core.labelling import FALLBACK_META, RUNTIME_META, SKIPPED
 from core.lease import Lease
-from core.skipset import KeyLog, SkipSet, archive_key, contains, listing_key
+from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key
 from core.sources import InputItem
 
 log = logging.getLogger(__name__)
@@ -133,17 +134,23 @@ class LabelRun:
                      self.attempt - 1)
 
     # -- listing
-    def keep(self, item: InputItem) -> bool:
-        """False for a listed object (or whole archive) whose listed version a finished run holds:
-        it is skipped without being read. Objects listed without a version are always read."""
-        if item.version is None or not len(self.skipset.listing):
-            return True
-        key = (archive_key(item.uri, item.version, self.model_id) if item.is_archive
-               else listing_key(item.uri, item.member, item.version, self.model_id))
-        if contains(self.skipset.listing, key):
-            self.stats.skipped += 1
-            return False
-        return True
+    def keep(self, items: Sequence[InputItem]) -> np.ndarray:
+        """False for each listed object (or whole archive) whose listed version a finished run
+        holds: it is skipped without being read. Objects listed without a version are read."""
+        mask = np.ones(len(items), dtype=bool)
+        known = [i for i, item in enumerate(items) if item.version is not None]
+        if not known or not len(self.skipset.listing):
+            return mask
+        keys = np.fromiter((self._listing_key(items[i]) for i in known), np.uint64, count=len(known))
+        done = contains_all(self.skipset.listing, keys)
+        mask[np.asarray(known)[done]] = False
+        self.stats.skipped += int(done.sum())
+        return mask
+
+    def _listing_key(self, item: InputItem) -> int:
+        if item.is_archive:
+            return archive_key(item.uri, item.version, self.model_id)
+        return listing_key(item.uri, item.member, item.version, self.model_id)
 
     # -- rows
     def add(self, rows: pa.Table) -> pa.Table:

@@ -28,8 +28,11 @@ import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
-from itertools import chain
+from itertools import chain, islice
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from core import storage
 from core.errors import InputError, StorageError
@@ -173,29 +176,35 @@ def _zip_members(zf: zipfile.ZipFile, exts: tuple[str, ...] | None) -> list[zipf
     return sorted(infos, key=lambda i: i.header_offset)
 
 
+Keep = Callable[[Sequence[InputItem]], Sequence[bool]]
+_KEEP_BATCH = 1024  # listed items judged together (one vectorised lookup)
+
+
 def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
                      extensions: Iterable[str] | None = IMAGE_EXTENSIONS, s3: S3Options | None = None,
-                     keep: Callable[[InputItem], bool] | None = None) -> Iterator[ItemData]:
+                     keep: Keep | None = None) -> Iterator[ItemData]:
     """Everything a label run labels, streamed in input order: plain objects without their bytes
     (the actors read them, in parallel), archive members with theirs (read here, once per archive).
 
-    `keep(item)` decides from the listing alone (uri, member, size, version) whether an item is
+    `keep(items)` decides from the listing alone (uri, member, size, version) which items are
     still to label: an archive it refuses is not read at all, a plain object it refuses is never
     fetched. Members carry their archive's version.
     """
     exts = tuple(extensions) if extensions is not None else None
     listings = [iter_items(inputs, extensions=exts, expand_archives=False, s3=s3)] if inputs else []
     listings += [iter_items([], manifest=m, extensions=exts, expand_archives=False, s3=s3) for m in manifests]
-    for item in chain.from_iterable(listings):
-        if keep is not None and not keep(item):
-            continue
-        if not item.is_archive:
-            yield ItemData(item, None, item.error)
-            continue
-        for got in iter_archive_members(item.uri, extensions=exts, s3=s3):
-            member = replace(got.item, version=item.version)
-            if keep is None or got.item.member is None or keep(member):
-                yield ItemData(member, got.data, got.error)
+    listed = chain.from_iterable(listings)
+    while batch := list(islice(listed, _KEEP_BATCH)):
+        for item, wanted in zip(batch, keep(batch) if keep is not None else [True] * len(batch)):
+            if not wanted:
+                continue
+            if not item.is_archive:
+                yield ItemData(item, None, item.error)
+                continue
+            for got in iter_archive_members(item.uri, extensions=exts, s3=s3):
+                member = replace(got.item, version=item.version)
+                if keep is None or got.item.member is None or keep([member])[0]:
+                    yield ItemData(member, got.data, got.error)
 
 
 # --- manifests -----------------------------------------------------------------------------
@@ -278,8 +287,6 @@ def _row(row: dict) -> Iterator[_ManifestRow]:
 
 def _parquet_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
     """Streamed in record batches: a manifest of millions of rows never sits in memory whole."""
-    import pyarrow.parquet as pq
-
     fs, path = storage.get_filesystem(uri, s3=s3)
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
@@ -295,8 +302,28 @@ def _parquet_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
               INVENTORY_IS_LATEST, INVENTORY_DELETE_MARKER]
     columns = [names[c] for c in wanted if c in names]
     for batch in pf.iter_batches(batch_size=10_000, columns=columns):
-        for raw in batch.to_pylist():
-            yield from _row({k.lower(): v for k, v in raw.items()})
+        yield from _batch_rows(pa.Table.from_batches([batch]).rename_columns([c.lower() for c in batch.schema.names]))
+
+
+def _batch_rows(t: "pa.Table") -> Iterator[_ManifestRow]:
+    """Column-wise `_row` for a Parquet batch: the per-row Python work of a million-line inventory
+    is what bounds its listing rate."""
+    import pyarrow.compute as pc
+
+    if INVENTORY_DELETE_MARKER in t.column_names:
+        t = t.filter(pc.invert(pc.fill_null(t[INVENTORY_DELETE_MARKER].cast(pa.bool_()), False)))
+    if INVENTORY_IS_LATEST in t.column_names:
+        t = t.filter(pc.fill_null(t[INVENTORY_IS_LATEST].cast(pa.bool_()), True))
+    if MANIFEST_URI in t.column_names:
+        uris = t[MANIFEST_URI]
+    else:
+        uris = pc.binary_join_element_wise("s3://", t[INVENTORY_BUCKET], "/", t[INVENTORY_KEY], "")
+    members = t[MANIFEST_MEMBER].to_pylist() if MANIFEST_MEMBER in t.column_names else None
+    etag = next((t[c] for c in _ETAG_COLUMNS if c in t.column_names), None)
+    versions = pc.utf8_trim(etag.cast(pa.string()), '"').to_pylist() if etag is not None else None
+    for i, uri in enumerate(uris.to_pylist()):
+        if uri:
+            yield _ManifestRow(uri, members[i] if members else None, (versions[i] or None) if versions else None)
 
 
 def _inventory_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
@@ -336,7 +363,9 @@ def _snake(column: str) -> str:
 
 def _resolve(manifest_uri: str, row_uri: str) -> str:
     """Relative local paths in a manifest are relative to the manifest's folder."""
-    if storage.is_s3(row_uri) or row_uri.startswith("file://") or os.path.isabs(row_uri):
+    if storage.is_s3(row_uri):
+        return row_uri  # kept as written (no parse: a million-line inventory lists at >50,000 rows/s)
+    if row_uri.startswith("file://") or os.path.isabs(row_uri):
         return storage.normalize_uri(row_uri)
     if storage.is_s3(manifest_uri):
         return storage.join(manifest_uri.rsplit("/", 1)[0], row_uri)
