@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"
 LABELS_FILE = "labels.json"
 CARD_FILE = "card.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_id covers labels.json and the card's decode settings, not only model/
+FORMAT_VERSIONS = (1, 2)
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probs"
@@ -51,8 +52,11 @@ CARD_DATA_FINGERPRINT = "data_fingerprint"
 CARD_METRICS = "metrics"
 CARD_CREATED_AT = "created_at"
 CARD_LIBRARIES = "library_versions"
+CARD_HASHES = "hashes"  # {"model/": sha256, "labels.json": sha256}: which file changed, when one did
+# What the card says that changes a prediction: part of model_id (format 2).
+PREDICTION_FIELDS = (CARD_INPUT_SIZE, CARD_RESIZE_POLICY)
 _RESERVED = (CARD_FORMAT_VERSION, CARD_MODEL_ID, CARD_INPUT_SIZE, CARD_RESIZE_POLICY,
-             CARD_NUM_CLASSES, CARD_CREATED_AT, CARD_LIBRARIES)
+             CARD_NUM_CLASSES, CARD_CREATED_AT, CARD_LIBRARIES, CARD_HASHES)
 _REQUIRED_CARD_KEYS = (CARD_FORMAT_VERSION, CARD_MODEL_ID, CARD_INPUT_SIZE, CARD_RESIZE_POLICY)
 
 
@@ -90,8 +94,22 @@ def _input_hw(value: Any) -> tuple[int, int]:
     raise BundleError(f"{CARD_FILE}: input_size {value!r} is neither an int nor [H, W]; re-export the bundle")
 
 
+def bundle_id(model_sha256: str, labels_sha256: str, card: Mapping[str, Any]) -> str:
+    """model_id (format 2): the model files, the class list and the card's decode settings, so
+    that anything that changes a prediction changes the id (and an edit is refused at load)."""
+    fields = {k: card[k] for k in PREDICTION_FIELDS}
+    text = json.dumps({"model": model_sha256, "labels": labels_sha256, "card": fields}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def labels_sha256(classes: Sequence[Breed]) -> str:
+    """Of the class list's content (ids and names, in order), not of the file's formatting."""
+    return hashlib.sha256(json.dumps([[c.id, c.name] for c in classes]).encode()).hexdigest()
+
+
 def compute_model_id(model_dir: str | Path) -> str:
-    """sha256 over the sorted relative paths and bytes of every file under model/."""
+    """sha256 over the sorted relative paths and bytes of every file under model/ (format 1's
+    model_id; format 2 keeps it as the card's hashes["model/"])."""
     root = Path(model_dir)
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -141,11 +159,13 @@ def _save_serving_model(model: Any, model_dir: Path, input_size: int | tuple[int
     return int(out_width) if out_width is not None else -1
 
 
-def _build_card(model_id: str, num_classes: int, input_size: Any, resize_policy: str,
+def _build_card(model_dir: Path, classes: Sequence[Breed], input_size: Any, resize_policy: str,
                 card_extra: Mapping[str, Any]) -> dict:
+    num_classes = len(classes)
+    hashes = {f"{MODEL_DIR}/": compute_model_id(model_dir), LABELS_FILE: labels_sha256(classes)}
     card: dict[str, Any] = {
         CARD_FORMAT_VERSION: FORMAT_VERSION,
-        CARD_MODEL_ID: model_id,
+        CARD_HASHES: hashes,
         CARD_BACKBONE: None,
         CARD_INPUT_SIZE: input_size,
         CARD_RESIZE_POLICY: resize_policy,
@@ -157,6 +177,7 @@ def _build_card(model_id: str, num_classes: int, input_size: Any, resize_policy:
         CARD_LIBRARIES: _library_versions(),
     }
     card.update(card_extra)
+    card[CARD_MODEL_ID] = bundle_id(hashes[f"{MODEL_DIR}/"], hashes[LABELS_FILE], card)
     return card
 
 
@@ -185,8 +206,8 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
             raise BundleError(f"export_bundle: the model outputs {width} classes but {len(classes)} "
                               "classes were given; build the head with num_classes=len(classes)")
         write_labels_json(list(classes), local / LABELS_FILE)
-        model_id = compute_model_id(local / MODEL_DIR)
-        card = _build_card(model_id, len(classes), input_size, resize_policy, card_extra)
+        card = _build_card(local / MODEL_DIR, classes, input_size, resize_policy, card_extra)
+        model_id = card[CARD_MODEL_ID]
         (local / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
         if remote:
             _upload_dir(local, out_uri)
@@ -276,9 +297,9 @@ def _read_card(root: Path, uri: str) -> dict:
     missing = [key for key in _REQUIRED_CARD_KEYS if key not in card]
     if missing:
         raise BundleError(f"bundle {uri}: {CARD_FILE} lacks {missing}; re-export the bundle")
-    if card[CARD_FORMAT_VERSION] != FORMAT_VERSION:
-        raise BundleError(f"bundle {uri}: {CARD_FILE} format_version {card[CARD_FORMAT_VERSION]!r} is not "
-                          f"{FORMAT_VERSION}; use a breedlabel version that reads it or re-export")
+    if card[CARD_FORMAT_VERSION] not in FORMAT_VERSIONS:
+        raise BundleError(f"bundle {uri}: {CARD_FILE} format_version {card[CARD_FORMAT_VERSION]!r} is not one of "
+                          f"{list(FORMAT_VERSIONS)}; use a breedlabel version that reads it or re-export")
     return card
 
 
@@ -308,14 +329,35 @@ def load_bundle(uri: str, *, verify: bool = True) -> Bundle:
     if n_card is not None and int(n_card) != len(classes):
         raise BundleError(f"bundle {uri}: {LABELS_FILE} lists {len(classes)} classes but {CARD_FILE} "
                           f"says num_classes={n_card}; the files come from different exports")
-    if verify:
-        actual = compute_model_id(root / MODEL_DIR)
-        if actual != card[CARD_MODEL_ID]:
-            raise BundleError(f"bundle {uri}: {MODEL_DIR}/ files do not match {CARD_FILE} model_id "
-                              f"(tampered or partially copied); re-copy or re-export the bundle")
-    bundle = Bundle(path=str(root), classes=classes, card=card, model_id=str(card[CARD_MODEL_ID]))
     _input_hw(card[CARD_INPUT_SIZE])
-    return bundle
+    if verify:
+        _verify_identity(root, card, classes, uri)
+    return Bundle(path=str(root), classes=classes, card=card, model_id=str(card[CARD_MODEL_ID]))
+
+
+def _verify_identity(root: Path, card: dict, classes: Sequence[Breed], uri: str) -> None:
+    """The files and the card's decode settings are what model_id says, or a BundleError naming
+    what changed. Format 1 bundles (exported before labels.json and the card were covered) are
+    checked on model/ alone, as they always were; re-export one to protect the rest."""
+    model_sha = compute_model_id(root / MODEL_DIR)
+    redo = "re-copy or re-export the bundle"
+    if card[CARD_FORMAT_VERSION] == 1:
+        if model_sha != card[CARD_MODEL_ID]:
+            raise BundleError(f"bundle {uri}: {MODEL_DIR}/ files do not match {CARD_FILE} model_id "
+                              f"(tampered or partially copied); {redo}")
+        log.warning("bundle %s is format 1: its model_id does not cover %s or the card's %s; re-export it to "
+                    "have edits refused", uri, LABELS_FILE, "/".join(PREDICTION_FIELDS))
+        return
+    hashes = card.get(CARD_HASHES) or {}
+    if model_sha != hashes.get(f"{MODEL_DIR}/"):
+        raise BundleError(f"bundle {uri}: {MODEL_DIR}/ files do not match {CARD_FILE} (tampered or partially "
+                          f"copied); {redo}")
+    if labels_sha256(classes) != hashes.get(LABELS_FILE):
+        raise BundleError(f"bundle {uri}: {LABELS_FILE} was changed after export (its classes would name "
+                          f"predictions wrongly); {redo}")
+    if bundle_id(model_sha, hashes[LABELS_FILE], card) != card[CARD_MODEL_ID]:
+        raise BundleError(f"bundle {uri}: {CARD_FILE} was edited: {', '.join(PREDICTION_FIELDS)} or model_id no "
+                          f"longer match the exported model; {redo}")
 
 
 def check_output_width(bundle: Bundle, width: int | None) -> None:

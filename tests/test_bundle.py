@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from core.bundle import CARD_FILE, LABELS_FILE, MODEL_DIR, SIGNATURE, compute_model_id, load_bundle
+from core.bundle import CARD_FILE, LABELS_FILE, MODEL_DIR, SIGNATURE, bundle_id, compute_model_id, load_bundle
 from core.errors import BundleError, ConfigError
 from tests.fixtures.models import build_tiny_model, tiny_classes
 
@@ -49,7 +49,8 @@ def test_card_and_labels(tiny_bundle):
     for key in ("format_version", "model_id", "backbone", "input_size", "resize_policy", "train_config",
                 "data_fingerprint", "metrics", "created_at", "library_versions"):
         assert key in card
-    assert b.model_id == card["model_id"] == compute_model_id(tiny_bundle / MODEL_DIR)
+    assert card["format_version"] == 2 and card["hashes"]["model/"] == compute_model_id(tiny_bundle / MODEL_DIR)
+    assert b.model_id == card["model_id"] == bundle_id(card["hashes"]["model/"], card["hashes"]["labels.json"], card)
     assert b.input_size == (32, 32) and b.resize_policy == "resize_crop"
     assert [c.id for c in b.classes] == [c.id for c in tiny_classes(4)]
     assert b.path == str(tiny_bundle)
@@ -94,9 +95,37 @@ def test_model_width_mismatch_detected_by_runtime(bundle_copy):
     card = json.loads((bundle_copy / CARD_FILE).read_text())
     card["num_classes"] = 5
     (bundle_copy / CARD_FILE).write_text(json.dumps(card))
-    bundle = load_bundle(str(bundle_copy))
+    with pytest.raises(BundleError, match="labels.json was changed"):
+        load_bundle(str(bundle_copy))
+    bundle = load_bundle(str(bundle_copy), verify=False)  # the runtime checks the width again on its own
     with pytest.raises(BundleError, match="outputs 4 classes"):
         load_runtime(bundle, "tensorflow")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda labels, card: labels.__setitem__(slice(0, 2), [labels[1], labels[0]]), "labels.json was changed"),
+    (lambda labels, card: card.__setitem__("input_size", 64), "card.json was edited"),
+    (lambda labels, card: card.__setitem__("resize_policy", "squash"), "card.json was edited"),
+    (lambda labels, card: card.__setitem__("model_id", "0" * 64), "card.json was edited"),
+])
+def test_edits_that_change_predictions_are_refused(bundle_copy, edit, match):
+    """Swapped class names, another input size or resize policy: model_id covers them all."""
+    labels = json.loads((bundle_copy / LABELS_FILE).read_text())
+    card = json.loads((bundle_copy / CARD_FILE).read_text())
+    edit(labels, card)
+    (bundle_copy / LABELS_FILE).write_text(json.dumps(labels))
+    (bundle_copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(str(bundle_copy))
+
+
+def test_format_1_bundles_still_load(bundle_copy, caplog):
+    """Exported before model_id covered labels.json: its model_id is the hash of model/ alone."""
+    card = json.loads((bundle_copy / CARD_FILE).read_text())
+    card.update(format_version=1, model_id=card.pop("hashes")["model/"])
+    (bundle_copy / CARD_FILE).write_text(json.dumps(card))
+    assert load_bundle(str(bundle_copy)).model_id == compute_model_id(bundle_copy / MODEL_DIR)
+    assert "format 1" in caplog.text
 
 
 def test_bad_card(bundle_copy):
