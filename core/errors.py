@@ -49,5 +49,11 @@ class StorageError(BreedlabelError):
     """A URI that cannot be read, listed or written."""
 
 
+class ServiceError(StorageError):
+    """A storage service that does not answer properly (unreachable, stalled past its timeouts,
+    5xx or throttling after retries, credentials rejected): the run fails, it does not become
+    rows of errors; a rerun once the service is back resumes it."""
+
+
 class JobError(BreedlabelError):
     """A Ray job (train, tune, label, submit) that failed as a whole."""

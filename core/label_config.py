@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from core.errors import ConfigError
 from core.lease import DEFAULT_TTL_S
 from core.runtime import RUNTIMES
+from core.s3 import S3Options
 
 PIPELINES = ("auto", "fused", "two-stage")
 
@@ -30,6 +31,11 @@ class LabelConfig:
     cpus_per_actor: int = 0           # 0: all CPUs of the smallest node (CPU actors)
     decode_threads: int = 0           # 0: the actor's CPUs
     io_threads: int = 8               # concurrent reads per actor (S3 latency)
+    io_timeout_s: float = 30.0        # per S3 request; a stalled endpoint fails the run after ~attempts x this
+    io_attempts: int = 5              # S3 attempts per request (backoff between), then the run fails
+    max_object_mb: float = 64.0       # larger objects and archive members: an error row, never read
+    chunk_mb: float = 64.0            # archive-member bytes per listing chunk (bounds the bytes in flight)
+    follow_symlinks: bool = False     # follow symlinked directories (each directory listed once)
     rows_per_file: int = 20_000       # target rows per Parquet part
     stage_every_s: float = 30.0       # stage what arrived at least this often: the most a kill loses
     top_k: int = 3
@@ -51,12 +57,15 @@ class LabelConfig:
             raise ConfigError("--model BUNDLE is required (a bundle directory or URI)")
         if not self.out and not self.dry_run:
             raise ConfigError("--out OUTPUT is required (a folder or s3:// prefix for the Parquet)")
-        for name in ("batch_size", "rows_per_file", "top_k", "io_threads", "queue_chunks"):
+        for name in ("batch_size", "rows_per_file", "top_k", "io_threads", "queue_chunks", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("actors", "cpus_per_actor", "decode_threads", "stage_every_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 (auto) or more, got {getattr(self, name)}")
+        for name in ("io_timeout_s", "max_object_mb", "chunk_mb"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be more than 0, got {getattr(self, name)}")
         if self.lease_ttl_s < 3:
             raise ConfigError(f"--lease-ttl must be at least 3 seconds (renewed every ttl/3), got {self.lease_ttl_s}")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -67,5 +76,20 @@ class LabelConfig:
             raise ConfigError(f"--pipeline {self.pipeline!r} is not one of {list(PIPELINES)}")
 
 
+    @property
+    def s3(self) -> S3Options:
+        """The run's S3 settings: every read, listing and write of the run uses them."""
+        return S3Options(read_timeout_s=self.io_timeout_s, max_attempts=self.io_attempts)
+
+    @property
+    def max_object_bytes(self) -> int:
+        return int(self.max_object_mb * (1 << 20))
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self.chunk_mb * (1 << 20))
+
+
 def _flag(name: str) -> str:
-    return {"stage_every_s": "stage-every"}.get(name, name.replace("_", "-"))
+    return {"stage_every_s": "stage-every", "io_timeout_s": "io-timeout", "lease_ttl_s": "lease-ttl"}.get(
+        name, name.replace("_", "-"))

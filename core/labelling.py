@@ -14,6 +14,7 @@ instead of overlapping, so runtime threads + decode threads never fight over the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +26,13 @@ import pyarrow as pa
 
 from core import schema
 from core.bundle import Bundle
-from core.errors import ImageDecodeError, InputError, StorageError
+from core.errors import ImageDecodeError, InputError, ServiceError, StorageError
 from core.images import decode_image
 from core.reasons import REASON_INTERNAL, REASON_UNREADABLE
 from core.runtime import Runtime, describe_runtime, load_runtime
 from core.skipset import contains_all, content_key
-from core.sources import InputItem, ItemData, read_item
-from core.storage import ObjectNotFoundError
+from core.sources import MAX_OBJECT_BYTES, InputItem, ItemData, read_item
+from core.storage import ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,16 @@ FALLBACK_META = b"breedlabel.fallback"   # ... and why, when `auto` fell back to
 Reader = Callable[[str, "str | None"], bytes]
 
 
-def read_object(uri: str, member: str | None) -> bytes:
+def read_object(uri: str, member: str | None, s3: S3Options | None = None,
+                max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
     """Bytes of a plain object, or of one archive member named by a manifest (rare: listed
     archives arrive with their members' bytes, read in one pass by the listing)."""
-    return read_item(InputItem(uri, member))
+    return read_item(InputItem(uri, member), s3=s3, max_bytes=max_bytes)
+
+
+def reader(s3: S3Options | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> Reader:
+    """`read_object` bound to a run's S3 settings (timeouts, attempts) and size cap."""
+    return functools.partial(read_object, s3=s3, max_bytes=max_bytes)
 
 
 def chunk_table(items: Sequence[ItemData]) -> pa.Table:
@@ -80,11 +87,15 @@ class Fetched:
 
 
 def _fetch_one(uri: str, member: str | None, data: bytes | None, error: str | None, read: Reader) -> tuple:
+    """An object the service says is missing or forbidden is this row's error; a service that does
+    not answer (ServiceError) is raised: it fails the run instead of failing every row."""
     if error is None and data is None:
         try:
             data = read(uri, member)
-        except ObjectNotFoundError as exc:
+        except (ObjectNotFoundError, ObjectForbiddenError, ObjectTooLargeError) as exc:
             error = exc.reason
+        except ServiceError:
+            raise
         except (StorageError, InputError) as exc:
             log.warning("cannot read %s%s: %s", uri, f" [{member}]" if member else "", exc)
             error = REASON_UNREADABLE

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator
 
 from core import storage
-from core.errors import EXIT_LEASE_HELD, BreedlabelError, StorageError
+from core.errors import EXIT_LEASE_HELD, BreedlabelError, ServiceError, StorageError
 
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 600.0
@@ -227,10 +227,11 @@ class _LocalBackend:
 
 
 class _S3Backend:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, s3: storage.S3Options | None = None):
         parsed = storage.parse_uri(uri)
         self.uri, self.bucket, self.key = uri, parsed.bucket, parsed.path
-        self.client = storage.s3_client()
+        self.s3 = (s3 or storage.S3Options()).resolved()
+        self.client = storage.s3_client(self.s3)
 
     @staticmethod
     def _code(exc: Exception) -> str:
@@ -251,8 +252,8 @@ class _S3Backend:
             raise StorageError(f"{self.uri}: cannot {action} the lease ({code or exc}); "
                                "check the bucket and the credentials' write access") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"{self.uri}: cannot {action} the lease ({exc}); "
-                               "check the endpoint and network") from exc
+            raise ServiceError(f"{self.uri}: the S3 endpoint {self.s3.endpoint} does not answer ({type(exc).__name__}) "
+                               f"to {action} the lease; check the endpoint and network") from exc
 
     def create(self, data: bytes) -> str | None:
         resp = self._call("create", self.client.put_object, Body=data, IfNoneMatch="*",
@@ -272,8 +273,8 @@ class _S3Backend:
         return self._call("delete", self.client.delete_object, IfMatch=token) is not None
 
 
-def _backend(uri: str):
-    return _S3Backend(uri) if storage.is_s3(uri) else _LocalBackend(uri)
+def _backend(uri: str, s3: storage.S3Options | None = None):
+    return _S3Backend(uri, s3) if storage.is_s3(uri) else _LocalBackend(uri)
 
 
 # --- the lease ---------------------------------------------------------------------------------
@@ -301,17 +302,17 @@ class Lease:
                 log.warning("%s: not released: it is no longer ours (taken over after expiry)", self.uri)
 
 
-def read_lease(output_uri: str) -> LeaseInfo | None:
+def read_lease(output_uri: str, s3: storage.S3Options | None = None) -> LeaseInfo | None:
     """The current lease of an output, or None (no lease, or an unreadable one)."""
-    current = _backend(lease_uri(output_uri)).read()
+    current = _backend(lease_uri(output_uri), s3).read()
     return LeaseInfo.from_bytes(current[0]) if current else None
 
 
 def acquire(output_uri: str, run_id: str, *, ttl_s: float = DEFAULT_TTL_S,
-            owner: str | None = None, clock: Clock = time.time) -> Lease:
+            owner: str | None = None, clock: Clock = time.time, s3: storage.S3Options | None = None) -> Lease:
     """Take the output's lease, or take over an expired one; LeaseHeldError if it is live."""
     uri = lease_uri(output_uri)
-    backend = _backend(uri)
+    backend = _backend(uri, s3)
     now = clock()
     host, pid, started = _this_process()
     info = LeaseInfo(owner or default_owner(), run_id, now, now + ttl_s, host, pid, started)
@@ -327,23 +328,24 @@ def acquire(output_uri: str, run_id: str, *, ttl_s: float = DEFAULT_TTL_S,
             raise LeaseHeldError(uri, holder, now)
         token = backend.replace(info.to_bytes(), current[1])
         if token is None:
-            raise LeaseHeldError(uri, read_lease(output_uri), now)
+            raise LeaseHeldError(uri, read_lease(output_uri, s3), now)
         why = "unreadable" if holder is None else (
             f"expired {_utc(holder.expires_at)}" if holder.expired(now) else "its process is gone")
         log.warning("%s: took over the lease of run %s (owner %s): %s", uri,
                     holder.run_id if holder else "?", holder.owner if holder else "?", why)
         return Lease(uri, info, token, backend, clock)
-    raise LeaseHeldError(uri, read_lease(output_uri), now)
+    raise LeaseHeldError(uri, read_lease(output_uri, s3), now)
 
 
 @contextlib.contextmanager
 def held(output_uri: str, run_id: str, *, ttl_s: float = DEFAULT_TTL_S,
-         on_lost: Callable[[LeaseLostError], None] | None = None) -> Iterator[Lease]:
+         on_lost: Callable[[LeaseLostError], None] | None = None,
+         s3: storage.S3Options | None = None) -> Iterator[Lease]:
     """Hold the lease for the body, renewing it every ttl/3 in a daemon thread; release at exit.
 
     `on_lost` is called (from the renewal thread) if the lease is lost, e.g. to stop the job.
     """
-    lease = acquire(output_uri, run_id, ttl_s=ttl_s)
+    lease = acquire(output_uri, run_id, ttl_s=ttl_s, s3=s3)
     stop = threading.Event()
 
     def renew_loop() -> None:
@@ -365,4 +367,7 @@ def held(output_uri: str, run_id: str, *, ttl_s: float = DEFAULT_TTL_S,
     finally:
         stop.set()
         thread.join(timeout=5)
-        lease.release()
+        try:
+            lease.release()
+        except StorageError as exc:  # never hide why the run ended; an unreleased lease expires (or is taken
+            log.warning("%s: could not release the lease: %s", lease.uri, exc)  # over at once on this host)

@@ -27,6 +27,7 @@ Every step is idempotent, so a kill at any point and a rerun never duplicate a r
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import posixpath
@@ -42,9 +43,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core import schema
-from core.errors import StorageError
+from core.errors import BreedlabelError, ServiceError, StorageError
 from core.skipset import KeyLog, SkipSet, contains_all, content_key
-from core.storage import get_filesystem
+from core.storage import S3Options, get_filesystem
 
 STAGING_DIR = "_staging"
 RUN_FILE = "_run.json"
@@ -103,12 +104,36 @@ def part_name(attempt: int, seq: int) -> str:
     return f"{PART_PREFIX}{attempt:02d}-{seq:06d}{PART_SUFFIX}"
 
 
+def _io_errors(method):
+    """OS errors (pyarrow's included) of an output operation become errors naming the output:
+    ServiceError when S3 does not answer (the run fails and resumes later), else StorageError."""
+    @functools.wraps(method)
+    def wrapper(self: "Output", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BreedlabelError:
+            raise
+        except OSError as exc:
+            what = method.__name__.strip("_").replace("_", " ")
+            if not self.local and any(m in str(exc) for m in _NETWORK_MARKS):
+                raise ServiceError(f"{self.uri}: the S3 endpoint {self.s3.endpoint} does not answer ({what}: "
+                                   f"{str(exc).splitlines()[0]}); rerun when it is back (the run resumes)") from None
+            raise StorageError(f"{self.uri}: cannot {what}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                               "check the output URI and its permissions") from None
+    return wrapper
+
+
+_NETWORK_MARKS = ("NETWORK_CONNECTION", "curlCode", "Timeout", "timed out", "Couldn't connect", "Connection refused",
+                  "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN", "THROTTLING")
+
+
 class Output:
     """One output URI: staging, commit/publish, recovery, and reading finished runs."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, s3: S3Options | None = None):
         self.uri = uri.rstrip("/") if uri != "/" else uri
-        self.fs, self.root = get_filesystem(self.uri)
+        self.s3 = (s3 or S3Options()).resolved()
+        self.fs, self.root = get_filesystem(self.uri, s3=self.s3)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- paths
@@ -122,6 +147,7 @@ class Output:
         return self.path(run_dir(run_id), *parts)
 
     # -- small JSON files
+    @_io_errors
     def write_json(self, path: str, obj: Any) -> None:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         self._write_atomic(path, lambda f: f.write(data))
@@ -148,10 +174,12 @@ class Output:
         except OSError as exc:
             raise StorageError(f"{self.uri}: cannot write {path}: {exc}; check the output URI and permissions") from exc
 
+    @_io_errors
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     # -- parts
+    @_io_errors
     def write_part(self, run_id: str, name: str, table: pa.Table) -> str:
         """Write one staged part; the same name again replaces it (a retried write, no duplicate)."""
         path = self.staging(run_id, name)
@@ -165,16 +193,20 @@ class Output:
         except OSError as exc:
             raise StorageError(f"{self.uri}: cannot list {path}: {exc}") from exc
 
+    @_io_errors
     def staged_parts(self, run_id: str) -> list[str]:
         return sorted(i.path for i in self._ls(self.staging(run_id)) if _is_part(i))
 
+    @_io_errors
     def staged_runs(self) -> list[str]:
         return _run_ids(self._ls(self.path(STAGING_DIR)))
 
+    @_io_errors
     def published_runs(self) -> list[str]:
         return _run_ids(self._ls(self.root))
 
     # -- commit
+    @_io_errors
     def commit(self, run_id: str, manifest: dict, keys: SkipSet | None = None) -> dict:
         """Record the decision (the staged manifest), then publish; returns the manifest written.
 
@@ -198,6 +230,7 @@ class Output:
         self.write_json(self.path(LAST_RUN_FILE), manifest)
         return manifest
 
+    @_io_errors
     def _publish(self, run_id: str) -> None:
         """Idempotent: from a staged manifest to a published run, whatever was done before a kill."""
         src, dst = self.staging(run_id), self.published(run_id)
@@ -217,6 +250,7 @@ class Output:
         self.write_json(self.published(run_id, MANIFEST_FILE), manifest)
         self.fs.delete_dir(src)
 
+    @_io_errors
     def recover(self) -> list[str]:
         """Roll forward every publish that a kill interrupted after its commit; returns their run ids."""
         done = []
@@ -226,11 +260,13 @@ class Output:
                 done.append(run_id)
         return done
 
+    @_io_errors
     def discard_staged(self, run_id: str) -> None:
         if self.exists(self.staging(run_id)):
             self.fs.delete_dir(self.staging(run_id))
 
     # -- finished runs
+    @_io_errors
     def finished_runs(self) -> list[dict]:
         """Manifests of the runs that finished, oldest first (read in parallel: S3 latency)."""
         paths = [self.published(run_id, MANIFEST_FILE) for run_id in self.published_runs()]
@@ -239,10 +275,12 @@ class Output:
         return sorted((m for m in manifests if m is not None and m.get(M_STATUS) == STATUS_COMPLETE),
                       key=lambda m: m[M_RUN_ID])
 
+    @_io_errors
     def last_run(self) -> dict | None:
         """The manifest of the newest run that ended, including a run that had nothing to label."""
         return self.read_json(self.path(LAST_RUN_FILE))
 
+    @_io_errors
     def read_finished(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Rows of finished runs only (LABEL_SCHEMA, `run_id` included), exactly the files their manifests list."""
         names = list(columns) if columns else schema.LABEL_SCHEMA.names
@@ -252,6 +290,7 @@ class Output:
             return pa.schema([schema.LABEL_SCHEMA.field(c) for c in names]).empty_table()
         return pa.concat_tables(tables, promote_options="default")
 
+    @_io_errors
     def done_keys(self, model_id: str) -> SkipSet:
         """The keys of every row finished runs hold for `model_id`: their `_keys.npz` files, read in
         parallel (outputs written before those files existed: computed from their parts)."""
@@ -266,6 +305,7 @@ class Output:
                 return SkipSet(keys["content"], keys["listing"])
         return self.parts_keys([self.path(f) for f in manifest.get(M_FILES, [])])
 
+    @_io_errors
     def parts_keys(self, files: Sequence[str], *, archives: bool = True) -> SkipSet:
         """Keys of the rows in these part files (a resumed run's staged parts: `archives=False`)."""
         log = KeyLog()
@@ -275,6 +315,7 @@ class Output:
             log.add_rows(pq.read_table(f, filesystem=self.fs, columns=columns), archives=archives)
         return log.skipset()
 
+    @_io_errors
     def drop_rows_in(self, part: str, keys: np.ndarray) -> int:
         """Rewrite a staged part without the rows whose key is in `keys`; returns how many went.
 

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 # reading the bytes
 REASON_NOT_FOUND = "not found"                    # vanished between listing and reading, or never there
-REASON_UNREADABLE = "cannot read"                 # permission denied, a directory, an I/O error
+REASON_FORBIDDEN = "access denied"                # the object exists, these credentials may not read it
+REASON_UNREADABLE = "cannot read"                 # a directory, an I/O error
+REASON_UNSUPPORTED_URI = "unsupported URI scheme"  # a manifest line such as https://… (s3:// and paths only)
 # archives
 REASON_CORRUPT_ARCHIVE = "corrupt archive"
 REASON_MEMBER_NOT_FOUND = "member not found"
-REASON_MEMBER_TOO_LARGE = "archive member too large"
+REASON_TOO_LARGE = "too large"                    # over --max-object-mb: never read into memory
+REASON_LINK_MEMBER = "link member (not followed)"  # a tar symlink or hard link
+REASON_NESTED_ARCHIVE = "nested archive (not expanded)"
+REASON_NO_IMAGES = "no images in archive"         # the archive's own row: nothing in it to label
 # decoding (core.images)
 REASON_EMPTY = "empty file"
 REASON_NOT_IMAGE = "not an image"

@@ -15,13 +15,22 @@ from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlparse
 
-from core.errors import StorageError
-from core.reasons import REASON_NOT_FOUND
+from core.errors import ServiceError, StorageError
+from core.reasons import REASON_FORBIDDEN, REASON_NOT_FOUND, REASON_TOO_LARGE
 
 READ_BUFFER_BYTES = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
 TAIL_BYTES = 1 << 20  # cached end of a remote seekable file: a zip's end record + central directory
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
-_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_DENIED_CODES = {"AccessDenied", "403"}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                     "TokenRefreshRequired", "InvalidClientTokenId"}
+_SERVICE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                  "500", "502", "503", "504"}
+# How long a run waits for S3 before it fails (ServiceError): per request, then retried with
+# backoff. A stalled endpoint fails a run after about max_attempts x (read timeout + backoff).
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+MAX_ATTEMPTS = 5
 
 
 class ObjectNotFoundError(StorageError):
@@ -34,28 +43,64 @@ class ObjectNotFoundError(StorageError):
         super().__init__(f"{uri}: not found; check the path, or whether it was deleted since listing")
 
 
+class ObjectTooLargeError(StorageError):
+    """An object larger than the run's cap (--max-object-mb): its row's error, never read into memory."""
+
+    reason = REASON_TOO_LARGE
+
+    def __init__(self, uri: str, size: int, limit: int):
+        self.uri = uri
+        super().__init__(f"{uri}: {size:,} bytes, over the {limit:,}-byte limit; raise --max-object-mb to read it")
+
+
+class ObjectForbiddenError(StorageError):
+    """An object these credentials may not read (its row's error; the bucket itself answered)."""
+
+    reason = REASON_FORBIDDEN
+
+    def __init__(self, uri: str, detail: str = ""):
+        self.uri = uri
+        super().__init__(f"{uri}: access denied{f' ({detail})' if detail else ''}; check the credentials and "
+                         "the bucket policy or file permissions")
+
+
 @dataclass(frozen=True)
 class S3Options:
-    """Explicit S3 settings; unset fields fall back to the AWS environment variables."""
+    """Explicit S3 settings; unset fields fall back to the AWS environment variables (endpoint,
+    region) and this module's defaults (timeouts, attempts)."""
 
     endpoint_url: str | None = None
     region: str | None = None
+    read_timeout_s: float | None = None
+    max_attempts: int | None = None
 
     def resolved(self) -> "S3Options":
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return S3Options(endpoint_url=endpoint or None, region=region or None)
+        return S3Options(endpoint_url=endpoint or None, region=region or None,
+                         read_timeout_s=self.read_timeout_s or READ_TIMEOUT_S,
+                         max_attempts=self.max_attempts or MAX_ATTEMPTS)
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return min(CONNECT_TIMEOUT_S, self.read_timeout_s or READ_TIMEOUT_S)
+
+    @property
+    def endpoint(self) -> str:
+        return self.resolved().endpoint_url or "the AWS default endpoint"
 
 
 _client_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=8)
-def _client(endpoint_url: str | None, region: str | None):
+@functools.lru_cache(maxsize=16)
+def _client(endpoint_url: str | None, region: str | None, read_timeout_s: float, max_attempts: int):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                    connect_timeout=min(CONNECT_TIMEOUT_S, read_timeout_s), read_timeout=read_timeout_s,
+                    max_pool_connections=32)
     with _client_lock:  # boto3 sessions are not thread-safe to create
         return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
@@ -63,37 +108,51 @@ def _client(endpoint_url: str | None, region: str | None):
 def s3_client(s3: S3Options | None = None):
     """The (cached, thread-safe) boto3 S3 client for these options."""
     opts = (s3 or S3Options()).resolved()
-    return _client(opts.endpoint_url, opts.region)
+    return _client(opts.endpoint_url, opts.region, opts.read_timeout_s, opts.max_attempts)
 
 
 @contextmanager
 def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[None]:
-    """Map botocore failures to StorageErrors that say what to do."""
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
-                                     EndpointConnectionError, NoCredentialsError)
+    """Map botocore failures to errors that say what to do, told apart by who is at fault:
 
-    endpoint = (s3 or S3Options()).resolved().endpoint_url or "the AWS default endpoint"
+    - the object: missing (ObjectNotFoundError) or forbidden to read (ObjectForbiddenError):
+      the row's `error`, the run goes on;
+    - the service: unreachable, stalled past the timeouts, 5xx or throttling after the retries,
+      credentials rejected (ServiceError): the run fails, and resumes when rerun;
+    - the request: no such bucket, listing forbidden (StorageError): the run fails.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    opts = (s3 or S3Options()).resolved()
+    endpoint = opts.endpoint
     try:
         yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _NOT_FOUND_CODES:
             raise ObjectNotFoundError(uri) from None
+        if code in _DENIED_CODES and action == "read":
+            raise ObjectForbiddenError(uri, code) from None
         if code == "NoSuchBucket":
             raise StorageError(f"{uri}: bucket {urlparse(uri).netloc!r} does not exist at {endpoint}; "
                                "check the bucket name, AWS_ENDPOINT_URL and region") from None
         if code in _DENIED_CODES:
             raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "
                                "check the credentials and the bucket policy") from None
+        if code in _CREDENTIAL_CODES:
+            raise ServiceError(f"{uri}: the S3 endpoint {endpoint} rejected the credentials ({code}); "
+                               "check AWS_PROFILE or the role, then rerun (the run resumes)") from None
+        if code in _SERVICE_CODES:
+            raise ServiceError(f"{uri}: the S3 endpoint {endpoint} failed to {action} ({code}) after "
+                               f"{opts.max_attempts} attempts; rerun when it recovers (the run resumes)") from None
         raise StorageError(f"{uri}: cannot {action}: {code or exc}") from None
     except NoCredentialsError:
-        raise StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+        raise ServiceError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                            "or AWS_PROFILE, or run where an instance/pod role provides them") from None
-    except (EndpointConnectionError, ConnectTimeoutError):
-        raise StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} to {action}; "
-                           "check AWS_ENDPOINT_URL and the network") from None
-    except BotoCoreError as exc:
-        raise StorageError(f"{uri}: cannot {action}: {exc}") from None
+    except BotoCoreError as exc:  # connection refused or reset, connect/read timeouts, after the retries
+        raise ServiceError(f"{uri}: the S3 endpoint {endpoint} does not answer ({type(exc).__name__}) after "
+                           f"{opts.max_attempts} attempts of {opts.read_timeout_s:g} s to {action}; check "
+                           "AWS_ENDPOINT_URL and the network, then rerun (the run resumes)") from None
 
 
 class S3RangeReader(io.RawIOBase):
@@ -154,11 +213,14 @@ def bucket_region(bucket: str, opts: S3Options) -> str:
         return "us-east-1"
 
 
-@functools.lru_cache(maxsize=8)
-def arrow_s3(endpoint_url: str | None, region: str):
+@functools.lru_cache(maxsize=16)
+def arrow_s3(endpoint_url: str | None, region: str, read_timeout_s: float = READ_TIMEOUT_S,
+             max_attempts: int = MAX_ATTEMPTS):
     import pyarrow.fs as pafs
 
-    kwargs: dict = {"region": region}
+    kwargs: dict = {"region": region, "connect_timeout": min(CONNECT_TIMEOUT_S, read_timeout_s),
+                    "request_timeout": read_timeout_s,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
     if endpoint_url:
         parsed = urlparse(endpoint_url)
         kwargs["endpoint_override"] = parsed.netloc or endpoint_url

@@ -1,11 +1,12 @@
 """Expand what a user points at (folders, prefixes, files, archives, manifests) into a stream of items.
 
-    items = iter_items(["s3://photos/2024/", "uploads/batch.tar.gz"], manifest=None)
+    items = iter_label_items(["s3://photos/2024/", "uploads/batch.tar.gz"], ["more.txt"])
 
-yields `InputItem(uri, member, size, error)` one by one, in a deterministic order (sorted
-within each input, archive members in archive order), so a labelling run's parts are
-reproducible. Nothing is extracted to disk, and a corrupt or unreadable archive yields ONE
-item whose `error` is set instead of raising: per-image problems become rows, not crashes.
+yields `ItemData(InputItem(uri, member, size, error, version), data, error)` one by one, in a
+deterministic order (sorted within each input, archive members in archive order), so a
+labelling run's parts are reproducible. Every object that looks like an image gets exactly
+one item (rows out = objects in): a corrupt, unreadable, too large, linked or nested one gets
+an item whose `error` is set instead of raising. Nothing is extracted to disk.
 
 Reading bytes, and the intended use by the label job
 ----------------------------------------------------
@@ -24,20 +25,24 @@ import csv
 import io
 import os
 import posixpath
+import re
+import stat
 import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
 from itertools import chain, islice
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import storage
 from core.errors import InputError, StorageError
-from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_MEMBER_NOT_FOUND, REASON_MEMBER_TOO_LARGE,
-                          REASON_NOT_FOUND)
+from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
+                          REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_FOUND, REASON_TOO_LARGE,
+                          REASON_UNSUPPORTED_URI)
 from core.storage import IMAGE_EXTENSIONS, ObjectNotFoundError, S3Options
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -46,7 +51,8 @@ ARCHIVE_SUFFIXES = TAR_SUFFIXES + ZIP_SUFFIXES
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet", ".json")
 MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
-MAX_MEMBER_BYTES = 512 << 20  # larger archive members are an error row, not an allocation
+MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory
+_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
 
@@ -89,26 +95,26 @@ def _wanted_member(name: str, extensions: Iterable[str] | None) -> bool:
 # --- listing -------------------------------------------------------------------------------
 
 def iter_items(inputs: Sequence[str], *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
-               manifest: str | None = None, expand_archives: bool = True,
-               s3: S3Options | None = None) -> Iterator[InputItem]:
-    """Stream the items of every input, in input order; an input with no images is an InputError."""
+               manifest: str | None = None, s3: S3Options | None = None,
+               follow_symlinks: bool = False) -> Iterator[InputItem]:
+    """Stream the items of every input, in input order (archives whole: `iter_label_items` reads
+    their members); an input with no images is an InputError."""
     exts = tuple(extensions) if extensions is not None else None
     if not inputs and manifest is None:
         raise InputError("no inputs given; pass folders, files, archives or s3:// prefixes, or --manifest")
     for raw in inputs:
-        yield from _expand(storage.normalize_uri(raw), exts, expand_archives, s3)
+        yield from _expand(storage.normalize_uri(raw), exts, s3, follow_symlinks)
     if manifest is not None:
-        yield from _iter_manifest(manifest, exts, expand_archives, s3)
+        yield from _iter_manifest(manifest, s3)
 
 
-def _expand(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
-            s3: S3Options | None) -> Iterator[InputItem]:
+def _expand(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None,
+            follow_symlinks: bool = False) -> Iterator[InputItem]:
     if is_archive_uri(uri):
         try:
-            info = storage.stat(uri, s3=s3)
+            yield _item(storage.stat(uri, s3=s3))
         except ObjectNotFoundError:
             raise InputError(f"{uri}: archive not found; check the path") from None
-        yield from _archive_items(info, exts, expand_archives, s3)
         return
     if storage.parse_uri(uri).scheme == "file" and os.path.isfile(uri):
         yield _item(storage.stat(uri))
@@ -119,20 +125,17 @@ def _expand(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
             return
         except ObjectNotFoundError:
             pass  # not an object: a prefix
-    yield from _expand_listing(uri, exts, expand_archives, s3)
+    yield from _expand_listing(uri, exts, s3, follow_symlinks)
 
 
-def _expand_listing(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
-                    s3: S3Options | None) -> Iterator[InputItem]:
-    """A folder/prefix: its images and the archives found there (members, or whole when not expanding)."""
+def _expand_listing(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None,
+                    follow_symlinks: bool) -> Iterator[InputItem]:
+    """A folder/prefix: its images and the archives found there (whole)."""
     found = 0
     listed = None if exts is None else exts + ARCHIVE_SUFFIXES
-    for info in storage.list_files(uri, extensions=listed, s3=s3):
+    for info in storage.list_files(uri, extensions=listed, s3=s3, follow_symlinks=follow_symlinks):
         found += 1
-        if is_archive_uri(info.uri):
-            yield from _archive_items(info, exts, expand_archives, s3)
-        else:
-            yield _item(info)
+        yield _item(info)
     if not found:
         what = "files" if exts is None else f"images ({', '.join(exts)})"
         raise InputError(f"{uri}: no {what} found; check the path or prefix (listing is recursive)")
@@ -140,30 +143,6 @@ def _expand_listing(uri: str, exts: tuple[str, ...] | None, expand_archives: boo
 
 def _item(info: storage.FileInfo) -> InputItem:
     return InputItem(info.uri, size=info.size, version=info.version)
-
-
-def _archive_items(archive: storage.FileInfo, exts: tuple[str, ...] | None, expand: bool,
-                   s3: S3Options | None) -> Iterator[InputItem]:
-    uri, version = archive.uri, archive.version
-    if not expand:
-        yield _item(archive)
-        return
-    try:
-        if _is_zip(uri):
-            with storage.open_input(uri, s3=s3) as f, zipfile.ZipFile(f) as zf:
-                for info in _zip_members(zf, exts):
-                    yield InputItem(uri, info.filename, info.file_size, version=version)
-        else:
-            with storage.open_stream(uri, s3=s3) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-                for info in tf:
-                    if info.isfile() and _wanted_member(info.name, exts):
-                        yield InputItem(uri, info.name, info.size, version=version)
-    except ObjectNotFoundError:
-        yield InputItem(uri, error=REASON_NOT_FOUND, version=version)
-    except StorageError:
-        raise
-    except _ARCHIVE_ERRORS as exc:
-        yield InputItem(uri, error=_archive_reason(exc), version=version)
 
 
 def _archive_reason(exc: BaseException) -> str:
@@ -182,29 +161,51 @@ _KEEP_BATCH = 1024  # listed items judged together (one vectorised lookup)
 
 def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
                      extensions: Iterable[str] | None = IMAGE_EXTENSIONS, s3: S3Options | None = None,
-                     keep: Keep | None = None) -> Iterator[ItemData]:
+                     keep: Keep | None = None, follow_symlinks: bool = False,
+                     max_object_bytes: int = MAX_OBJECT_BYTES) -> Iterator[ItemData]:
     """Everything a label run labels, streamed in input order: plain objects without their bytes
-    (the actors read them, in parallel), archive members with theirs (read here, once per archive).
+    (the actors read them, in parallel), archive members with theirs (read here, once per archive,
+    one member in memory at a time).
 
     `keep(items)` decides from the listing alone (uri, member, size, version) which items are
     still to label: an archive it refuses is not read at all, a plain object it refuses is never
-    fetched. Members carry their archive's version.
+    fetched. Members carry their archive's version. An object listed larger than
+    `max_object_bytes` is an error item, never read. When several inputs or a manifest could
+    list an object twice (overlapping folders, repeated lines), it is listed once (a set of
+    8-byte hashes of what was listed: ~70 bytes an object in the driver).
     """
     exts = tuple(extensions) if extensions is not None else None
-    listings = [iter_items(inputs, extensions=exts, expand_archives=False, s3=s3)] if inputs else []
-    listings += [iter_items([], manifest=m, extensions=exts, expand_archives=False, s3=s3) for m in manifests]
+    listings = [iter_items(inputs, extensions=exts, s3=s3, follow_symlinks=follow_symlinks)] if inputs else []
+    listings += [iter_items([], manifest=m, extensions=exts, s3=s3) for m in manifests]
     listed = chain.from_iterable(listings)
+    if len(inputs) + len(manifests) > 1 or manifests:
+        listed = _once(listed)
     while batch := list(islice(listed, _KEEP_BATCH)):
         for item, wanted in zip(batch, keep(batch) if keep is not None else [True] * len(batch)):
             if not wanted:
                 continue
-            if not item.is_archive:
+            if item.size is not None and item.size > max_object_bytes and item.error is None:
+                yield ItemData(replace(item, error=REASON_TOO_LARGE), None, REASON_TOO_LARGE)
+            elif not item.is_archive:
                 yield ItemData(item, None, item.error)
-                continue
-            for got in iter_archive_members(item.uri, extensions=exts, s3=s3):
-                member = replace(got.item, version=item.version)
-                if keep is None or got.item.member is None or keep([member])[0]:
-                    yield ItemData(member, got.data, got.error)
+            else:
+                yield from _members(item, exts, s3, keep, max_object_bytes)
+
+
+def _members(archive: InputItem, exts, s3, keep: Keep | None, max_bytes: int) -> Iterator[ItemData]:
+    for got in iter_archive_members(archive.uri, extensions=exts, s3=s3, max_member_bytes=max_bytes):
+        member = replace(got.item, version=archive.version)
+        if keep is None or got.item.member is None or keep([member])[0]:
+            yield ItemData(member, got.data, got.error)
+
+
+def _once(items: Iterable[InputItem]) -> Iterator[InputItem]:
+    seen: set[int] = set()
+    for item in items:
+        key = hash((item.uri, item.member))
+        if key not in seen:
+            seen.add(key)
+            yield item
 
 
 # --- manifests -----------------------------------------------------------------------------
@@ -226,9 +227,9 @@ class _ManifestRow(NamedTuple):
     version: str | None = None
 
 
-def _iter_manifest(uri: str, exts: tuple[str, ...] | None, expand_archives: bool,
-                   s3: S3Options | None) -> Iterator[InputItem]:
-    """Rows are taken as objects (no listing, no HEAD); archive rows without a member are expanded."""
+def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
+    """Rows are taken as objects (no listing, no HEAD); an archive row without a member is the
+    whole archive. A URI of another scheme (http://…) is that row's error."""
     lower = uri.lower()
     if not lower.endswith(MANIFEST_SUFFIXES):
         raise InputError(f"{uri}: unknown manifest type; use .txt (one URI a line), .csv or .parquet "
@@ -238,11 +239,10 @@ def _iter_manifest(uri: str, exts: tuple[str, ...] | None, expand_archives: bool
     try:
         base = storage.normalize_uri(uri)
         for row in _manifest_rows(uri, lower, s3):
-            target = _resolve(base, row.uri)
-            if row.member is None and expand_archives and is_archive_uri(target):
-                yield from _archive_items(storage.FileInfo(target, 0, row.version), exts, True, s3)
-            else:
-                yield InputItem(target, row.member or None, version=row.version)
+            if _OTHER_SCHEME.match(row.uri) and not row.uri.startswith(("s3://", "file://")):
+                yield InputItem(row.uri, row.member, error=REASON_UNSUPPORTED_URI)
+                continue
+            yield InputItem(_resolve(base, row.uri), row.member or None, version=row.version)
     except ObjectNotFoundError:
         raise InputError(f"{uri}: manifest not found; check the path") from None
 
@@ -374,16 +374,18 @@ def _resolve(manifest_uri: str, row_uri: str) -> str:
 
 # --- reading -----------------------------------------------------------------------------
 
-def read_item(item: InputItem, *, s3: S3Options | None = None) -> bytes:
+def read_item(item: InputItem, *, s3: S3Options | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
     """Bytes of one item. For many members of one archive use `iter_archive_members` instead.
 
-    Raises ObjectNotFoundError (vanished object) or InputError (item error, missing/corrupt member).
+    Raises ObjectNotFoundError (vanished object), ObjectTooLargeError (over `max_bytes`) or
+    InputError (item error, missing/corrupt member).
     """
     if item.error:
         raise InputError(f"{item.uri}: {item.error}")
     if item.member is None:
-        return storage.read_bytes(item.uri, s3=s3)
-    for got in iter_archive_members(item.uri, extensions=None, members={item.member}, s3=s3):
+        return storage.read_bytes(item.uri, s3=s3, max_bytes=max_bytes)
+    for got in iter_archive_members(item.uri, extensions=None, members={item.member}, s3=s3,
+                                    max_member_bytes=max_bytes):
         if got.error:
             raise InputError(f"{item.uri}[{item.member}]: {got.error}")
         return got.data  # type: ignore[return-value]
@@ -391,21 +393,28 @@ def read_item(item: InputItem, *, s3: S3Options | None = None) -> bytes:
 
 
 def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
-                         members: set[str] | frozenset[str] | None = None,
-                         s3: S3Options | None = None) -> Iterator[ItemData]:
-    """Every image member of one archive with its bytes, reading the archive once.
+                         members: set[str] | frozenset[str] | None = None, s3: S3Options | None = None,
+                         max_member_bytes: int = MAX_OBJECT_BYTES) -> Iterator[ItemData]:
+    """Every image member of one archive with its bytes, reading the archive once, one member in
+    memory at a time.
 
-    `members` restricts to those names (a requested name that is absent yields an error row;
-    a tar stops reading once all are found). A corrupt archive yields the members read so
-    far, then one item with `error` set; a vanished archive yields one "not found" item.
+    Every member that looks like an image gets an item: with its bytes, or with an error when it
+    is larger than `max_member_bytes` (never read), a link (not followed: it could point outside
+    the archive) or an archive itself (not expanded). An archive with no such member yields one
+    item for itself, "no images in archive". `members` restricts to those names (a requested
+    name that is absent yields an error item; a tar stops reading once all are found). A
+    corrupt archive yields the members read so far, then one item with `error` set; a vanished
+    archive yields one "not found" item.
     """
     exts = tuple(extensions) if extensions is not None else None
     wanted = set(members) if members is not None else None
-    reader = (_zip_data if _is_zip(uri) else _tar_data)(uri, exts, wanted, s3)
+    reader = (_zip_data if _is_zip(uri) else _tar_data)(uri, exts, wanted, s3, max_member_bytes)
+    yielded = False
     try:
         for got in reader:
             if wanted is not None:
                 wanted.discard(got.item.member)
+            yielded = True
             yield got
             if wanted is not None and not wanted:
                 return
@@ -422,46 +431,79 @@ def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_E
         reader.close()  # releases the HTTP stream at once when stopping early
     for name in sorted(wanted or ()):
         yield ItemData(InputItem(uri, name, error=REASON_MEMBER_NOT_FOUND), None, REASON_MEMBER_NOT_FOUND)
+    if wanted is None and not yielded:
+        yield ItemData(InputItem(uri, error=REASON_NO_IMAGES), None, REASON_NO_IMAGES)
 
 
-def _member_ok(name: str, exts, wanted) -> bool:
-    return (name in wanted) if wanted is not None else _wanted_member(name, exts)
+def _member_kind(name: str, exts, wanted) -> str | None:
+    """What to do with a member: "read" it, flag it as a "nested" archive, or None (not listed,
+    like a non-image file in a folder)."""
+    if wanted is not None:
+        return "read" if name in wanted else None
+    if is_archive_uri(name):
+        return "nested"
+    return "read" if _wanted_member(name, exts) else None
 
 
-def _too_large(uri: str, name: str, size: int) -> ItemData:
-    return ItemData(InputItem(uri, name, size, REASON_MEMBER_TOO_LARGE), None, REASON_MEMBER_TOO_LARGE)
+def _error_item(uri: str, name: str, size: int | None, reason: str) -> ItemData:
+    return ItemData(InputItem(uri, safe_name(name), size, reason), None, reason)
 
 
-def _zip_data(uri: str, exts, wanted, s3) -> Iterator[ItemData]:
+def safe_name(name: str) -> str:
+    """A member or file name as valid UTF-8, losslessly: bytes that are not UTF-8 (kept by Python
+    as surrogate escapes) become %XX escapes. A name that is valid UTF-8 is unchanged."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return quote(name.encode("utf-8", "surrogateescape"), safe="/ !#$&'()*+,;=@[]^_`{}~-.:")
+
+
+def _zip_data(uri: str, exts, wanted, s3, max_bytes: int) -> Iterator[ItemData]:
     with storage.open_input(uri, s3=s3) as f, zipfile.ZipFile(f) as zf:
-        infos = [i for i in _zip_members(zf, None) if _member_ok(i.filename, exts, wanted)]
-        for info in infos:
-            item = InputItem(uri, info.filename, info.file_size)
-            if info.file_size > MAX_MEMBER_BYTES:
-                yield _too_large(uri, info.filename, info.file_size)
+        for info in _zip_members(zf, None):
+            kind = _member_kind(info.filename, exts, wanted)
+            if kind is None:
                 continue
-            try:
-                data = zf.read(info)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-                reason = _archive_reason(exc)
-                yield ItemData(replace(item, error=reason), None, reason)
-                continue
-            yield ItemData(item, data, None)
+            if kind == "nested":
+                yield _error_item(uri, info.filename, info.file_size, REASON_NESTED_ARCHIVE)
+            elif stat.S_ISLNK(info.external_attr >> 16):
+                yield _error_item(uri, info.filename, info.file_size, REASON_LINK_MEMBER)
+            elif info.file_size > max_bytes:
+                yield _error_item(uri, info.filename, info.file_size, REASON_TOO_LARGE)
+            else:
+                yield _zip_member(zf, uri, info)
 
 
-def _tar_data(uri: str, exts, wanted, s3) -> Iterator[ItemData]:
+def _zip_member(zf: zipfile.ZipFile, uri: str, info: zipfile.ZipInfo) -> ItemData:
+    item = InputItem(uri, info.filename, info.file_size)
+    try:
+        return ItemData(item, zf.read(info), None)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        reason = _archive_reason(exc)
+        return ItemData(replace(item, error=reason), None, reason)
+
+
+def _tar_data(uri: str, exts, wanted, s3, max_bytes: int) -> Iterator[ItemData]:
     with storage.open_stream(uri, s3=s3) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for info in tf:
-            if not info.isfile() or not _member_ok(info.name, exts, wanted):
+            if info.isdir() or not (info.isfile() or info.issym() or info.islnk()):
                 continue
-            if info.size > MAX_MEMBER_BYTES:
-                yield _too_large(uri, info.name, info.size)
+            kind = _member_kind(info.name, exts, wanted)
+            if kind is None:
                 continue
-            item = InputItem(uri, info.name, info.size)
-            try:
-                data = tf.extractfile(info).read()  # type: ignore[union-attr]
-            except _ARCHIVE_ERRORS as exc:  # truncated mid-member: this row, then the archive's
-                reason = _archive_reason(exc)
-                yield ItemData(replace(item, error=reason), None, reason)
-                raise
-            yield ItemData(item, data, None)
+            if kind == "nested":
+                yield _error_item(uri, info.name, info.size, REASON_NESTED_ARCHIVE)
+            elif not info.isfile():
+                yield _error_item(uri, info.name, None, REASON_LINK_MEMBER)
+            elif info.size > max_bytes:
+                yield _error_item(uri, info.name, info.size, REASON_TOO_LARGE)
+            else:
+                item = InputItem(uri, safe_name(info.name), info.size)
+                try:
+                    data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                except _ARCHIVE_ERRORS as exc:  # truncated mid-member: this row, then the archive's
+                    reason = _archive_reason(exc)
+                    yield ItemData(replace(item, error=reason), None, reason)
+                    raise
+                yield ItemData(item, data, None)

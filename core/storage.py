@@ -21,16 +21,17 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote_to_bytes, urlparse
 
 from core.errors import StorageError
 from core.images import IMAGE_EXTENSIONS  # the formats the one decode path reads
-from core.s3 import (READ_BUFFER_BYTES, ObjectNotFoundError, S3Options, S3RangeReader, arrow_s3,
-                     bucket_region, s3_client, s3_errors)
+from core.s3 import (READ_BUFFER_BYTES, ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options,
+                     S3RangeReader, arrow_s3, bucket_region, s3_client, s3_errors)
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FileInfo", "ObjectNotFoundError", "object_version", "ParsedURI", "S3Options", "copy", "delete",
-    "delete_tree", "exists", "get_filesystem", "is_dir", "is_s3", "join", "list_files",
+    "IMAGE_EXTENSIONS", "FileInfo", "ObjectForbiddenError", "ObjectNotFoundError", "ObjectTooLargeError", "ParsedURI",
+    "S3Options", "copy",
+    "delete", "delete_tree", "object_version", "exists", "get_filesystem", "is_dir", "is_s3", "join", "list_files",
     "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri", "read_bytes",
     "read_range", "rename", "s3_client", "stat", "write_bytes",
 ]
@@ -69,7 +70,17 @@ def object_version(*, etag: str | None = None, mtime_ns: int | None = None, size
 
 
 def _local_info(uri: str, st: os.stat_result) -> FileInfo:
-    return FileInfo(uri, st.st_size, object_version(mtime_ns=st.st_mtime_ns, size=st.st_size))
+    return FileInfo(local_uri(uri), st.st_size, object_version(mtime_ns=st.st_mtime_ns, size=st.st_size))
+
+
+def local_uri(path: str) -> str:
+    """A local path as text a Parquet row can hold, losslessly: unchanged when it is valid UTF-8,
+    else a `file://` URI whose %XX escapes are its raw bytes (parse_uri turns it back)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(parse_uri(path).path))
 
 
 def parse_uri(uri: str) -> ParsedURI:
@@ -81,8 +92,8 @@ def parse_uri(uri: str) -> ParsedURI:
         if not parsed.netloc:
             raise StorageError(f"{uri}: no bucket name; write s3://BUCKET/KEY")
         return ParsedURI("s3", parsed.netloc, parsed.path.lstrip("/"))
-    if uri.startswith("file://"):
-        return ParsedURI("file", "", unquote(urlparse(uri).path))
+    if uri.startswith("file://"):  # %XX escapes are bytes: a path that is not UTF-8 survives (local_uri)
+        return ParsedURI("file", "", os.fsdecode(unquote_to_bytes(urlparse(uri).path)))
     if _SCHEME.match(uri):
         raise StorageError(f"{uri}: unsupported URI scheme; use a local path, file://PATH or s3://BUCKET/KEY")
     return ParsedURI("file", "", uri)
@@ -122,6 +133,8 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
     except FileNotFoundError:
         raise ObjectNotFoundError(uri) from None
     except PermissionError:
+        if action == "read":
+            raise ObjectForbiddenError(uri, "file permissions") from None
         raise StorageError(f"{uri}: permission denied while trying to {action}; check file permissions") from None
     except IsADirectoryError:
         raise StorageError(f"{uri}: is a directory, cannot {action}; give a file") from None
@@ -131,12 +144,21 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
 
 # --- objects ----------------------------------------------------------------------------------
 
-def read_bytes(uri: str, *, s3: S3Options | None = None) -> bytes:
+def read_bytes(uri: str, *, s3: S3Options | None = None, max_bytes: int | None = None) -> bytes:
+    """The whole object; ObjectTooLargeError before reading a body larger than `max_bytes`."""
     p = parse_uri(uri)
     if p.scheme == "s3":
         with s3_errors(uri, "read", s3):
-            return s3_client(s3).get_object(Bucket=p.bucket, Key=p.path)["Body"].read()
+            resp = s3_client(s3).get_object(Bucket=p.bucket, Key=p.path)
+            size = int(resp.get("ContentLength") or 0)
+            if max_bytes is not None and size > max_bytes:
+                resp["Body"].close()
+                raise ObjectTooLargeError(uri, size, max_bytes)
+            return resp["Body"].read()
     with _local_errors(uri, "read"), open(p.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ObjectTooLargeError(uri, size, max_bytes)
         return f.read()
 
 
@@ -280,11 +302,15 @@ def rename(src: str, dst: str, *, s3: S3Options | None = None) -> None:
 # --- listing -------------------------------------------------------------------------------
 
 def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
-               page_size: int = DEFAULT_PAGE_SIZE, s3: S3Options | None = None) -> Iterator[FileInfo]:
+               page_size: int = DEFAULT_PAGE_SIZE, s3: S3Options | None = None,
+               follow_symlinks: bool = False) -> Iterator[FileInfo]:
     """Files under a directory/prefix, recursively, streamed (S3: one page at a time).
 
     Order is deterministic: sorted within each directory (local) or page (S3 pages are in
-    key order already). A local file given directly yields itself if it matches.
+    key order already). A local file given directly yields itself if it matches. Symlinks to
+    files are listed; symlinks to directories are not followed unless `follow_symlinks` (a
+    `latest -> 2024-06` link would list a month twice), and then each directory at most once
+    (no loop, no repeat).
     """
     exts = tuple(extensions) if extensions is not None else None
     p = parse_uri(uri)
@@ -297,27 +323,30 @@ def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
         return
     if not os.path.isdir(p.path):
         raise StorageError(f"{uri}: no such file or directory; check the path")
-    yield from _list_local(uri, p.path, exts)
+    seen = {(os.stat(p.path).st_dev, os.stat(p.path).st_ino)}
+    yield from _list_local(uri, p.path, exts, (), follow_symlinks, seen)
 
 
-def _list_local(uri: str, root: str, exts: tuple[str, ...] | None,
-                rel: tuple[str, ...] = ()) -> Iterator[FileInfo]:
+def _list_local(uri: str, root: str, exts: tuple[str, ...] | None, rel: tuple[str, ...],
+                follow: bool, seen: set[tuple[int, int]]) -> Iterator[FileInfo]:
     """Depth-first in S3 key order (a directory sorts as `name/`): same order for both schemes."""
     path = os.path.join(root, *rel)
     try:
         with os.scandir(path) as it:
-            entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in it)
+            entries = sorted(((e.name + "/" if e.is_dir(follow_symlinks=follow) else e.name), e) for e in it)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot list {path}: {exc.strerror}; check permissions") from None
     for key, entry in entries:
-        if key.endswith("/"):
-            yield from _list_local(uri, root, exts, (*rel, entry.name))
-        elif matches_extensions(entry.name, exts):
-            try:
+        try:
+            if key.endswith("/"):
                 st = entry.stat()
-            except FileNotFoundError:
-                continue  # vanished while listing
-            yield _local_info(join(uri, *rel, entry.name), st)
+                if (st.st_dev, st.st_ino) not in seen:  # a symlink loop, or a directory linked twice
+                    seen.add((st.st_dev, st.st_ino))
+                    yield from _list_local(uri, root, exts, (*rel, entry.name), follow, seen)
+            elif matches_extensions(entry.name, exts) and entry.is_file():
+                yield _local_info(join(uri, *rel, entry.name), entry.stat())
+        except FileNotFoundError:
+            continue  # vanished while listing, or a dangling link
 
 
 def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: int,
@@ -364,6 +393,8 @@ def get_filesystem(uri: str, *, s3: S3Options | None = None):
     if p.scheme == "file":
         return pafs.LocalFileSystem(), os.path.abspath(p.path)
     opts = (s3 or S3Options()).resolved()
-    return arrow_s3(opts.endpoint_url, opts.region or bucket_region(p.bucket, opts)), posixpath.join(p.bucket, p.path)
+    fs = arrow_s3(opts.endpoint_url, opts.region or bucket_region(p.bucket, opts), opts.read_timeout_s,
+                  opts.max_attempts)
+    return fs, posixpath.join(p.bucket, p.path)
 
 

@@ -26,6 +26,7 @@ from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
 from core.runtime import RUNTIMES
 from core.sources import ItemData, iter_label_items
+from core.errors import ConfigError, ServiceError
 from core.stop import GracefulStop, Stopped
 from core.storage import IMAGE_EXTENSIONS
 from jobs import ray_session
@@ -56,6 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-threads", type=int, default=d.decode_threads,
                         help="decode threads per actor (0 = the actor's CPUs)")
     parser.add_argument("--io-threads", type=int, default=d.io_threads, help="concurrent reads per actor")
+    parser.add_argument("--io-timeout", dest="io_timeout_s", type=float, default=d.io_timeout_s, metavar="S",
+                        help="seconds an S3 request may take; after --io-attempts tries the run fails (exit 1, "
+                             "resumable): a dead or frozen endpoint is never a row error")
+    parser.add_argument("--io-attempts", type=int, default=d.io_attempts, help="tries per S3 request, with backoff")
+    parser.add_argument("--max-object-mb", type=float, default=d.max_object_mb, metavar="MB",
+                        help="larger objects and archive members get an error row (too large) and are never read")
+    parser.add_argument("--chunk-mb", type=float, default=d.chunk_mb, metavar="MB",
+                        help="archive-member bytes per unit of work: bounds the bytes in flight")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="also list symlinked directories (each directory once); files behind symlinks "
+                             "are always listed")
     parser.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="target rows per Parquet part")
     parser.add_argument("--stage-every", dest="stage_every_s", type=float, default=d.stage_every_s, metavar="S",
                         help="stage the rows received at least every S seconds: the most a kill can lose")
@@ -98,12 +110,15 @@ def label(cfg: LabelConfig) -> dict | None:
     LeaseHeldError (75) when another run writes the output, Stopped (1) on SIGTERM/SIGINT."""
     cfg.check()
     bundle = load_bundle(cfg.model)
+    if cfg.top_k > bundle.num_classes:
+        raise ConfigError(f"--top-k {cfg.top_k}: the bundle {cfg.model} has {bundle.num_classes} classes; "
+                          f"give at most {bundle.num_classes}")
     if cfg.dry_run:
         dry_run(cfg, bundle.model_id)
         return None
-    out = output.Output(cfg.out)
+    out = output.Output(cfg.out, s3=cfg.s3)
     started_ray = plan = None
-    with GracefulStop() as stop, lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s,
+    with GracefulStop() as stop, lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s, s3=cfg.s3,
                                              on_lost=lambda exc: stop.request(str(exc))) as held:
         run = LabelRun.start(out, cfg, bundle.model_id, held)
         try:
@@ -122,6 +137,9 @@ def label(cfg: LabelConfig) -> dict | None:
             if isinstance(exc, Stopped):
                 raise Stopped(f"{exc}: {run.stats.images} images of run {run.run_id} are staged; rerun the "
                               "same command to resume") from None
+            if isinstance(exc, ServiceError) and run.stats.images:
+                raise ServiceError(f"{exc} ({run.stats.images} images of run {run.run_id} are staged; nothing "
+                                   "was published)") from None
             raise  # the lease is released on the way out; Ray is shut down at exit (after the message)
         with stop.deferred():
             manifest = run.commit(plan)
@@ -133,10 +151,11 @@ def label(cfg: LabelConfig) -> dict | None:
     return manifest
 
 
-def _pending(cfg: LabelConfig, run: LabelRun) -> Iterator[ItemData]:
+def _pending(cfg: LabelConfig, run: LabelRun | None) -> Iterator[ItemData]:
     """The listing, without what a finished run labelled (judged from the listing alone)."""
-    exts = None if cfg.any_extension else IMAGE_EXTENSIONS
-    return iter_label_items(cfg.inputs, cfg.manifests, extensions=exts, keep=run.keep)
+    return iter_label_items(cfg.inputs, cfg.manifests, extensions=None if cfg.any_extension else IMAGE_EXTENSIONS,
+                            keep=run.keep if run else None, s3=cfg.s3, follow_symlinks=cfg.follow_symlinks,
+                            max_object_bytes=cfg.max_object_bytes)
 
 
 def dry_run(cfg: LabelConfig, model_id: str) -> None:
@@ -144,28 +163,32 @@ def dry_run(cfg: LabelConfig, model_id: str) -> None:
 
     Objects whose listed version a finished run labelled are skipped unread, as in a real run;
     the others are read and hashed, and skipped when their content was labelled."""
-    out = output.Output(cfg.out) if cfg.out else None
+    out = output.Output(cfg.out, s3=cfg.s3) if cfg.out else None
     run = LabelRun(out, cfg, model_id, None, "dry-run", 0, []) if out else None
     if run is not None and not cfg.relabel:
         run.skipset = out.done_keys(model_id)
-    items = _pending(cfg, run) if run else iter_label_items(
-        cfg.inputs, cfg.manifests, extensions=None if cfg.any_extension else IMAGE_EXTENSIONS)
+    items = _pending(cfg, run)
+    read = labelling.reader(cfg.s3, cfg.max_object_bytes)
     total = already = 0
     with ThreadPoolExecutor(cfg.io_threads) as pool:
         while chunk := list(islice(items, 256)):
             uris, members = [i.item.uri for i in chunk], [i.item.member for i in chunk]
             done = run.done if run else None
-            shas = (labelling.fetch(uris, members, [i.data for i in chunk], [i.error for i in chunk], pool).shas
+            shas = (labelling.fetch(uris, members, [i.data for i in chunk], [i.error for i in chunk], pool, read).shas
                     if done is not None else [""] * len(chunk))
             skip = labelling.skip_mask(uris, members, shas, model_id, done)
             for uri, member, s in zip(uris, members, skip):
-                if not s:
-                    print(uri if member is None else f"{uri}\t{member}")
+                if not s:  # one line an item, whatever the names hold (a newline is printed as \n)
+                    print(_one_line(uri) if member is None else f"{_one_line(uri)}\t{_one_line(member)}")
             total += len(chunk)
             already += int(skip.sum())
     unread = run.stats.skipped if run else 0
     print(f"dry run: {total + unread} inputs, {already + unread} already labelled with model {model_id[:12]} "
           f"({unread} judged from the listing alone), {total - already} would be labelled", file=sys.stderr)
+
+
+def _one_line(name: str) -> str:
+    return name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
 def main(argv: list[str] | None = None) -> int:

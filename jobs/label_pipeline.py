@@ -19,6 +19,7 @@ Everything that is not Ray lives in core: the plan (core.label_plan), the chunk 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -28,11 +29,12 @@ import pyarrow as pa
 
 from core import labelling
 from core.bundle import load_bundle
-from core.errors import JobError
+from core.errors import BreedlabelError, BundleError, ConfigError, InputError, JobError, ServiceError, StorageError
 from core.label_config import LabelConfig
 from core.label_plan import FUSED, ClusterResources, PipelinePlan, plan
 from core.label_run import LabelRun
 from core.sources import ItemData
+from core.s3 import S3Options
 from core.stop import GracefulStop
 from jobs import ray_session
 
@@ -42,6 +44,7 @@ DECODE_TASK_MEMORY = 256 << 20  # a decode task's chunk of large photos, bytes +
 READ_TASKS = 2          # listing relays; they do no work beyond handing chunks on
 CHUNK = "chunk"         # the one column of every Ray Data row: an Arrow IPC payload
 _QUEUE_POLL_S = 0.5
+_LARGE_CHUNK = 8 << 20  # bytes of archive members in a chunk from which the listing queues it alone
 
 
 def pack(table: pa.Table) -> bytes:
@@ -60,14 +63,44 @@ def _row(table: pa.Table) -> pa.Table:
 
 
 def _tables(batch: pa.Table) -> Iterator[pa.Table]:
+    """The chunks of a Ray Data batch; a chunk that carries a run-level error raises it here."""
     for payload in batch.column(CHUNK).to_pylist():
-        yield unpack(payload)
+        table = unpack(payload)
+        failure = (table.schema.metadata or {}).get(_FAILURE_META)
+        if failure is not None:
+            kind, _, message = failure.decode().partition("\n")
+            raise _FAILURES.get(kind, JobError)(message)
+        yield table
+
+
+# A run-level error an actor or task meets (a dead S3 endpoint) travels back as a chunk that says
+# so: Ray's own exception wrapping loses the error's type and buries its message in a traceback.
+_FAILURE_META = b"breedlabel.failure"
+_FAILURES: dict[str, type[BreedlabelError]] = {c.__name__: c for c in (
+    ServiceError, StorageError, BundleError, InputError, ConfigError, JobError)}
+
+
+def _failing(fn):
+    """Run `fn` on a batch; a BreedlabelError becomes a failure chunk for the driver to raise."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> pa.Table:
+        try:
+            return fn(*args, **kwargs)
+        except BreedlabelError as exc:
+            kind = type(exc).__name__ if type(exc).__name__ in _FAILURES else JobError.__name__
+            marker = pa.schema([]).with_metadata({_FAILURE_META: f"{kind}\n{exc}".encode()}).empty_table()
+            return _row(marker)
+    return wrapper
 
 
 class Feeder:
-    """Driver thread: streams the listing into a bounded queue, one chunk per actor call."""
+    """Driver thread: streams the listing into a bounded queue, one chunk per actor call.
 
-    def __init__(self, items: Iterable[ItemData], chunk: int, maxsize: int):
+    A chunk holds at most `chunk` items and, for archive members read by the listing, at most
+    `chunk_bytes` of their bytes (one member over it travels alone): with `maxsize` chunks
+    queued, the listing's bytes in flight stay bounded whatever the archives hold."""
+
+    def __init__(self, items: Iterable[ItemData], chunk: int, maxsize: int, chunk_bytes: int = 64 << 20):
         from ray.util.queue import Queue
 
         self.queue = Queue(maxsize=maxsize, actor_options={"num_cpus": 0, **ray_session.driver_node_affinity()})
@@ -75,7 +108,7 @@ class Feeder:
         self.finished = False
         self.error: BaseException | None = None
         self._stop = threading.Event()
-        self._items, self._chunk = items, chunk
+        self._items, self._chunk, self._chunk_bytes = items, chunk, chunk_bytes
         self._thread = threading.Thread(target=self._run, name="label-listing", daemon=True)
 
     def start(self) -> "Feeder":
@@ -102,20 +135,36 @@ class Feeder:
     def _put_chunk(self, buf: list[ItemData]) -> bool:
         import ray
 
+        if sum(len(i.data) for i in buf if i.data is not None) >= _LARGE_CHUNK and not self._drained():
+            return False  # a large chunk (archive members) waits for an empty queue: few sit in memory at once
         if not self._put([ray.put(_row(labelling.chunk_table(buf)))]):
             return False
         self.listed += len(buf)
         return True
 
+    def _drained(self) -> bool:
+        while not self._stop.is_set():
+            if self.queue.empty():
+                return True
+            self._stop.wait(_QUEUE_POLL_S / 5)
+        return False
+
     def _run(self) -> None:
         try:
             buf: list[ItemData] = []
+            size = 0
             for item in self._items:
+                data = len(item.data) if item.data is not None else 0
+                if buf and size + data > self._chunk_bytes:
+                    if not self._put_chunk(buf):
+                        return
+                    buf, size = [], 0
                 buf.append(item)
+                size += data
                 if len(buf) >= self._chunk:
                     if not self._put_chunk(buf):
                         return
-                    buf = []
+                    buf, size = [], 0
             if buf and not self._put_chunk(buf):
                 return
             self.finished = True
@@ -154,14 +203,15 @@ class LabelActor:
     """Fused stage (CPU): load the bundle once, then read + decode + predict each chunk."""
 
     def __init__(self, model: str, done: list, *, runtime: str, threads: int, decode_threads: int,
-                 io_threads: int, top_k: int):
+                 io_threads: int, top_k: int, s3: S3Options, max_object_bytes: int):
         import ray
 
         keys = ray.get(done[0]) if done else None
         self.labeller = labelling.BatchLabeller(
             load_bundle(model), runtime=runtime, threads=threads, decode_threads=decode_threads,
-            io_threads=io_threads, top_k=top_k, done_keys=keys)
+            io_threads=io_threads, top_k=top_k, done_keys=keys, read=labelling.reader(s3, max_object_bytes))
 
+    @_failing
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.concat_tables([_row(self.labeller.label(t)) for t in _tables(batch)])
 
@@ -169,16 +219,19 @@ class LabelActor:
 class PredictActor(LabelActor):
     """Predict stage of the two-stage pipeline (GPU, or measured on CPU): decoded chunks in."""
 
+    @_failing
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.concat_tables([_row(self.labeller.label_decoded(t)) for t in _tables(batch)])
 
 
-def _decode_stage(batch: pa.Table, *, size, policy, model_id, done, io_threads) -> pa.Table:
+@_failing
+def _decode_stage(batch: pa.Table, *, size, policy, model_id, done, io_threads, s3, max_object_bytes) -> pa.Table:
     import ray
 
     keys = ray.get(done[0]) if done else None
+    read = labelling.reader(s3, max_object_bytes)
     return pa.concat_tables([_row(labelling.decode_chunk(t, size=tuple(size), policy=policy, model_id=model_id,
-                                                         done=keys, io_threads=io_threads))
+                                                         done=keys, io_threads=io_threads, read=read))
                              for t in _tables(batch)])
 
 
@@ -201,11 +254,16 @@ def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.target_max_block_size = 1  # every row (a whole chunk) is its own block: nothing waits to be merged
+    # Ray Data's buffers between the stages hold a few chunks, not the object store's 30 % of RAM:
+    # with archives of large members the bytes in flight stay bounded (see LabelConfig.chunk_mb).
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=max(256 << 20, 4 * cfg.chunk_bytes))
     ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), num_cpus=0, override_num_blocks=READ_TASKS,
                                   label_selector=ray_session.driver_node_label())
     done = [done_ref] if done_ref is not None else []
     actor_kwargs = dict(model=cfg.model, done=done, runtime=cfg.runtime, threads=shape.runtime_threads,
-                        decode_threads=shape.decode_threads, io_threads=cfg.io_threads, top_k=cfg.top_k)
+                        decode_threads=shape.decode_threads, io_threads=cfg.io_threads, top_k=cfg.top_k,
+                        s3=cfg.s3, max_object_bytes=cfg.max_object_bytes)
     compute = ActorPoolStrategy(size=shape.actors)
     if shape.pipeline == FUSED:
         return ds.map_batches(LabelActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,
@@ -215,7 +273,8 @@ def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
     decoded = ds.map_batches(
         _decode_stage, batch_size=1, batch_format="pyarrow", num_cpus=1, memory=DECODE_TASK_MEMORY,
         zero_copy_batch=True, fn_kwargs=dict(size=bundle.input_size, policy=bundle.resize_policy,
-                                             model_id=bundle.model_id, done=done, io_threads=cfg.io_threads))
+                                             model_id=bundle.model_id, done=done, io_threads=cfg.io_threads,
+                                             s3=cfg.s3, max_object_bytes=cfg.max_object_bytes))
     actor_kwargs["decode_threads"] = 1
     return decoded.map_batches(PredictActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,
                                batch_format="pyarrow", num_cpus=shape.cpus_per_actor,
@@ -229,7 +288,7 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
     shape = plan(cfg, cluster_resources())
     log.info("label plan: %s", shape)
     done_ref = ray.put(run.done) if run.done is not None else None
-    feeder = Feeder(items, cfg.batch_size, cfg.queue_chunks).start()
+    feeder = Feeder(items, cfg.batch_size, cfg.queue_chunks, cfg.chunk_bytes).start()
     pbar = _progress(cfg)
     try:
         ds = build_dataset(cfg, shape, feeder.queue, done_ref)

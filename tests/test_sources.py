@@ -85,21 +85,20 @@ def test_local_relative_paths_become_absolute(tmp_path, monkeypatch):
 def test_archive_members_listed_and_read_once(root, name):
     uri = storage.join(root, name)
     storage.write_bytes(uri, ARCHIVES[name]())
-    items = list(sources.iter_items([uri]))
-    assert [(i.member, i.size) for i in items] == [(m, len(MEMBERS[m])) for m in IMAGES]
-    assert {i.uri for i in items} == {storage.normalize_uri(uri)}
+    (whole,) = sources.iter_items([uri])
+    assert whole.is_archive and whole.uri == storage.normalize_uri(uri)
     got = list(sources.iter_archive_members(uri))
     assert [(g.item.member, g.data, g.error) for g in got] == [(m, MEMBERS[m], None) for m in IMAGES]
-    assert sources.read_item(items[1]) == MEMBERS[IMAGES[1]]
-    whole = list(sources.iter_items([uri], expand_archives=False))
-    assert len(whole) == 1 and whole[0].is_archive
     labelled = list(sources.iter_label_items([uri]))  # the label job's listing: members with their bytes
-    assert [(d.item.member, d.data) for d in labelled] == [(m, MEMBERS[m]) for m in IMAGES]
+    assert [(d.item.member, d.item.size, d.data) for d in labelled] == [(m, len(MEMBERS[m]), MEMBERS[m])
+                                                                       for m in IMAGES]
+    assert {d.item.version for d in labelled} == {whole.version}  # a member is as new as its archive
+    assert sources.read_item(labelled[1].item) == MEMBERS[IMAGES[1]]
 
 
 def test_archives_inside_a_folder_are_expanded(root):
     _put(root, {"a.jpg": b"a", "z/batch.zip": _zip()})
-    items = list(sources.iter_items([root]))
+    items = [d.item for d in sources.iter_label_items([root])]
     assert [(os.path.basename(i.uri), i.member) for i in items] == [("a.jpg", None)] + [
         ("batch.zip", m) for m in IMAGES
     ]
@@ -113,9 +112,6 @@ def test_archives_inside_a_folder_are_expanded(root):
 def test_corrupt_archive_is_one_error_item(root, name, data):
     uri = storage.join(root, name)
     storage.write_bytes(uri, data)
-    items = list(sources.iter_items([uri]))
-    assert len(items) == 1 and items[0].member is None
-    assert items[0].error.startswith("corrupt archive")
     got = list(sources.iter_archive_members(uri))
     assert len(got) == 1 and got[0].data is None and got[0].error.startswith("corrupt archive")
     (only,) = sources.iter_label_items([uri])
@@ -131,8 +127,6 @@ def test_truncated_archive_keeps_what_was_read(root):
             tf.addfile(info, io.BytesIO(os.urandom(20_000)))  # incompressible: the cut lands in b
     uri = storage.join(root, "cut.tgz")
     storage.write_bytes(uri, buf.getvalue()[:30_000])
-    items = list(sources.iter_items([uri]))
-    assert [(i.member, bool(i.error)) for i in items] == [("a.jpg", False), ("b.jpg", False), (None, True)]
     got = [(g.item.member, g.data is not None, g.error) for g in sources.iter_archive_members(uri)]
     assert got == [("a.jpg", True, None), ("b.jpg", False, "corrupt archive: ReadError"),
                    (None, False, "corrupt archive: ReadError")]
@@ -180,9 +174,9 @@ def test_manifests_txt_csv_parquet(root):
 def test_manifest_relative_paths_and_archive_rows(tmp_path):
     _put(str(tmp_path), {"imgs/1.jpg": b"1", "b.zip": _zip()})
     (tmp_path / "m.txt").write_text("imgs/1.jpg\nb.zip\n")
-    items = list(sources.iter_items([], manifest=str(tmp_path / "m.txt")))
+    items = [d.item for d in sources.iter_label_items([], [str(tmp_path / "m.txt")])]
     assert items[0] == InputItem(str(tmp_path / "imgs" / "1.jpg"))
-    assert [i.member for i in items[1:]] == IMAGES
+    assert [(i.uri, i.member) for i in items[1:]] == [(str(tmp_path / "b.zip"), m) for m in IMAGES]
 
 
 def test_input_errors_are_clear(tmp_path):

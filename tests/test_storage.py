@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core import s3, storage
-from core.errors import StorageError
-from core.storage import FileInfo, ObjectNotFoundError, S3Options
+from core.errors import ServiceError, StorageError
+from core.storage import ObjectNotFoundError, S3Options
 
 
 @pytest.fixture
@@ -98,9 +98,11 @@ def test_list_extensions_and_order(root):
     every = [i.uri[len(root):].lstrip("/") for i in storage.list_files(root, extensions=None)]
     assert every == ["a/0.jpeg", "a/1.png", "b/2.JPG", "blob", "c.txt", "z.webp"]
     assert all(i.size == 3 for i in storage.list_files(root, extensions=None))
-    assert list(storage.list_files(storage.join(root, "a"), extensions=("png",))) == [
-        FileInfo(storage.join(root, "a", "1.png"), 3)
-    ]
+    (png,) = storage.list_files(storage.join(root, "a"), extensions=("png",))
+    assert (png.uri, png.size) == (storage.join(root, "a", "1.png"), 3)
+    assert png.version == storage.stat(png.uri).version  # ETag, or mtime:size, the same from a listing or a stat
+    storage.write_bytes(png.uri, b"y" * 4)
+    assert storage.stat(png.uri).version != png.version  # new bytes, new version
 
 
 def test_s3_listing_streams_page_by_page(moto_s3, bucket, monkeypatch):
@@ -131,9 +133,9 @@ def test_s3_errors_are_clear(moto_s3, tmp_path):
         list(storage.list_files("s3://no-such-bucket-here/x"))
     with pytest.raises(StorageError, match="no such file or directory"):
         list(storage.list_files(str(tmp_path / "missing")))
-    dead = S3Options(endpoint_url="http://127.0.0.1:9")
-    with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
-        storage.read_bytes("s3://b/k", s3=dead)
+    dead = S3Options(endpoint_url="http://127.0.0.1:9", max_attempts=2)
+    with pytest.raises(ServiceError, match="the S3 endpoint http://127.0.0.1:9 does not answer"):
+        storage.read_bytes("s3://b/k", s3=dead)  # a service problem: the run fails, never a row error
 
 
 def test_s3_no_credentials(moto_s3, monkeypatch):
