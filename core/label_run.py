@@ -200,7 +200,7 @@ class LabelRun:
 
     def abandon(self) -> None:
         """A new run that failed before staging anything leaves no trace (no `_run.json` debris)."""
-        if self.attempt == 0 and not self.writer.files:
+        if self.attempt == 0 and not self.out.staged_parts(self.run_id):
             self.out.discard_staged(self.run_id)
 
     def _runtime(self, plan: PipelinePlan | None) -> str | None:
