@@ -29,13 +29,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one and the help text does not already say it."""
+    """Show a default only where there is one and the help text does not already say it.
+
+    A flag that takes no value (store_true/store_false/store_const) has no default worth
+    printing: `--no-progress (default: True)` would read as "no progress by default".
+    BooleanOptionalAction pairs print their own default (`--x, --no-x (default: False)`)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, "", argparse.SUPPRESS) or "default" in text:
+        if action.default in (None, "", argparse.SUPPRESS) or "default" in text or _is_flag(action):
             return text
         return super()._get_help_string(action)
+
+
+def _is_flag(action: argparse.Action) -> bool:
+    """An option that takes no value and whose presence alone sets it (not --x/--no-x)."""
+    return action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,30 +29,57 @@ _OVERRIDES = {
 }
 
 
+# what each typed option does, in the words of the flags (the config field may be named otherwise)
+_HELP = {
+    "classes": "train on the first N classes only (none = all)",
+    "input_size": "backbone input size in px (none = the backbone's native size)",
+    "batch_size": "images per training step",
+    "epochs": "phase 1 epochs: the head on the frozen backbone",
+    "finetune_epochs": "phase 2 epochs: the top --finetune-layers of the backbone with the head",
+    "lr": "phase 1 peak learning rate",
+    "finetune_lr": "phase 2 peak learning rate",
+    "finetune_layers": "backbone layers phase 2 trains, counted from the top (-1 = all, 0 = skip phase 2)",
+    "feature_views": "cache the frozen features of N views of each photo once and train the head on those "
+                     "(0 = decode and augment every epoch)",
+    "dense_units": "hidden units in the head (0 = a linear head)",
+    "dropout": "dropout before the head's output layer",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "patience": "stop a phase after N epochs without a better validation top-1",
+    "val_fraction": "share of each class held out for validation",
+    "seed": "seed of the split, the augmentation and the weights",
+    "max_steps_per_epoch": "cap on steps per epoch, for smoke runs (none = the whole split)",
+}
+
+
 def _preset_default(field_name: str):
     return getattr(get_preset(DEFAULT_PRESET), field_name)
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--data", required=True, help="folder-per-class dataset (e.g. Stanford Dogs Images/)")
     p.add_argument("--out", required=True, help="bundle destination: a new local dir, file:// or s3:// URI")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="base TrainConfig")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help="named defaults the options below override")
     p.add_argument("--checkpoint-dir", default=None,
                    help="per-epoch weights, history.json, train_config.json (default: <out>.run when --out is local)")
     typed = {"classes": int, "input_size": int, "batch_size": int, "epochs": int, "finetune_epochs": int,
              "lr": float, "finetune_lr": float, "finetune_layers": int, "feature_views": int,
              "dense_units": int, "dropout": float, "label_smoothing": float, "patience": int,
              "val_fraction": float, "seed": int, "max_steps_per_epoch": int}
-    p.add_argument("--backbone", default=None, help=f"registry name (preset: {_preset_default('backbone')})")
+    p.add_argument("--backbone", default=None,
+                   help=f"backbone model, one of core.registry's names (preset: {_preset_default('backbone')})")
     p.add_argument("--weights", default=None,
                    help="'imagenet' (Keras download), a local .h5 file, or 'none' (preset: imagenet)")
     for opt, kind in typed.items():
-        field_name = _OVERRIDES[opt]
         p.add_argument(f"--{opt.replace('_', '-')}", type=kind, default=None,
-                       help=f"{field_name} (preset {DEFAULT_PRESET}: {_preset_default(field_name)})")
+                       help=f"{_HELP[opt]} (preset {DEFAULT_PRESET}: {_shown(_preset_default(_OVERRIDES[opt]))})")
     p.add_argument("--config", default=None,
-                   help="base TrainConfig JSON/YAML (e.g. tune's best_config.json) instead of --preset")
+                   help="a config JSON/YAML file (e.g. tune's best_config.json) as the defaults, instead of --preset")
     from jobs.train_distributed import add_distributed_arguments
 
     add_distributed_arguments(p)
