@@ -221,3 +221,37 @@ def test_cli_registers_submit_and_jobs():
     from jobs.cli import COMMANDS
 
     assert COMMANDS["submit"][0] == "jobs.submit" and COMMANDS["jobs"][0] == "jobs.jobs_cmd"
+
+
+# --- stdout carries the job id only ---------------------------------------------------------------
+
+class FinishedJobClient:
+    """Accepts a job that has already SUCCEEDED, with one line of log."""
+
+    def submit_job(self, **kwargs):
+        return kwargs["submission_id"]
+
+    def get_job_info(self, job_id):
+        return FakeInfo("SUCCEEDED", 0, {sub.META_KIND: "train"})
+
+    def get_job_logs(self, job_id):
+        return "the job's log\n"
+
+    async def tail_job_logs(self, job_id):
+        yield "the job's log\n"
+
+
+@pytest.mark.parametrize("mode", [[], ["--wait"], ["--follow"]])
+def test_submit_prints_only_the_job_id_on_stdout(tmp_path, monkeypatch, capsys, mode):
+    """`JOB=$(breedlabel submit …)` gets the id, whatever else submit says (on stderr)."""
+    from jobs.cli import main
+
+    monkeypatch.setattr(sub, "connect", lambda address: FinishedJobClient())
+    code = main(["submit", "train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), *mode])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("\n") == 1 and out.strip().startswith("breedlabel-train-"), out
+    if mode:
+        assert "SUCCEEDED" in err and "SUCCEEDED" not in out
+    if mode == ["--follow"]:
+        assert "the job's log" in err

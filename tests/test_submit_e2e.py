@@ -60,8 +60,8 @@ def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, 
     out = tmp_path / "labels"
     first = _submit_label(ray_head, photos, tiny_bundle, out)
     assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
-    job_id = first.stdout.split()[0]
-    assert job_id.startswith("breedlabel-label-") and "SUCCEEDED" in first.stdout
+    job_id = first.stdout.strip()  # the id alone on stdout: JOB=$(breedlabel submit …)
+    assert job_id.startswith("breedlabel-label-") and "SUCCEEDED" in first.stderr
 
     rows = _finished_rows(out)
     expected = {str(p) for p in photos.rglob("*") if p.is_file()}
