@@ -119,9 +119,40 @@ def test_entrypoint_is_the_job_module():
     """No wrapper: the label job takes its output's lease itself (--lease-ttl is its own option)."""
     req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m", "--lease-ttl", "120"),
                          runtime_env={}, output="/o")
-    assert sub.build_entrypoint(req) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
+    entry = sub.build_entrypoint(req)
+    assert sub.shown_entrypoint(entry) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
+    assert entry.startswith(sub.RAY_PYTHON)
     train = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
-    assert sub.build_entrypoint(train) == "python -m jobs.train --workers 2"
+    assert sub.shown_entrypoint(sub.build_entrypoint(train)) == "python -m jobs.train --workers 2"
+
+
+_RAYLET = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]).returncode)"
+_SUPERVISOR = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1], shell=True).returncode)"
+
+
+@pytest.mark.parametrize("raylet_flag, expect", [(True, "ray's python"), (False, "python on PATH")])
+def test_entrypoint_runs_the_python_ray_runs(tmp_path, raylet_flag, expect):
+    """As on a head started as `/venv/bin/ray start` with the venv off PATH: the entrypoint's shell
+    (child of a JobSupervisor, child of the raylet) runs the raylet's --python_worker_command;
+    without one it falls back to `python` on PATH."""
+    import os
+    import subprocess
+    import sys
+
+    def fake_python(folder, says: str):
+        folder.mkdir()
+        (folder / "python").write_text(f'#!/bin/sh\necho "{says}: $*"\n')
+        (folder / "python").chmod(0o755)
+        return folder / "python"
+
+    ray_python = fake_python(tmp_path / "venv", "ray's python")
+    fake_python(tmp_path / "path", "python on PATH")
+    flag = f"--python_worker_command={ray_python} /ray/_private/workers/setup_worker.py" if raylet_flag else "--x"
+    entry = sub.build_entrypoint(sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={}))
+    env = dict(os.environ, PATH=f"{tmp_path / 'path'}{os.pathsep}{os.environ['PATH']}")
+    raylet = subprocess.run([sys.executable, "-c", _RAYLET, _SUPERVISOR, entry, flag], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert raylet.stdout.strip() == f"{expect}: -m jobs.train --workers 2", raylet.stderr
 
 
 def test_runtime_env_modes():
