@@ -149,3 +149,11 @@ def run(args: argparse.Namespace) -> int:
                **{k: v for k, v in result.extras.items() if k != "timings"}, "timings": result.extras["timings"]}
     print(json.dumps(summary))
     return 0
+
+
+if __name__ == "__main__":  # `python -m jobs.train …`: what `breedlabel submit train` runs on the cluster
+    import sys
+
+    from jobs.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -126,6 +126,17 @@ def test_entrypoint_is_the_job_module():
     assert sub.shown_entrypoint(sub.build_entrypoint(train)) == "python -m jobs.train --workers 2"
 
 
+@pytest.mark.parametrize("kind", sorted(sub.ENTRYPOINT_MODULES))
+def test_every_entrypoint_module_runs_as_a_script(kind):
+    """`python -m jobs.<kind>` is what a submitted job runs: it must be the command, not a no-op."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", sub.ENTRYPOINT_MODULES[kind], "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "--out" in proc.stdout, proc.stderr[-2000:]
+
+
 _RAYLET = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]).returncode)"
 _SUPERVISOR = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1], shell=True).returncode)"
 
