@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import Sequence
 
+from core import console
 from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, BreedlabelError
 
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="breedlabel",
         description="Train dog-breed classifiers and label large image archives with Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and every library's own output (TensorFlow, Ray workers)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -70,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    console.configure(args.verbose)
     try:
         return int(args._module.run(args))
     except BreedlabelError as exc:

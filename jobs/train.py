@@ -7,8 +7,10 @@ validation metrics {top1, top3, per_class} and the per-epoch history.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -128,20 +130,24 @@ def card_extra(result, data_fingerprint: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core import bundle, datasets
-    from core import train as core_train
+    from core import console
 
     cfg = config_from_args(args)
     if args.workers is not None:  # over Ray Train workers: the same command on a laptop or a cluster
         from jobs.train_distributed import run_from_args
 
         return run_from_args(cfg, args)
-    folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
     ckpt = args.checkpoint_dir
     if ckpt is None and "://" not in args.out:
         ckpt = str(Path(args.out).with_name(Path(args.out).name + ".run"))
+    console.import_tensorflow(Path(ckpt) / "logs" if ckpt and "://" not in ckpt else None)
+    from core import bundle, datasets
+    from core import train as core_train
+
+    folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
     t0 = time.time()
-    result = core_train.train(cfg, folder, checkpoint_dir=ckpt)
+    with contextlib.redirect_stdout(sys.stderr):  # Keras' epoch lines are progress: stdout is the summary
+        result = core_train.train(cfg, folder, checkpoint_dir=ckpt)
     result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
     bundle.export_bundle(result.model, result.classes, args.out, input_size=core_train.input_size_of(cfg),
                          resize_policy=cfg.resize_policy, card_extra=card_extra(result, datasets.fingerprint(folder)))
@@ -152,8 +158,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # `python -m jobs.train …`: what `breedlabel submit train` runs on the cluster
-    import sys
-
     from jobs.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))
