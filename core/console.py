@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +24,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # loggers whose INFO/WARNING lines are for library developers; ERROR still shows
 LIBRARY_LOGGERS = ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "filelock", "optuna")
 TF_LOG = "tensorflow.log"
+
+log = logging.getLogger(__name__)
 
 
 def is_verbose() -> bool:
@@ -49,6 +53,20 @@ def quiet_libraries() -> None:
 def default_log_dir() -> Path:
     """Where start-up chatter goes when a run has no folder of its own."""
     return Path(tempfile.gettempdir()) / "breedlabel-logs"
+
+
+@contextlib.contextmanager
+def stdout_to_log(name: str) -> Iterator[None]:
+    """sys.stdout appends to <default log dir>/<name> while the block runs, unless verbose: for a
+    library that prints to stdout whatever its verbosity (Tune's experiment table), when stdout
+    is for our summary."""
+    if is_verbose():
+        yield
+        return
+    path = default_log_dir() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as out, contextlib.redirect_stdout(out):
+        yield
 
 
 @contextlib.contextmanager
@@ -90,3 +108,47 @@ def import_tensorflow(log_dir: str | os.PathLike | None = None):
         print(f"breedlabel: this machine has an NVIDIA device but TensorFlow found no GPU (training runs on "
               f"the CPU); its start-up log ({path}):\n{lines}", file=sys.stderr)
     return tf
+
+
+class Progress:
+    """Counts, rate and time left for a long step: a tqdm bar on a terminal, else (a log file, a
+    CI console, a Ray worker) a log line every tenth of the way, so no step is silent for minutes."""
+
+    def __init__(self, total: int, desc: str, unit: str = "img") -> None:
+        self.total, self.desc, self.unit, self.done = int(total), desc, unit, 0
+        self.t0, self.next_log = time.monotonic(), 0.1
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                            smoothing=0.1, leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.total and self.done / self.total >= self.next_log and self.done < self.total:
+            elapsed = time.monotonic() - self.t0
+            rate = self.done / max(elapsed, 1e-9)
+            log.info("%s: %d/%d %s (%.1f %s/s, about %s left)", self.desc, self.done, self.total, self.unit, rate,
+                     self.unit, _clock((self.total - self.done) / max(rate, 1e-9)))
+            self.next_log = math.floor(self.done / self.total * 10 + 1) / 10
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elapsed = time.monotonic() - self.t0
+        log.info("%s: %d %s in %s (%.1f %s/s)", self.desc, self.done, self.unit, _clock(elapsed),
+                 self.done / max(elapsed, 1e-9), self.unit)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
