@@ -21,19 +21,20 @@ log = logging.getLogger(__name__)
 DEFAULT_PRESET = "mobilenet_v2"
 # option -> TrainConfig field (None-valued options leave the preset's value)
 _OVERRIDES = {
-    "backbone": "backbone", "weights": "weights", "classes": "classes", "input_size": "input_size",
-    "batch_size": "batch_size", "epochs": "head_epochs", "finetune_epochs": "finetune_epochs",
-    "lr": "head_lr", "finetune_lr": "finetune_lr", "finetune_layers": "finetune_layers",
-    "feature_views": "head_feature_views", "view_kind": "head_view_kind", "dense_units": "dense_units", "dropout": "dropout",
-    "label_smoothing": "label_smoothing", "patience": "early_stopping_patience",
-    "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip", "tta_sizes": "tta_sizes",
-    "finetune_cached": "finetune_cached", "max_steps_per_epoch": "max_steps_per_epoch",
+    "backbone": "backbone", "weights": "weights", "classes": "classes", "per_class": "per_class",
+    "input_size": "input_size", "batch_size": "batch_size", "epochs": "head_epochs",
+    "finetune_epochs": "finetune_epochs", "lr": "head_lr", "finetune_lr": "finetune_lr",
+    "finetune_layers": "finetune_layers", "feature_views": "head_feature_views", "view_kind": "head_view_kind",
+    "dense_units": "dense_units", "dropout": "dropout", "label_smoothing": "label_smoothing",
+    "patience": "early_stopping_patience", "val_fraction": "val_fraction", "seed": "seed", "tta_flip": "tta_flip",
+    "tta_sizes": "tta_sizes", "finetune_cached": "finetune_cached", "max_steps_per_epoch": "max_steps_per_epoch",
 }
 
 
 # what each typed option does, in the words of the flags (the config field may be named otherwise)
 _HELP = {
     "classes": "train on the first N classes only (none = all)",
+    "per_class": "use at most N photos of each class, the first by file path (none = all)",
     "input_size": "backbone input size in px (none = the backbone's native size)",
     "batch_size": "images per training step",
     "epochs": "phase 1 epochs: the head on the frozen backbone",
@@ -69,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="named defaults the options below override")
     p.add_argument("--checkpoint-dir", default=None,
                    help="per-epoch weights, history.json, train_config.json (default: <out>.run when --out is local)")
-    typed = {"classes": int, "input_size": int, "batch_size": int, "epochs": int, "finetune_epochs": int,
-             "lr": float, "finetune_lr": float, "finetune_layers": int, "feature_views": int,
+    typed = {"classes": int, "per_class": int, "input_size": int, "batch_size": int, "epochs": int,
+             "finetune_epochs": int, "lr": float, "finetune_lr": float, "finetune_layers": int, "feature_views": int,
              "dense_units": int, "dropout": float, "label_smoothing": float, "patience": int,
              "val_fraction": float, "seed": int, "max_steps_per_epoch": int}
     p.add_argument("--backbone", default=None,
