@@ -90,23 +90,33 @@ def native_stderr_to(path: str | os.PathLike | None) -> Iterator[None]:
         os.close(target)
 
 
-def import_tensorflow(log_dir: str | os.PathLike | None = None):
-    """`import tensorflow` and its device discovery (where cuInit runs), their C++ start-up lines
-    appended to <log_dir>/tensorflow.log unless verbose. On a machine with an NVIDIA device
-    where TensorFlow finds no GPU those lines explain why, so they are shown after all."""
+@contextlib.contextmanager
+def tensorflow_startup(log_dir: str | os.PathLike | None = None) -> Iterator[None]:
+    """Around `import tensorflow` and what first initialises its runtime (device discovery, where
+    cuInit runs, or a distribution strategy): their C++ start-up lines are appended to
+    <log_dir>/tensorflow.log unless verbose. On a machine with an NVIDIA device where TensorFlow
+    finds no GPU those lines explain why, so they are shown after all."""
     path = None if is_verbose() else Path(log_dir or default_log_dir()) / TF_LOG
     start = path.stat().st_size if path is not None and path.exists() else 0
     with native_stderr_to(path):
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-        import tensorflow as tf
+        yield
+    import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
-    if path is not None and not gpus and Path("/dev/nvidia0").exists():
+    if path is not None and Path("/dev/nvidia0").exists() and not tf.config.list_physical_devices("GPU"):
         with open(path, errors="replace") as f:
             f.seek(start)
             lines = f.read().strip()
-        print(f"breedlabel: this machine has an NVIDIA device but TensorFlow found no GPU (training runs on "
-              f"the CPU); its start-up log ({path}):\n{lines}", file=sys.stderr)
+        print(f"breedlabel: this machine has an NVIDIA device but TensorFlow found no GPU (it runs on the CPU); "
+              f"its start-up log ({path}):\n{lines}", file=sys.stderr)
+
+
+def import_tensorflow(log_dir: str | os.PathLike | None = None):
+    """`import tensorflow` and its device discovery inside tensorflow_startup; returns the module."""
+    with tensorflow_startup(log_dir):
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
     return tf
 
 
@@ -142,7 +152,7 @@ class Progress:
         log.info("%s: %d %s in %s (%.1f %s/s)", self.desc, self.done, self.unit, _clock(elapsed),
                  self.done / max(elapsed, 1e-9), self.unit)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,5 +160,5 @@ class Progress:
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"

@@ -92,7 +92,7 @@ def _imagenet_download(model: str):
     keras.utils.disable_interactive_logging()
     try:
         yield
-    except Exception as exc:  # noqa: BLE001 - tf_keras raises a plain Exception for a failed fetch
+    except Exception as exc:  # tf_keras raises a plain Exception for a failed fetch
         match = _FETCH_FAILURE.match(str(exc))
         if match is None:
             raise
@@ -105,7 +105,7 @@ def _imagenet_download(model: str):
 
 
 # tf_keras.utils.get_file's message: "URL fetch failure on {origin}: {errno or code} -- {reason}"
-_FETCH_FAILURE = re.compile(r"URL fetch failure on (?P<url>\S+): .*? -- (?P<reason>.*)", re.S)
+_FETCH_FAILURE = re.compile(r"URL fetch failure on (?P<url>\S+): .*? -- (?P<reason>.*)", re.DOTALL)
 
 
 def _custom_cnn(input_shape: tuple, weights: str | None):

@@ -24,6 +24,7 @@ run_phase): no second training loop. What this module adds is the Ray part:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -185,13 +186,15 @@ def _setup_tf(cpus: float):
     console.quiet_libraries()  # e.g. one "Collective all_reduce" INFO line per step and worker
     if not console.is_verbose():  # "Checkpoint successfully created", "Reporting training result" each epoch
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    tf = console.import_tensorflow()
+    with console.tensorflow_startup():
+        import tensorflow as tf
 
-    threads = max(1, int(cpus))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    # Before any other TF op: the strategy reads TF_CONFIG, which Ray Train set.
-    return tf, tf.distribute.MultiWorkerMirroredStrategy()
+        threads = max(1, int(cpus))
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        # Before any other TF op: the strategy reads TF_CONFIG, which Ray Train set.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    return tf, strategy
 
 
 def _worker_datasets(tf, ct, cfg: TrainConfig, train_set, val_set, rank: int, world: int):
@@ -304,10 +307,20 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, *, card
 
 
 def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: str | None = None, *,
-                    worker_callbacks: Callable[[int], list] | None = None) -> DistributedResult:
-    """Fit over `dist.workers` workers, then export the best checkpoint to `out` (if given)."""
+                    worker_callbacks: Callable[[int], list] | None = None, progress: bool = False
+                    ) -> DistributedResult:
+    """Fit over `dist.workers` workers, then export the best checkpoint to `out` (if given).
+    progress: log one line per epoch here (jobs.train_progress), for a driver whose workers'
+    own output is not shown."""
     t0 = time.time()
-    result = make_trainer(cfg, data, dist, worker_callbacks=worker_callbacks).fit()
+    with contextlib.ExitStack() as stack:
+        callbacks = []
+        if progress:
+            from jobs.train_progress import printed_progress
+
+            epochs = {PHASE_HEAD: cfg.head_epochs, PHASE_FINETUNE: cfg.finetune_epochs}
+            callbacks.append(stack.enter_context(printed_progress(epochs)))
+        result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
     checkpoint, metrics = best_checkpoint(result)
     log.info("trained in %.0f s over %d worker(s); best %s %.4f at %s epoch %s", time.time() - t0,
              dist.workers, METRIC, metrics[METRIC], metrics.get("phase"), metrics.get("phase_epoch"))
@@ -342,9 +355,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, quiet: 
 def run_from_args(cfg: TrainConfig, args) -> int:
     dist = DistributedConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                              cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.run_name)
-    init_ray()
+    from core import console
+
+    console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
+    init_ray(quiet=not console.is_verbose())  # the workers' own output: with -v
     t0 = time.time()
-    done = run_distributed(cfg, args.data, dist, out=args.out)
+    done = run_distributed(cfg, args.data, dist, out=args.out, progress=True)
     print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
                       "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
                       "best_epoch": done.metrics.get("epoch"), "run": done.run_path,

@@ -256,7 +256,7 @@ def final_train(tc: TuneConfig, cfg: TrainConfig, data: str, out: str, storage: 
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
     dist = DistributedConfig(workers=tc.workers, cpus_per_worker=tc.cpus_per_worker,
                              gpus_per_worker=tc.gpus_per_worker, storage=storage, name=f"{tc.name}-final")
-    done = run_distributed(cfg, data, dist, out=f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}")
+    done = run_distributed(cfg, data, dist, out=f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", progress=True)
     return {"bundle": f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", "top1": done.card_metrics.get("top1"),
             "top3": done.card_metrics.get("top3")}
 

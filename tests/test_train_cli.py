@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,12 +13,25 @@ from tests.fixtures.images import make_synthetic_dataset
 from tests.test_predict_cli import REPO, breedlabel
 
 
+# what a default `breedlabel train` may print: our log lines and Keras' epoch progress
+OURS = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) (core|jobs|cluster)\.|\d+/\d+ - |Epoch \d+/\d+$"
+                  r"|Restoring model weights from the end of the best epoch")
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """Lines that are not ours (TensorFlow's C++ start-up, library INFO logs, Ray workers' output)."""
+    return [line for line in stderr.splitlines() if line.strip() and not OURS.match(line)]
+
+
 def test_train_cli_exports_a_bundle_that_predicts(tmp_path):
     data = make_synthetic_dataset(tmp_path / "ds", num_classes=3, images_per_class=8, size=56)
     out = tmp_path / "bundle"
     proc = breedlabel("train", "--data", str(data), "--out", str(out), "--preset", "smoke", "--input-size", "48",
                       "--tta-sizes", "32", "--tta-flip", "--finetune-layers", "0", cache=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign_lines(proc.stderr) == [], proc.stderr[-3000:]  # no cuInit, absl, oneDNN or TF INFO lines
+    assert (out.parent / "bundle.run" / "logs" / "tensorflow.log").is_file()  # they are kept there
+    assert len(proc.stdout.strip().splitlines()) == 1  # stdout: the summary only
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     bundle = load_bundle(str(out))
     card = bundle.card
