@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # Keras' epoch lines are progress: stdout is the summary
         result = core_train.train(cfg, folder, checkpoint_dir=ckpt)
     result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
+    log.info("exporting the bundle to %s (SavedModel, then checks)", args.out)  # tens of seconds on 2 cores
     bundle.export_bundle(result.model, result.classes, args.out, input_size=core_train.input_size_of(cfg),
                          resize_policy=cfg.resize_policy, card_extra=card_extra(result, datasets.fingerprint(folder)))
     summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),
