@@ -9,9 +9,10 @@ options are checked here with the job's own parser before anything is sent. Path
 absolute or URIs: the job runs in its own working directory on the cluster.
 
 Prints the submission id on stdout and nothing else there (`JOB=$(breedlabel submit …)`); the
-job's status, its streamed log (--follow) and every note go to stderr. Without --wait the exit code only says whether the job
-was accepted; with --wait (or --follow) it is the job's: 0 done, 3 done but over the error
-budget, 75 skipped (another run holds the output's lease), 2 bad job options, 1 failed/stopped.
+job's status, its streamed log (--follow) and every note go to stderr. Without --wait the exit
+code only says whether the job was accepted; with --wait (or --follow) it is the job's: 0 done,
+3 done but over the error budget, 75 skipped (another run holds the output's lease), 2 bad job
+options, 1 failed/stopped.
 A label job counts as done only if its run manifest is there (read from the output URI, so
 the submitter needs read access to it).
 """

@@ -39,7 +39,8 @@ def describe(report: dict, epochs: dict[str, int]) -> str:
         failed = "; ".join(f"worker {rank}: {text}" for rank, text in sorted(report["errors"].items()))
         return f"{failed} (Ray Train restarts the workers from the last checkpoint if failures remain; -v shows why)"
     phase = report.get("phase", "?")
-    return (f"epoch {report.get('epoch', 0) + 1} ({phase} {report.get('phase_epoch', 0) + 1}/{epochs.get(phase, '?')}): "
+    where = f"{phase} {report.get('phase_epoch', 0) + 1}/{epochs.get(phase, '?')}"
+    return (f"epoch {report.get('epoch', 0) + 1} ({where}): "
             f"val_top1 {report.get('val_top1', float('nan')):.4f}, top1 {report.get('top1', float('nan')):.4f}, "
             f"{report.get('images_per_s', 0):.0f} img/s")
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def release_placement_group(pg_hex: str) -> bool:
     """Remove a placement group unless it is gone already; True when this call removed it."""
-    from ray._raylet import PlacementGroupID
+    from ray import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))

@@ -137,7 +137,8 @@ def test_every_entrypoint_module_runs_as_a_script(kind):
     assert proc.returncode == 0 and "usage:" in proc.stdout and "--out" in proc.stdout, proc.stderr[-2000:]
 
 
-_RAYLET = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]).returncode)"
+_RAYLET = ("import subprocess, sys; "
+           "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]).returncode)")
 _SUPERVISOR = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1], shell=True).returncode)"
 
 
