@@ -67,11 +67,25 @@ class Outcome:
     manifest: dict | None = field(default=None, compare=False)
 
 
+# The job's shell is a child of Ray's JobSupervisor worker, which the node's raylet started; the
+# raylet's --python_worker_command names the interpreter Ray runs with there. So a head started as
+# `/venv/bin/ray start` with the venv off PATH still runs the job with the venv's python, not a bare
+# `python` that lacks breedlabel's dependencies. `python` where /proc cannot tell (not Linux).
+RAY_PYTHON = ("PY=$(tr '\\000' '\\n' < /proc/$(awk '/^PPid:/ {print $2}' /proc/$PPID/status)/cmdline 2>/dev/null"
+              " | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); exec \"${PY:-python}\"")
+
+
 def build_entrypoint(req: JobRequest) -> str:
-    """The shell command the job runs on the cluster (also what plain `ray job submit` takes)."""
+    """The shell command the job runs on the cluster: `python -m jobs.<kind> …` with the
+    interpreter Ray runs on the node (RAY_PYTHON)."""
     if req.kind not in ENTRYPOINT_MODULES:
         raise ConfigError(f"unknown job {req.kind!r}; use one of {', '.join(ENTRYPOINT_MODULES)}")
-    return shlex.join(["python", "-m", ENTRYPOINT_MODULES[req.kind], *req.job_args])
+    return f"{RAY_PYTHON} {shlex.join(['-m', ENTRYPOINT_MODULES[req.kind], *req.job_args])}"
+
+
+def shown_entrypoint(entrypoint: str) -> str:
+    """An entrypoint as a person reads it: `python -m jobs.label …` without the RAY_PYTHON lookup."""
+    return "python " + entrypoint[len(RAY_PYTHON) + 1:] if entrypoint.startswith(RAY_PYTHON) else entrypoint
 
 
 def connect(address: str):
@@ -275,7 +289,7 @@ def list_rows(client) -> list[dict[str, str]]:
             "status": getattr(job.status, "value", str(job.status)),
             "kind": meta.get(META_KIND, "-"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "-",
-            "entrypoint": job.entrypoint,
+            "entrypoint": shown_entrypoint(job.entrypoint),
             "_start": start,
         })
     rows.sort(key=lambda r: r["_start"], reverse=True)

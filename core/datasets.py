@@ -113,6 +113,18 @@ def select_classes(ds: ImageFolder, classes: int | Sequence[str] | None) -> Imag
                        [ds.classes[i] for i in keep], ds.root)
 
 
+def limit_per_class(ds: ImageFolder, per_class: int | None) -> ImageFolder:
+    """At most `per_class` files of each class, the first by path: a quick run (the demo) on a
+    subset that keeps every class and stays the same from run to run."""
+    if per_class is None:
+        return ds
+    keep = []
+    for label in range(len(ds.classes)):
+        members = np.flatnonzero(ds.labels == label)
+        keep.extend(members[np.argsort([ds.paths[i] for i in members], kind="stable")][:per_class])
+    return ds.subset(np.sort(np.asarray(keep, dtype=np.int64)))
+
+
 def _class_indices(ds: ImageFolder, wanted: list[str]) -> list[int]:
     lookup: dict[str, int] = {}
     for i, b in enumerate(ds.classes):

@@ -9,13 +9,15 @@ The model is three named parts so training can treat them separately:
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from core.errors import ConfigError
+from core.errors import ConfigError, StorageError
 
 BACKBONE_LAYER = "backbone"
 HEAD_LAYER = "head"
@@ -72,10 +74,38 @@ def _app_builder(module: str, fn: str, **extra) -> Builder:
         import tf_keras as keras
 
         app = getattr(importlib.import_module(f"tf_keras.applications.{module}"), fn)
-        base = app(include_top=False, weights=weights, input_shape=input_shape, pooling="avg", **extra)
+        with _imagenet_download(fn) if weights == WEIGHTS_IMAGENET else contextlib.nullcontext():
+            base = app(include_top=False, weights=weights, input_shape=input_shape, pooling="avg", **extra)
         return keras.Model(base.inputs, base.outputs, name=BACKBONE_LAYER)
 
     return build
+
+
+@contextlib.contextmanager
+def _imagenet_download(model: str):
+    """keras.applications downloads ImageNet weights on first use; offline that fails as a bare
+    Exception over a 30-line urllib traceback. Say in one line what failed and what to pass
+    instead. Keras's own download lines go to its log (`-v`), not to stdout."""
+    import tf_keras as keras
+
+    interactive = keras.utils.is_interactive_logging_enabled()
+    keras.utils.disable_interactive_logging()
+    try:
+        yield
+    except Exception as exc:  # tf_keras raises a plain Exception for a failed fetch
+        match = _FETCH_FAILURE.match(str(exc))
+        if match is None:
+            raise
+        raise StorageError(f"{model}: downloading its ImageNet weights from {match['url']} failed "
+                           f"({match['reason']}); pass `--weights PATH.h5` (a local copy of that file) "
+                           "or `--weights none`") from None
+    finally:
+        if interactive:
+            keras.utils.enable_interactive_logging()
+
+
+# tf_keras.utils.get_file's message: "URL fetch failure on {origin}: {errno or code} -- {reason}"
+_FETCH_FAILURE = re.compile(r"URL fetch failure on (?P<url>\S+): .*? -- (?P<reason>.*)", re.DOTALL)
 
 
 def _custom_cnn(input_shape: tuple, weights: str | None):

@@ -33,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from core import augment as aug  # noqa: E402
+from core import console  # noqa: E402
 from core import registry  # noqa: E402
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, VIEWS_MIRROR, TrainConfig  # noqa: E402
 from core.errors import ConfigError, InputError  # noqa: E402
@@ -294,13 +295,14 @@ def feature_extractor(model, backbone_part=None):
     return keras.Model(inp, x, name="features")
 
 
-def cache_features(cfg: TrainConfig, extractor, folder, views: int,
-                   view_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def cache_features(cfg: TrainConfig, extractor, folder, views: int, view_size: int | None = None,
+                   desc: str = "caching features") -> tuple[np.ndarray, np.ndarray]:
     """float16 outputs of `extractor` on `views` passes over `folder` (0 = one plain pass),
     view-major: row v * len(folder) + i is view v of image i. Views are augmented, or with
     head_view_kind "mirror" the photo (even v) and its mirror image (odd v): the distribution
     a flip-averaged bundle sees at inference. With `view_size`, each view is then resized to
-    it (the extractor must take that size), as the exported graph does for cfg.tta_sizes."""
+    it (the extractor must take that size), as the exported graph does for cfg.tta_sizes.
+    `desc` names the pass in its progress line."""
     size = input_size_of(cfg)
     ds = _decoded(cfg, folder, size).map(lambda x, y: tf.cast(x, tf.float32))
     if views > 0 and cfg.head_view_kind == VIEWS_MIRROR:
@@ -315,18 +317,14 @@ def cache_features(cfg: TrainConfig, extractor, folder, views: int,
     total = len(folder.paths) * max(views, 1)
     out = np.empty((total, *extractor.output_shape[1:]), np.float16)
     forward = tf.function(lambda batch: extractor(batch, training=False))
-    t0, done, next_log = time.time(), 0, 0.1
-    for batch in ds.batch(64).prefetch(tf.data.AUTOTUNE):
-        values = forward(batch).numpy()
-        out[done:done + len(values)] = values
-        done += len(values)
-        if done / total >= next_log:
-            log.info("feature cache: %d/%d views (%.1f img/s)", done, total, done / max(time.time() - t0, 1e-9))
-            next_log += 0.1
-    labels = np.tile(np.asarray(folder.labels, np.int64), max(views, 1))
-    log.info("cached %d feature arrays %s in %.0f s (%.1f img/s)", done, out.shape[1:], time.time() - t0,
-             done / max(time.time() - t0, 1e-9))
-    return out, labels
+    done = 0
+    with console.Progress(total, desc) as progress:
+        for batch in ds.batch(64).prefetch(tf.data.AUTOTUNE):
+            values = forward(batch).numpy()
+            out[done:done + len(values)] = values
+            done += len(values)
+            progress.update(len(values))
+    return out, np.tile(np.asarray(folder.labels, np.int64), max(views, 1))
 
 
 def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> str:
@@ -363,8 +361,10 @@ def cached_feature_arrays(model, cfg: TrainConfig, train, val, checkpoint_dir: s
     training views and the plain validation photos, computed once (see _cached_npz)."""
     def compute() -> dict[str, np.ndarray]:
         extractor = feature_extractor(model, backbone_part)
-        x_tr, y_tr = cache_features(cfg, extractor, train, cfg.head_feature_views)
-        x_va, y_va = cache_features(cfg, extractor, val, 0)
+        what = "backbone features" if backbone_part is None else "activations below the fine-tuned layers"
+        x_tr, y_tr = cache_features(cfg, extractor, train, cfg.head_feature_views,
+                                    desc=f"{what}, {max(cfg.head_feature_views, 1)} view(s) of each training photo")
+        x_va, y_va = cache_features(cfg, extractor, val, 0, desc=f"{what} of the validation photos")
         return {"x_tr": x_tr, "y_tr": y_tr, "x_va": x_va, "y_va": y_va}
 
     z = _cached_npz(checkpoint_dir, _feature_cache_key(cfg, train, val, tag), compute)
@@ -382,7 +382,8 @@ def with_size_views(model, cfg: TrainConfig, train, val, checkpoint_dir: str | N
     for size in sizes:
         def compute(size: int = size) -> dict[str, np.ndarray]:
             twin = model_at_size(model, cfg, len(train.classes), size)
-            x, y = cache_features(cfg, feature_extractor(twin), train, cfg.head_feature_views, view_size=size)
+            x, y = cache_features(cfg, feature_extractor(twin), train, cfg.head_feature_views, view_size=size,
+                                  desc=f"backbone features of the training views at {size} px")
             return {"x_tr": x, "y_tr": y}
 
         z = _cached_npz(checkpoint_dir, _feature_cache_key(cfg, train, val, f"size:{size}"), compute)
@@ -467,7 +468,8 @@ def train_on_cached_activations(model, cfg: TrainConfig, train, val, checkpoint_
     t0 = time.time()
     x_tr, y_tr, x_va, y_va = cached_feature_arrays(model, cfg, train, val, checkpoint_dir,
                                                    backbone_part=split.prefix, tag=f"cut:{split.cut_layer}")
-    pooled = [split.suffix.predict(ArrayBatches(x, y, 256, n), verbose=0) for x, y in ((x_tr, y_tr), (x_va, y_va))]
+    pooled = [predict_with_progress(split.suffix, ArrayBatches(x, y, 256, n), len(x), f"pooling the {name} activations")
+              for x, y, name in ((x_tr, y_tr, "training"), (x_va, y_va, "validation"))]
     head_x, head_y = with_size_views(model, cfg, train, val, checkpoint_dir, pooled[0], y_tr)
     timings["feature_cache_s"] = round(time.time() - t0, 1)
 
@@ -494,8 +496,30 @@ def train_on_cached_activations(model, cfg: TrainConfig, train, val, checkpoint_
 
 
 # ---------------------------------------------------------------- evaluation
-def predict_probs(model, ds) -> np.ndarray:
-    return model.predict(ds.map(lambda x, y: x), verbose=0)
+class _PredictProgress(keras.callbacks.Callback):
+    """Feeds model.predict's batches into a console.Progress."""
+
+    def __init__(self, progress):
+        super().__init__()
+        self.progress = progress
+
+    def on_predict_batch_end(self, batch, logs=None):
+        outputs = (logs or {}).get("outputs")
+        if outputs is not None:
+            self.progress.update(len(tf.nest.flatten(outputs)[0]))
+
+
+def predict_with_progress(model, data, total: int, desc: str, progress=None) -> np.ndarray:
+    """model.predict over `data` (`total` rows) with counts and time left; into `progress` when
+    given (one line for several passes), else its own."""
+    if progress is not None:
+        return model.predict(data, verbose=0, callbacks=[_PredictProgress(progress)])
+    with console.Progress(total, desc) as own:
+        return model.predict(data, verbose=0, callbacks=[_PredictProgress(own)])
+
+
+def predict_probs(model, ds, progress=None) -> np.ndarray:
+    return predict_with_progress(model, ds.map(lambda x, y: x), 0, "predicting", progress)
 
 
 def metrics_from_probs(probs: np.ndarray, labels: np.ndarray, classes) -> dict:
@@ -517,11 +541,13 @@ def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Any, dict, dict
     labels, n = np.asarray(val.labels), len(val.classes)
     twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
     probs: dict[tuple[int | None, bool], np.ndarray] = {}
-    for size, net in [(None, model), *twins.items()]:
-        ds = val_ds if size is None else val_ds.map(_resized_batch(size))
-        probs[(size, False)] = predict_probs(net, ds)
-        if cfg.tta_flip:
-            probs[(size, True)] = predict_probs(net, ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)))
+    passes = (1 + len(twins)) * (2 if cfg.tta_flip else 1)
+    with console.Progress(len(labels) * passes, f"validation metrics ({passes} view(s) of each photo)") as progress:
+        for size, net in [(None, model), *twins.items()]:
+            ds = val_ds if size is None else val_ds.map(_resized_batch(size))
+            probs[(size, False)] = predict_probs(net, ds, progress)
+            if cfg.tta_flip:
+                probs[(size, True)] = predict_probs(net, ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)), progress)
     sizes = tuple(twins)
     candidates = [("no_tta", False, ())] + ([("flip_tta", True, ())] if cfg.tta_flip else [])
     if sizes:
@@ -547,7 +573,7 @@ def split_data(cfg: TrainConfig, data):
     from core import datasets
 
     folder = datasets.discover(data) if isinstance(data, (str, os.PathLike)) else data
-    folder = datasets.select_classes(folder, cfg.classes)
+    folder = datasets.limit_per_class(datasets.select_classes(folder, cfg.classes), cfg.per_class)
     return datasets.stratified_split(folder, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import Sequence
 
+from core import console
 from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, BreedlabelError
 
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
@@ -29,13 +29,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one and the help text does not already say it."""
+    """Show a default only where there is one and the help text does not already say it.
+
+    A flag that takes no value (store_true/store_false/store_const) has no default worth
+    printing: `--no-progress (default: True)` would read as "no progress by default".
+    BooleanOptionalAction pairs print their own default (`--x, --no-x (default: False)`)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, "", argparse.SUPPRESS) or "default" in text:
+        if action.default in (None, "", argparse.SUPPRESS) or "default" in text or _is_flag(action):
             return text
         return super()._get_help_string(action)
+
+
+def _is_flag(action: argparse.Action) -> bool:
+    """An option that takes no value and whose presence alone sets it (not --x/--no-x)."""
+    return action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="breedlabel",
         description="Train dog-breed classifiers and label large image archives with Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and every library's own output (TensorFlow, Ray workers)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -61,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    console.configure(args.verbose)
     try:
         return int(args._module.run(args))
     except BreedlabelError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.errors import EXIT_OK
 from core.predict import PredictConfig
+from jobs.predict import add_runtime_argument
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the metrics (with per-class accuracy and confusion counts) here")
     parser.add_argument("--classes", default=d.classes,
                         help="a number N (first N classes) or comma-separated class ids/names/folders")
-    parser.add_argument("--runtime", choices=("auto", "openvino", "tensorflow"), default=d.runtime)
+    add_runtime_argument(parser, d.runtime)
     parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference call")
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=d.report,

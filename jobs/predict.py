@@ -17,14 +17,19 @@ from core.predict import ImageResult, PredictConfig
 RUNTIME_CHOICES = ("auto", "openvino", "tensorflow")
 
 
+def add_runtime_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """--runtime, worded once for predict, evaluate and ui."""
+    parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default=default,
+                        help="inference engine: auto = OpenVINO on CPU, TensorFlow on GPU")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PredictConfig()
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URIs")
     parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle path or URI")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="breeds to show per image")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default=d.runtime,
-                        help="auto = OpenVINO on CPU, TensorFlow on GPU")
+    add_runtime_argument(parser, d.runtime)
     parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference call")
 

@@ -6,6 +6,7 @@ instance happens to run on this machine.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -15,17 +16,40 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     """ray.init once; returns True when this call started it (so the caller shuts it down).
 
     quiet: keep workers' logs off the driver's console (the label job prints its own progress).
+    Otherwise Ray's own INFO lines (where the dashboard is, auth notices) show only with -v.
     """
     import ray
+
+    from core import console
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
-    extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet else {}
-    ray.init(address=address, num_cpus=num_cpus if local else None,
-             include_dashboard=dashboard if local else None, **extra)
+    extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet \
+        else dict(logging_level=logging.INFO if console.is_verbose() else logging.WARNING)
+    with _quiet_logger(_TOKEN_NOTICE, enabled=local and not console.is_verbose()):
+        ray.init(address=address, num_cpus=num_cpus if local else None,
+                 include_dashboard=dashboard if local else None, **extra)
     return True
+
+
+# Its "token authentication is enabled for this Ray cluster" notice is about a cluster someone
+# else could reach; a private local Ray of one command is not that.
+_TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, enabled: bool):
+    """A logger shows only errors while the block runs."""
+    quiet = logging.getLogger(name)
+    level = quiet.level
+    if enabled:
+        quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 def driver_node_label() -> dict[str, str]:

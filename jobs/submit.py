@@ -8,9 +8,11 @@ Everything that is not one of the options below is the job's own arguments, exac
 options are checked here with the job's own parser before anything is sent. Paths must be
 absolute or URIs: the job runs in its own working directory on the cluster.
 
-Prints the submission id on stdout. Without --wait the exit code only says whether the job
-was accepted; with --wait (or --follow) it is the job's: 0 done, 3 done but over the error
-budget, 75 skipped (another run holds the output's lease), 2 bad job options, 1 failed/stopped.
+Prints the submission id on stdout and nothing else there (`JOB=$(breedlabel submit …)`); the
+job's status, its streamed log (--follow) and every note go to stderr. Without --wait the exit
+code only says whether the job was accepted; with --wait (or --follow) it is the job's: 0 done,
+3 done but over the error budget, 75 skipped (another run holds the output's lease), 2 bad job
+options, 1 failed/stopped.
 A label job counts as done only if its run manifest is there (read from the output URI, so
 the submitter needs read access to it).
 """
@@ -149,11 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if not (args.wait or args.follow):
         return EXIT_OK
     if args.follow:
-        sub.follow_logs(client, job_id)
+        sub.follow_logs(client, job_id, out=sys.stderr)
     result = sub.outcome(sub.wait(client, job_id, timeout_s=args.wait_timeout))
     if result.exit_code != EXIT_OK and not args.follow:  # the scheduler's log shows why
         tail = sub.logs(client, job_id).splitlines()[-LOG_TAIL_LINES:]
         print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
-    stream = sys.stdout if result.exit_code == EXIT_OK else sys.stderr
-    print(f"breedlabel submit: job {job_id} {result.status}: {result.message}", file=stream)
+    print(f"breedlabel submit: job {job_id} {result.status}: {result.message}", file=sys.stderr)
     return result.exit_code

@@ -24,6 +24,7 @@ run_phase): no second training loop. What this module adds is the Ray part:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
+from core.console import VERBOSE_ENV
 from core.errors import ConfigError, JobError
 from jobs import ray_session
 
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.h5"
 STATE_FILE = "state.json"
 METRIC = "val_top1"
+# reported each epoch: the placement group holding this run's workers, so a Tune driver can give
+# its resources back when the trial ends (jobs.tune.ReleaseEndedTrials)
+PG_METRIC = "placement_group"
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results/breedlabel")
 
@@ -147,11 +152,19 @@ def _make_reporter(model, phase: str, offset: int, first_global: int, rank: int,
             Path(tmp, STATE_FILE).write_text(json.dumps(state))
             metrics = {k: float(v) for k, v in (logs or {}).items()}
             metrics.update(state, resumed_at=resumed_at, train_s=train_s,  # resumed_at: 0 unless resumed
-                           images_per_s=self.params["steps"] * global_batch / train_s)
+                           images_per_s=self.params["steps"] * global_batch / train_s, **_placement_group())
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
 
     return ReportCheckpoint()
+
+
+def _placement_group() -> dict:
+    """{PG_METRIC: hex id} of the placement group this worker runs in ({} outside one)."""
+    from ray.util.placement_group import get_current_placement_group
+
+    pg = get_current_placement_group()
+    return {PG_METRIC: pg.id.hex()} if pg is not None else {}
 
 
 def _restore(model) -> dict | None:
@@ -168,13 +181,20 @@ def _restore(model) -> dict | None:
 def _setup_tf(cpus: float):
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    import tensorflow as tf
+    from core import console
 
-    threads = max(1, int(cpus))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    # Before any other TF op: the strategy reads TF_CONFIG, which Ray Train set.
-    return tf, tf.distribute.MultiWorkerMirroredStrategy()
+    console.quiet_libraries()  # e.g. one "Collective all_reduce" INFO line per step and worker
+    if not console.is_verbose():  # "Checkpoint successfully created", "Reporting training result" each epoch
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    with console.tensorflow_startup():
+        import tensorflow as tf
+
+        threads = max(1, int(cpus))
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        # Before any other TF op: the strategy reads TF_CONFIG, which Ray Train set.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    return tf, strategy
 
 
 def _worker_datasets(tf, ct, cfg: TrainConfig, train_set, val_set, rank: int, world: int):
@@ -249,7 +269,7 @@ def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callba
             checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints,
                                                checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
             callbacks=list(callbacks),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            worker_runtime_env={"env_vars": {**WORKER_ENV, VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0")}},
         ),
     )
 
@@ -287,10 +307,20 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, *, card
 
 
 def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: str | None = None, *,
-                    worker_callbacks: Callable[[int], list] | None = None) -> DistributedResult:
-    """Fit over `dist.workers` workers, then export the best checkpoint to `out` (if given)."""
+                    worker_callbacks: Callable[[int], list] | None = None, progress: bool = False
+                    ) -> DistributedResult:
+    """Fit over `dist.workers` workers, then export the best checkpoint to `out` (if given).
+    progress: log one line per epoch here (jobs.train_progress), for a driver whose workers'
+    own output is not shown."""
     t0 = time.time()
-    result = make_trainer(cfg, data, dist, worker_callbacks=worker_callbacks).fit()
+    with contextlib.ExitStack() as stack:
+        callbacks = []
+        if progress:
+            from jobs.train_progress import printed_progress
+
+            epochs = {PHASE_HEAD: cfg.head_epochs, PHASE_FINETUNE: cfg.finetune_epochs}
+            callbacks.append(stack.enter_context(printed_progress(epochs)))
+        result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
     checkpoint, metrics = best_checkpoint(result)
     log.info("trained in %.0f s over %d worker(s); best %s %.4f at %s epoch %s", time.time() - t0,
              dist.workers, METRIC, metrics[METRIC], metrics.get("phase"), metrics.get("phase_epoch"))
@@ -314,19 +344,23 @@ def add_distributed_arguments(p) -> None:
     p.add_argument("--run-name", default=None, help="with --workers: run name under --storage")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, quiet: bool = False) -> None:
     """Join RAY_ADDRESS / --address, else a private local Ray. Keeps the dashboard: Train V2's
-    placement-group cleaner asks its State API whether a controller died, and without it the
-    resources of a trial that Tune stopped early are never given back."""
-    ray_session.connect(address, num_cpus=num_cpus, dashboard=True)
+    placement-group cleaner asks its State API whether a controller died (jobs.tune_callbacks
+    gives a stopped trial's resources back when it cannot). quiet: workers' logs stay in Ray's
+    session logs."""
+    ray_session.connect(address, num_cpus=num_cpus, dashboard=True, quiet=quiet)
 
 
 def run_from_args(cfg: TrainConfig, args) -> int:
     dist = DistributedConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                              cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.run_name)
-    init_ray()
+    from core import console
+
+    console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
+    init_ray(quiet=not console.is_verbose())  # the workers' own output: with -v
     t0 = time.time()
-    done = run_distributed(cfg, args.data, dist, out=args.out)
+    done = run_distributed(cfg, args.data, dist, out=args.out, progress=True)
     print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
                       "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
                       "best_epoch": done.metrics.get("epoch"), "run": done.run_path,

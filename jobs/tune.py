@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Sequence
 
 from core import search_space as ss
@@ -81,6 +82,10 @@ def to_tune_space(space: dict[str, ss.Dim]) -> dict:
     return {key: domain(d) for key, d in space.items()}
 
 
+def _epochs_of(base: TrainConfig, params: dict) -> int:
+    return planned_epochs(ss.apply(base, params or {}))
+
+
 def planned_epochs(cfg: TrainConfig) -> int:
     from jobs.train_distributed import _epochs, phases_to_run
 
@@ -118,8 +123,13 @@ def _searcher(tc: TuneConfig, space: dict, base: TrainConfig):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=tc.seed)
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from core import console
+
+    if not console.is_verbose():  # "A new study created in memory"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     first = ss.base_point(space, base)
     return OptunaSearch(points_to_evaluate=[first] if first else None, seed=tc.seed)
 
@@ -128,6 +138,9 @@ def make_tuner(tc: TuneConfig, base: TrainConfig, data: str, space: dict, storag
                callbacks: Sequence = (), restore: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    from core import console
+    from jobs.tune_callbacks import ReleaseEndedTrials, TrialProgress
 
     dist = {"workers": tc.workers, "cpus_per_worker": tc.cpus_per_worker, "gpus_per_worker": tc.gpus_per_worker,
             "storage": f"{storage.rstrip('/')}/{tc.name}-trials"}
@@ -138,15 +151,20 @@ def make_tuner(tc: TuneConfig, base: TrainConfig, data: str, space: dict, storag
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"--restore: no search to resume at {path}; check --storage and --name")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    # stop_last_trials=False: a trial that reaches max_t ends by itself, its controller shutting
+    # its workers down, instead of being killed at its last report
     scheduler = ASHAScheduler(max_t=max(planned_epochs(base), 1), grace_period=tc.grace_period,
-                              reduction_factor=tc.reduction_factor)
+                              reduction_factor=tc.reduction_factor, stop_last_trials=False)
     return tune.Tuner(
         trainable,
         param_space=to_tune_space(space),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=tc.num_samples,
                                     max_concurrent_trials=concurrency(tc), search_alg=_searcher(tc, space, base),
                                     scheduler=scheduler, time_budget_s=tc.time_budget_s),
-        run_config=tune.RunConfig(name=tc.name, storage_path=storage, callbacks=list(callbacks)),
+        run_config=tune.RunConfig(
+            name=tc.name, storage_path=storage, verbose=None if console.is_verbose() else 0,  # our lines instead
+            callbacks=[ReleaseEndedTrials(), TrialProgress(tc.num_samples, METRIC, partial(_epochs_of, base)),
+                       *callbacks]),
     )
 
 
@@ -187,14 +205,18 @@ def write_outputs(out: str, table, best_cfg: TrainConfig, best: dict) -> None:
 def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: dict | None = None,
              restore: bool = False, callbacks: Sequence = ()) -> dict:
     """Search, write the table and best config, optionally train the best config in full."""
+    from core import console
     from jobs.train_distributed import init_ray
+    from jobs.tune_callbacks import release_search
 
     space = space if space is not None else ss.get_space(tc.space)
     ss.check_space(space, base)
-    init_ray(tc.address, tc.num_cpus)
+    init_ray(tc.address, tc.num_cpus, quiet=not console.is_verbose())  # the trials' own logs: with -v
     storage = tc.storage or f"{out.rstrip('/')}/ray"
     t0 = time.time()
-    grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
+    with console.stdout_to_log("tune.log"):  # Tune's experiment table; our progress is jobs.tune_callbacks'
+        grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
+    release_search(grid)  # an interrupted search's workers: free them for a restore or --final-train
     finished = grid.num_terminated + grid.num_errors
     if finished < tc.num_samples and tc.time_budget_s is None:
         raise JobError(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
@@ -234,7 +256,7 @@ def final_train(tc: TuneConfig, cfg: TrainConfig, data: str, out: str, storage: 
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
     dist = DistributedConfig(workers=tc.workers, cpus_per_worker=tc.cpus_per_worker,
                              gpus_per_worker=tc.gpus_per_worker, storage=storage, name=f"{tc.name}-final")
-    done = run_distributed(cfg, data, dist, out=f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}")
+    done = run_distributed(cfg, data, dist, out=f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", progress=True)
     return {"bundle": f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", "top1": done.card_metrics.get("top1"),
             "top3": done.card_metrics.get("top3")}
 
@@ -302,3 +324,11 @@ def run(args: argparse.Namespace) -> int:
     best = run_tune(tc, base_config(args), args.data, args.out, restore=args.restore)
     print(json.dumps(best, default=str))
     return 0
+
+
+if __name__ == "__main__":  # `python -m jobs.tune …`: what `breedlabel submit tune` runs on the cluster
+    import sys
+
+    from jobs.cli import main
+
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -17,6 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio at 
 from core.errors import EXIT_OK  # noqa: E402
 from core.explore import ALL  # noqa: E402
 from core.predict import PredictConfig  # noqa: E402
+from jobs.predict import add_runtime_argument  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload", default=d.max_upload, help="largest file a visitor may upload")
     parser.add_argument("--min-prob", type=float, default=d.min_prob,
                         help="below this top-1 probability the page says the model is unsure")
-    parser.add_argument("--runtime", choices=("auto", "openvino", "tensorflow"), default=d.runtime)
+    add_runtime_argument(parser, d.runtime)
     parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
 
 

@@ -119,9 +119,52 @@ def test_entrypoint_is_the_job_module():
     """No wrapper: the label job takes its output's lease itself (--lease-ttl is its own option)."""
     req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m", "--lease-ttl", "120"),
                          runtime_env={}, output="/o")
-    assert sub.build_entrypoint(req) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
+    entry = sub.build_entrypoint(req)
+    assert sub.shown_entrypoint(entry) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
+    assert entry.startswith(sub.RAY_PYTHON)
     train = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
-    assert sub.build_entrypoint(train) == "python -m jobs.train --workers 2"
+    assert sub.shown_entrypoint(sub.build_entrypoint(train)) == "python -m jobs.train --workers 2"
+
+
+@pytest.mark.parametrize("kind", sorted(sub.ENTRYPOINT_MODULES))
+def test_every_entrypoint_module_runs_as_a_script(kind):
+    """`python -m jobs.<kind>` is what a submitted job runs: it must be the command, not a no-op."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", sub.ENTRYPOINT_MODULES[kind], "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "--out" in proc.stdout, proc.stderr[-2000:]
+
+
+_RAYLET = ("import subprocess, sys; "
+           "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]).returncode)")
+_SUPERVISOR = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1], shell=True).returncode)"
+
+
+@pytest.mark.parametrize("raylet_flag, expect", [(True, "ray's python"), (False, "python on PATH")])
+def test_entrypoint_runs_the_python_ray_runs(tmp_path, raylet_flag, expect):
+    """As on a head started as `/venv/bin/ray start` with the venv off PATH: the entrypoint's shell
+    (child of a JobSupervisor, child of the raylet) runs the raylet's --python_worker_command;
+    without one it falls back to `python` on PATH."""
+    import os
+    import subprocess
+    import sys
+
+    def fake_python(folder, says: str):
+        folder.mkdir()
+        (folder / "python").write_text(f'#!/bin/sh\necho "{says}: $*"\n')
+        (folder / "python").chmod(0o755)
+        return folder / "python"
+
+    ray_python = fake_python(tmp_path / "venv", "ray's python")
+    fake_python(tmp_path / "path", "python on PATH")
+    flag = f"--python_worker_command={ray_python} /ray/_private/workers/setup_worker.py" if raylet_flag else "--x"
+    entry = sub.build_entrypoint(sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={}))
+    env = dict(os.environ, PATH=f"{tmp_path / 'path'}{os.pathsep}{os.environ['PATH']}")
+    raylet = subprocess.run([sys.executable, "-c", _RAYLET, _SUPERVISOR, entry, flag], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert raylet.stdout.strip() == f"{expect}: -m jobs.train --workers 2", raylet.stderr
 
 
 def test_runtime_env_modes():
@@ -221,3 +264,37 @@ def test_cli_registers_submit_and_jobs():
     from jobs.cli import COMMANDS
 
     assert COMMANDS["submit"][0] == "jobs.submit" and COMMANDS["jobs"][0] == "jobs.jobs_cmd"
+
+
+# --- stdout carries the job id only ---------------------------------------------------------------
+
+class FinishedJobClient:
+    """Accepts a job that has already SUCCEEDED, with one line of log."""
+
+    def submit_job(self, **kwargs):
+        return kwargs["submission_id"]
+
+    def get_job_info(self, job_id):
+        return FakeInfo("SUCCEEDED", 0, {sub.META_KIND: "train"})
+
+    def get_job_logs(self, job_id):
+        return "the job's log\n"
+
+    async def tail_job_logs(self, job_id):
+        yield "the job's log\n"
+
+
+@pytest.mark.parametrize("mode", [[], ["--wait"], ["--follow"]])
+def test_submit_prints_only_the_job_id_on_stdout(tmp_path, monkeypatch, capsys, mode):
+    """`JOB=$(breedlabel submit …)` gets the id, whatever else submit says (on stderr)."""
+    from jobs.cli import main
+
+    monkeypatch.setattr(sub, "connect", lambda address: FinishedJobClient())
+    code = main(["submit", "train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), *mode])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("\n") == 1 and out.strip().startswith("breedlabel-train-"), out
+    if mode:
+        assert "SUCCEEDED" in err and "SUCCEEDED" not in out
+    if mode == ["--follow"]:
+        assert "the job's log" in err

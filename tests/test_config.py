@@ -25,7 +25,7 @@ def test_replace_with_nested_augment_and_unknown_field():
 @pytest.mark.parametrize("bad", [{"val_fraction": 1.5}, {"batch_size": 0}, {"classes": 1},
                                  {"dropout": 1.0}, {"finetune_layers": -2}, {"resize_policy": "x"},
                                  {"tta_sizes": (16,)}, {"tta_sizes": (192, 192)},
-                                 {"input_size": 224, "tta_sizes": (224,)}])
+                                 {"input_size": 224, "tta_sizes": (224,)}, {"per_class": 1}])
 def test_invalid_values_raise_config_error(bad):
     with pytest.raises(ConfigError):
         TrainConfig(**bad)

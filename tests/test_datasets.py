@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from core.breeds import STANFORD_DOGS, Breed
-from core.datasets import discover, fetch_stanford_dogs, fingerprint, select_classes, stratified_split
+from core.datasets import (discover, fetch_stanford_dogs, fingerprint, limit_per_class, select_classes,
+                           stratified_split)
 from core.errors import ConfigError, InputError, StorageError
 from tests.fixtures.images import make_synthetic_dataset
 
@@ -63,6 +64,18 @@ def test_select_classes(dataset_root):
         select_classes(ds, ["Unicorn"])
     with pytest.raises(ConfigError, match="has 4 classes"):
         select_classes(ds, 5)
+
+
+def test_limit_per_class_keeps_every_class_and_the_first_files(dataset_root):
+    """--per-class N (the demo preset): the first N files of each class by path, labels unchanged."""
+    ds = discover(dataset_root)
+    assert limit_per_class(ds, None) is ds
+    three = limit_per_class(ds, 3)
+    assert three.classes == ds.classes and three.class_counts().tolist() == [3, 3, 3, 3]
+    for label in range(4):
+        firsts = sorted(p for p, y in zip(ds.paths, ds.labels) if y == label)[:3]
+        assert sorted(p for p, y in zip(three.paths, three.labels) if y == label) == firsts
+    assert limit_per_class(ds, 50).paths == ds.paths
 
 
 def test_stratified_split_is_deterministic_and_stratified(dataset_root, tmp_path):

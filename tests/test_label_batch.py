@@ -3,8 +3,6 @@ with the right label or a short error, nothing is dropped, fused == two-stage, s
 and the OpenVINO and TensorFlow runtimes agree on the rows."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -79,7 +77,7 @@ def test_done_keys_skip_only_identical_content(tiny_bundle):
 
 
 def test_runtimes_agree_on_rows(tiny_bundle):
-    """Runtime parity through the label path (tiny model; real photos: BREEDLABEL_TEST_BUNDLE below)."""
+    """Runtime parity through the label path (tiny model; real weights and photos below)."""
     bundle = load_bundle(str(tiny_bundle))
     samples = [s for s in sample_images() if s.error is None]
     ov = labelling.BatchLabeller(bundle, runtime="openvino", threads=1).label(batch_of(samples))
@@ -89,12 +87,10 @@ def test_runtimes_agree_on_rows(tiny_bundle):
 
 
 @pytest.mark.shared_data
-def test_runtime_parity_on_real_photos(sample_bucket_dir):
-    """A trained bundle labelling real photos: top-1 agreement >= 99.5 %, max |dprob| <= 0.02."""
-    path = os.environ.get("BREEDLABEL_TEST_BUNDLE")
-    if not path:
-        pytest.skip("set BREEDLABEL_TEST_BUNDLE to a trained bundle to run the real-photo parity test")
-    bundle = load_bundle(path)
+def test_runtime_parity_on_real_photos(real_bundle, sample_bucket_dir):
+    """Real weights labelling real photos (the `real_bundle` fixture: BREEDLABEL_TEST_BUNDLE, or
+    built from ../shared/weights): top-1 agreement >= 99.5 %, max |dprob| <= 0.02."""
+    bundle = load_bundle(str(real_bundle))
     files = sorted(str(p) for p in sample_bucket_dir.rglob("*") if p.is_file())
     batch = labelling.chunk_table([ItemData(InputItem(f), None, None) for f in files])
     ov = labelling.BatchLabeller(bundle, runtime="openvino").label(batch)

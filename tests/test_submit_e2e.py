@@ -60,8 +60,8 @@ def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, 
     out = tmp_path / "labels"
     first = _submit_label(ray_head, photos, tiny_bundle, out)
     assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
-    job_id = first.stdout.split()[0]
-    assert job_id.startswith("breedlabel-label-") and "SUCCEEDED" in first.stdout
+    job_id = first.stdout.strip()  # the id alone on stdout: JOB=$(breedlabel submit …)
+    assert job_id.startswith("breedlabel-label-") and "SUCCEEDED" in first.stderr
 
     rows = _finished_rows(out)
     expected = {str(p) for p in photos.rglob("*") if p.is_file()}
@@ -96,7 +96,7 @@ def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, 
             [str(ray_cli) if ray_cli.exists() else shutil.which("ray"), "job", "submit",
              "--address", ray_head.address, "--working-dir", str(REPO), "--submission-id", "skip-check",
              "--metadata-json", f'{{"breedlabel_kind": "label", "breedlabel_output": "{out}"}}',
-             "--", "python", "-m", "jobs.label", str(photos), "--model", str(tiny_bundle), "--out", str(out)],
+             "--", sys.executable, "-m", "jobs.label", str(photos), "--model", str(tiny_bundle), "--out", str(out)],
             cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
         assert skip.returncode != 0
         assert "skipped" in skip.stdout + skip.stderr and "someone-else" in skip.stdout + skip.stderr
@@ -123,7 +123,7 @@ def test_jobs_stop_releases_the_lease_and_a_rerun_resumes(ray_head, photos, tiny
         [str(ray_cli) if ray_cli.exists() else shutil.which("ray"), "job", "submit", "--no-wait",
          "--address", ray_head.address, "--working-dir", str(REPO), "--submission-id", "stop-me",
          "--metadata-json", f'{{"breedlabel_kind": "label", "breedlabel_output": "{out}"}}',
-         "--", "python", *cmd[1:]],
+         "--", sys.executable, *cmd[1:]],
         cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert submitted.returncode == 0, submitted.stderr
     deadline = time.monotonic() + JOB_TIMEOUT_S

@@ -76,6 +76,39 @@ def test_feature_cached_head(dataset):
     assert x.shape == (2 * len(train.paths), 256) and len(y) == len(x)
 
 
+def test_long_steps_report_counts_and_time_left(dataset, caplog):
+    """Caching features and measuring the final metrics take minutes on real data: each reports
+    its counts as it goes (a log line each tenth off a terminal) and its total at the end."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="core.console")
+    cfg = smoke().replace(tta_flip=True)
+    train, val = T.split_data(cfg, str(dataset))
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=32)
+    T.cached_feature_arrays(model, cfg, train, val, None)
+    _, val_ds = T.build_datasets(cfg, train, val)
+    T.final_metrics(model, cfg, val, val_ds)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"backbone features, 1 view(s) of each training photo: {len(train)} img in ")
+               for m in lines), lines
+    assert any(m.startswith(f"backbone features of the validation photos: {len(val)} img in ") for m in lines)
+    assert any(m.startswith(f"validation metrics (2 view(s) of each photo): {2 * len(val)} img in ") for m in lines)
+
+
+def test_progress_lines_off_a_terminal(caplog):
+    import logging
+
+    from core.console import Progress
+
+    caplog.set_level(logging.INFO, logger="core.console")
+    with Progress(100, "caching") as progress:
+        for _ in range(10):
+            progress.update(10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and lines[0].startswith("caching: 10/100 img (") and "left)" in lines[0]
+    assert lines[-1].startswith("caching: 100 img in ")
+
+
 def test_warmup_cosine_schedule():
     s = T.WarmupCosine(1.0, total_steps=10, warmup_steps=2)
     values = [float(s(i)) for i in range(12)]

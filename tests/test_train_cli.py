@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 from core.bundle import load_bundle
 from tests.fixtures.images import make_synthetic_dataset
-from tests.test_predict_cli import breedlabel
+from tests.test_predict_cli import REPO, breedlabel
+
+
+# what a default `breedlabel train` may print: our log lines and Keras' epoch progress
+OURS = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) (core|jobs|cluster)\.|\d+/\d+ - |Epoch \d+/\d+$"
+                  r"|Restoring model weights from the end of the best epoch")
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """Lines that are not ours (TensorFlow's C++ start-up, library INFO logs, Ray workers' output)."""
+    return [line for line in stderr.splitlines() if line.strip() and not OURS.match(line)]
 
 
 def test_train_cli_exports_a_bundle_that_predicts(tmp_path):
@@ -15,6 +29,9 @@ def test_train_cli_exports_a_bundle_that_predicts(tmp_path):
     proc = breedlabel("train", "--data", str(data), "--out", str(out), "--preset", "smoke", "--input-size", "48",
                       "--tta-sizes", "32", "--tta-flip", "--finetune-layers", "0", cache=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert foreign_lines(proc.stderr) == [], proc.stderr[-3000:]  # no cuInit, absl, oneDNN or TF INFO lines
+    assert (out.parent / "bundle.run" / "logs" / "tensorflow.log").is_file()  # they are kept there
+    assert len(proc.stdout.strip().splitlines()) == 1  # stdout: the summary only
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     bundle = load_bundle(str(out))
     card = bundle.card
@@ -26,3 +43,21 @@ def test_train_cli_exports_a_bundle_that_predicts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(proc.stdout)["results"]
     assert len(result["top_k"]) == 3 and sum(p["prob"] for p in result["top_k"]) <= 1.0 + 1e-5
+
+
+def test_offline_imagenet_weights_fail_in_one_line(tmp_path):
+    """The default --weights imagenet with no network: keras' real download fails (a proxy that
+    refuses connections stands in for "offline"), and the user reads one line saying what failed
+    and what to pass instead, not urllib's traceback."""
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=4, size=40)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env.update(HOME=str(tmp_path / "home"), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(tmp_path / "b"),
+                           "--preset", "smoke", "--backbone", "mobilenet_v2", "--weights", "imagenet",
+                           "--input-size", "32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
+    line = proc.stderr.strip()
+    assert line.startswith("breedlabel train: error: MobileNetV2: downloading its ImageNet weights from https://")
+    assert "pass `--weights PATH.h5`" in line and "`--weights none`" in line and proc.stdout == ""

@@ -71,3 +71,24 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_dogs, tmp_path):
     assert result.last_metrics["epoch"] == 3
     state = json.loads((Path(result.checkpoint_path) / "state.json").read_text())
     assert state["phase"] == "head"
+
+
+def test_cli_prints_our_progress_not_the_workers_output(tiny_dogs, tmp_path):
+    """`breedlabel train --workers 2` as a user runs it: one line per epoch from the driver and the
+    summary; the workers' TensorFlow start-up, per-step "Collective all_reduce" and Ray Train
+    report lines stay in Ray's logs (-v shows them)."""
+    import subprocess
+    import sys
+
+    from tests.test_train_cli import foreign_lines
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--data", str(tiny_dogs), "--out",
+                           str(tmp_path / "bundle"), "--preset", "smoke", "--workers", "2", "--storage",
+                           str(tmp_path / "ray"), "--epochs", "2", "--finetune-epochs", "0", "--batch-size", "8"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert foreign_lines(proc.stderr) == [], proc.stderr[-4000:]
+    assert "epoch 1 (head 1/2): val_top1 " in proc.stderr and "epoch 2 (head 2/2): " in proc.stderr
+    assert json.loads(proc.stdout)["workers"] == 2

@@ -8,6 +8,10 @@ BatchNorm statistics need a couple of dozen steps before validation means anythi
 24 steps an epoch) is set by it.
 The interruption comes after the second trial because Tune does not carry ASHA's rung records
 across Tuner.restore: trials after a restore are compared only with each other.
+It runs on a 2-CPU Ray (the default on a 2-core machine: one trial's driver and one worker fit)
+without a dashboard, where Ray Train's own PlacementGroupCleaner cannot tell that a trial's
+controller died: every trial's workers must still be given back (jobs.tune_callbacks), or the next
+trial waits for a CPU forever.
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 _DRIVER = """
 import json, os, signal, sys
 from pathlib import Path
+import ray
 from ray.tune import Callback
+from ray.util.placement_group import placement_group_table
 from core import search_space as ss
 from core.config import smoke
 from core.errors import JobError
@@ -60,8 +66,9 @@ class InterruptAfter(Callback):
 base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=4, head_lr=3e-3, early_stopping_patience=5,
                        augment={"crop_scale_min": 1.0, "flip": False})
 space = {"head_lr": ss.choice(3e-3, 1e-9)}
+ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
 tc = TuneConfig(num_samples=%(n)d, max_concurrent=1, grace_period=2, reduction_factor=2,
-                storage=str(root / "ray"), name="search", seed=1, num_cpus=4)
+                storage=str(root / "ray"), name="search", seed=1)
 try:
     run_tune(tc, base, data, out, space=space, callbacks=[InterruptAfter()])
     error = None
@@ -69,7 +76,9 @@ except JobError as exc:
     error = str(exc)
 interrupted = {"error": error, "results_written": (Path(out) / "results.csv").exists()}
 best = run_tune(tc, base, data, out, space=space, restore=True)
-print("RESULT " + json.dumps({"interrupted": interrupted, "best": best, "base": base.to_dict()}, default=str))
+held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+print("RESULT " + json.dumps({"interrupted": interrupted, "best": best, "base": base.to_dict(), "held": held},
+                             default=str))
 """
 
 
@@ -84,7 +93,7 @@ def search(tmp_path_factory):
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     got = json.loads(lines[-1][len("RESULT "):])
     return {"out": root / "out", "best": got["best"], "interrupted": got["interrupted"],
-            "base": TrainConfig.from_dict(got["base"])}
+            "base": TrainConfig.from_dict(got["base"]), "held": got["held"]}
 
 
 def test_interrupted_search_resumes_with_restore(search):
@@ -94,6 +103,12 @@ def test_interrupted_search_resumes_with_restore(search):
     assert len(table) == NUM_SAMPLES  # the restored search finished the same trials, no extra ones
     assert (table["status"] == "OK").all()
     assert set(pd.read_parquet(search["out"] / "results.parquet")["trial_id"]) == set(table["trial_id"])
+
+
+def test_every_trial_gives_its_cpus_back_on_two_cpus(search):
+    """Three trials ran one after the other on 2 CPUs, and nothing stays reserved after them."""
+    assert len(pd.read_csv(search["out"] / "results.csv")) == NUM_SAMPLES
+    assert search["held"] == []
 
 
 def test_asha_stops_bad_trials_and_best_config_is_written(search):
