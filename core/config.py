@@ -8,6 +8,7 @@ Run the accuracy preset (see DESIGN.md, "Fine-tuning must beat the frozen-featur
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -106,6 +107,13 @@ class TrainConfig:
         _check(all(t >= 32 for t in self.tta_sizes) and len(set(self.tta_sizes)) == len(self.tta_sizes)
                and self.input_size not in self.tta_sizes,
                f"tta_sizes must be distinct sizes >= 32 px other than input_size, got {list(self.tta_sizes)}")
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A local weights file as an absolute path: Ray Train workers and Tune trials run in other
+        working directories, where a relative path names nothing."""
+        if self.weights and self.weights not in ("imagenet", "none") and "://" not in self.weights:
+            return dataclasses.replace(self, weights=os.path.abspath(os.path.expanduser(self.weights)))
+        return self
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed; `augment` may be a dict of AugmentConfig fields."""

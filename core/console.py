@@ -91,6 +91,33 @@ def native_stderr_to(path: str | os.PathLike | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def native_output_to_log(name: str) -> Iterator[Path | None]:
+    """Native libraries' writes to file descriptor 2 (Ray's C++ core worker: "E … core_worker.cc",
+    absl, TensorFlow) append to <default log dir>/<name> while the block runs; Python's
+    sys.stderr and the logging handlers keep writing to the terminal. Nothing changes when
+    verbose. Yields the log file's path (None when verbose)."""
+    if is_verbose():
+        yield None
+        return
+    path = default_log_dir() / name
+    old = sys.stderr
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                         errors="backslashreplace")
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
+    sys.stderr = terminal
+    for handler in handlers:
+        handler.setStream(terminal)
+    try:
+        with native_stderr_to(path):
+            yield path
+    finally:
+        sys.stderr = old
+        for handler in handlers:
+            handler.setStream(old)
+        terminal.close()
+
+
+@contextlib.contextmanager
 def tensorflow_startup(log_dir: str | os.PathLike | None = None) -> Iterator[None]:
     """Around `import tensorflow` and what first initialises its runtime (device discovery, where
     cuInit runs, or a distribution strategy): their C++ start-up lines are appended to
@@ -122,11 +149,14 @@ def import_tensorflow(log_dir: str | os.PathLike | None = None):
 
 class Progress:
     """Counts, rate and time left for a long step: a tqdm bar on a terminal, else (a log file, a
-    CI console, a Ray worker) a log line every tenth of the way, so no step is silent for minutes."""
+    CI console, a Ray worker) a log line every tenth of the way (and at least every `every_s`
+    seconds), so no step is silent for minutes. `total` may grow while the step runs (a listing
+    still going on): `grow(total)`."""
 
-    def __init__(self, total: int, desc: str, unit: str = "img") -> None:
-        self.total, self.desc, self.unit, self.done = int(total), desc, unit, 0
-        self.t0, self.next_log = time.monotonic(), 0.1
+    def __init__(self, total: int, desc: str, unit: str = "img", every_s: float = 60.0,
+                 report_total: bool = True) -> None:
+        self.total, self.desc, self.unit, self.done, self.report_total = int(total), desc, unit, 0, report_total
+        self.t0, self.next_log, self.every_s, self.last_log = time.monotonic(), 0.1, every_s, time.monotonic()
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -134,11 +164,19 @@ class Progress:
             self.bar = tqdm(total=self.total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                             smoothing=0.1, leave=False)
 
+    def grow(self, total: int, postfix: str = "") -> None:
+        self.total = max(self.total, int(total))
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.set_postfix_str(postfix, refresh=False)
+
     def update(self, n: int) -> None:
         self.done += int(n)
         if self.bar is not None:
             self.bar.update(n)
-        elif self.total and self.done / self.total >= self.next_log and self.done < self.total:
+        elif self.total and self.done < self.total and (self.done / self.total >= self.next_log
+                                                         or time.monotonic() - self.last_log >= self.every_s):
+            self.last_log = time.monotonic()
             elapsed = time.monotonic() - self.t0
             rate = self.done / max(elapsed, 1e-9)
             log.info("%s: %d/%d %s (%.1f %s/s, about %s left)", self.desc, self.done, self.total, self.unit, rate,
@@ -148,6 +186,8 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if not self.report_total:
+            return
         elapsed = time.monotonic() - self.t0
         log.info("%s: %d %s in %s (%.1f %s/s)", self.desc, self.done, self.unit, _clock(elapsed),
                  self.done / max(elapsed, 1e-9), self.unit)

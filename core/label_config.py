@@ -40,6 +40,7 @@ class LabelConfig:
     stage_every_s: float = 30.0       # stage what arrived at least this often: the most a kill loses
     top_k: int = 3
     min_prob: float = 0.5             # below: counted as low confidence in the summary
+    summary_breeds: int = 5           # breeds the closing summary lists (the manifest has every one)
     max_error_rate: float = 1.0       # above: exit code 3 (rows are still written)
     relabel: bool = False             # label again what a finished run already labelled (duplicates!)
     resume: bool = True               # continue an interrupted run with the same inputs and model
@@ -60,7 +61,7 @@ class LabelConfig:
         for name in ("batch_size", "rows_per_file", "top_k", "io_threads", "queue_chunks", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("actors", "cpus_per_actor", "decode_threads", "stage_every_s"):
+        for name in ("actors", "cpus_per_actor", "decode_threads", "stage_every_s", "summary_breeds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 (auto) or more, got {getattr(self, name)}")
         for name in ("io_timeout_s", "max_object_mb", "chunk_mb"):

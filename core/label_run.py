@@ -35,7 +35,7 @@ from core import output, schema, storage
 from core.label_config import LabelConfig
 from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
-from core.labelling import FALLBACK_META, RUNTIME_META, SKIPPED
+from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
 from core.lease import Lease
 from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key
 from core.sources import InputItem
@@ -166,6 +166,7 @@ class LabelRun:
         if fresh.num_rows and self.first_rows_at is None:
             self.first_rows_at = time.time()
         self.seen += rows.num_rows
+        self.stats.busy_s += float(meta.get(SECONDS_META, b"0"))
         labelled = int(pc.sum(pc.is_null(fresh.column(schema.ERROR))).as_py() or 0)
         if RUNTIME_META in meta and labelled:
             self.runtimes[meta[RUNTIME_META].decode()] += labelled
@@ -190,8 +191,7 @@ class LabelRun:
             self.stats, run_id=self.run_id, model_id=self.model_id, runtime=self._runtime(plan),
             inputs=[storage.normalize_uri(u) for u in (*self.cfg.inputs, *self.cfg.manifests)],
             max_error_rate=self.cfg.max_error_rate, attempts=self.attempt + 1, resumed_rows=self.resumed_rows,
-            config={**asdict(self.cfg), "model": storage.normalize_uri(self.cfg.model),
-                    "plan": plan.to_dict() if plan else None},
+            config={**asdict(self.cfg), "plan": plan.to_dict() if plan else None},
             startup_s=startup)
         manifest[output.M_RUNTIMES] = dict(self.runtimes)
         # staged rows of an earlier attempt are listed and skipped again: not "already labelled" by another run

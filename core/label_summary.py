@@ -16,7 +16,6 @@ import pyarrow.compute as pc
 from core import output, schema
 from core.errors import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK
 
-TOP_BREEDS_SHOWN = 5
 
 
 @dataclass
@@ -34,6 +33,7 @@ class RunStats:
     started_at: str = field(default_factory=lambda: _now())
     first_row_at: float | None = None   # monotonic time the first labelled rows arrived
     first_rows: int = 0                 # ... and how many
+    busy_s: float = 0.0                 # seconds the actors spent on the chunks (read, decode, infer)
 
     def add(self, rows: pa.Table, skipped: int = 0) -> None:
         self.skipped += skipped
@@ -65,11 +65,12 @@ class RunStats:
 
     def img_per_s(self, fresh: int) -> float:
         """The labelling rate, start-up excluded: rows after the first batch over the time since it
-        came (Ray start, actor start and model load are not labelling); whole-run rate for one batch."""
+        came (Ray start, actor start and model load are not labelling); for a run of one batch,
+        its rows over the time the actor spent on them."""
         since = time.monotonic() - self.first_row_at if self.first_row_at is not None else 0.0
         if fresh > self.first_rows and since > 0:
             return (fresh - self.first_rows) / since
-        return fresh / self.wall_s if self.wall_s > 0 else 0.0
+        return fresh / self.busy_s if self.busy_s > 0 else 0.0
 
     def error_rate(self) -> float:
         return self.errors / self.images if self.images else 0.0
@@ -103,7 +104,7 @@ def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str,
         output.M_ERRORS_BY_KIND: dict(stats.errors_by_kind.most_common()),
         output.M_SKIPPED: stats.skipped, output.M_RESUMED: resumed_rows,
         output.M_LOW_CONFIDENCE: stats.low_confidence,
-        output.M_TOP_BREEDS: dict(stats.breeds.most_common(TOP_BREEDS_SHOWN)),
+        output.M_BREEDS: dict(stats.breeds.most_common()),
         output.M_IMG_PER_S: round(stats.img_per_s(fresh), 2),
         output.M_WALL_S: round(wall, 3),
         output.M_STARTUP_S: None if startup_s is None else round(startup_s, 3),
@@ -115,22 +116,25 @@ def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str,
     return manifest
 
 
-def summary_text(manifest: dict, min_prob: float) -> str:
-    """The closing lines an operator reads."""
+def summary_text(manifest: dict, min_prob: float, breeds: int = 5) -> str:
+    """The closing lines an operator reads (`breeds` most frequent breeds; the manifest has all)."""
     m = manifest
-    lines = [
-        f"run {m[output.M_RUN_ID]}: {m[output.M_IMAGES]} images "
-        f"({m[output.M_LABELLED]} labelled, {m[output.M_ERRORS]} errors, {m[output.M_SKIPPED]} already done"
-        + (f", {m[output.M_RESUMED]} from the interrupted attempt" if m.get(output.M_RESUMED) else "") + ")",
-        f"  {m[output.M_IMG_PER_S]:.1f} img/s, wall {m[output.M_WALL_S]:.1f} s"
-        + (f" (start-up {m[output.M_STARTUP_S]:.1f} s)" if m.get(output.M_STARTUP_S) is not None else "")
-        + f", runtime {m[output.M_RUNTIME]}, model {m[output.M_MODEL_ID][:12]}",
-    ]
+    head = (f"run {m[output.M_RUN_ID]}: {m[output.M_IMAGES]} images "
+            f"({m[output.M_LABELLED]} labelled, {m[output.M_ERRORS]} errors, {m[output.M_SKIPPED]} already done"
+            + (f", {m[output.M_RESUMED]} from the interrupted attempt" if m.get(output.M_RESUMED) else "") + ")")
+    if not m[output.M_IMAGES] and not m.get(output.M_RESUMED):
+        return f"{head}: nothing new to label; {m[output.M_WALL_S]:.1f} s"
+    lines = [head, f"  {m[output.M_IMG_PER_S]:.1f} img/s, wall {m[output.M_WALL_S]:.1f} s"
+             + (f" (start-up {m[output.M_STARTUP_S]:.1f} s)" if m.get(output.M_STARTUP_S) is not None else "")
+             + f", runtime {m[output.M_RUNTIME]}, model {m[output.M_MODEL_ID][:12]}"]
     if m[output.M_ERRORS_BY_KIND]:
         kinds = ", ".join(f"{k}: {v}" for k, v in m[output.M_ERRORS_BY_KIND].items())
         lines.append(f"  errors by kind: {kinds} (error rate {m[output.M_ERROR_RATE]:.2%})")
-    if m[output.M_TOP_BREEDS]:
-        lines.append("  top breeds: " + ", ".join(f"{k} {v}" for k, v in m[output.M_TOP_BREEDS].items()))
+    shown = list(m.get(output.M_BREEDS, {}).items())[:breeds]
+    if shown:
+        more = len(m[output.M_BREEDS]) - len(shown)
+        lines.append("  top breeds: " + ", ".join(f"{k} {v}" for k, v in shown)
+                     + (f" (and {more} more in the manifest)" if more > 0 else ""))
     lines.append(f"  low confidence (top-1 prob < {min_prob}): {m[output.M_LOW_CONFIDENCE]}")
     if m[output.M_EXIT_CODE] == EXIT_ERROR_BUDGET:
         lines.append(f"  error rate {m[output.M_ERROR_RATE]:.2%} exceeds --max-error-rate "

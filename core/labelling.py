@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -49,6 +50,7 @@ CHUNK_SCHEMA = pa.schema([pa.field(COL_URI, pa.string()), pa.field(COL_MEMBER, p
                           pa.field(COL_VERSION, pa.string())])
 RUNTIME_META = b"breedlabel.runtime"     # output schema metadata: what this actor really runs
 FALLBACK_META = b"breedlabel.fallback"   # ... and why, when `auto` fell back to TensorFlow
+SECONDS_META = b"breedlabel.seconds"     # ... and how long the chunk took it (read, decode, infer)
 
 Reader = Callable[[str, "str | None"], bytes]
 
@@ -177,6 +179,11 @@ def _versions(chunk: pa.Table) -> list:
     return chunk.column(COL_VERSION).to_pylist() if COL_VERSION in chunk.column_names else [None] * chunk.num_rows
 
 
+def _timed(rows: pa.Table, start: float) -> pa.Table:
+    meta = {**(rows.schema.metadata or {}), SECONDS_META: f"{time.perf_counter() - start:.6f}".encode()}
+    return rows.replace_schema_metadata(meta)
+
+
 def decode_chunk(chunk: pa.Table, *, size: tuple[int, int], policy: str, model_id: str,
                  done: np.ndarray | None = None, read: Reader = read_object, io_threads: int = 8) -> pa.Table:
     """CPU decode stage of the two-stage pipeline (GPU actors): the input of `label_decoded`."""
@@ -225,6 +232,7 @@ class BatchLabeller:
 
     def label(self, chunk: pa.Table) -> pa.Table:
         """Rows for every item of the chunk (FILE_SCHEMA + SKIPPED); nothing is dropped."""
+        start = time.perf_counter()
         uris, members = _columns(chunk)
         got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(),
                     self._io_pool, self.read)
@@ -233,11 +241,13 @@ class BatchLabeller:
         images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), self.size, self.policy,
                                                            self._decode_pool)
         probs = infer(self.runtime, images, ok, len(self.class_ids))
-        return self._rows(uris, members, got.sizes, got.shas, skipped, ok, widths, heights,
+        rows = self._rows(uris, members, got.sizes, got.shas, skipped, ok, widths, heights,
                           _row_errors(got.errors, reasons, ok, skipped), probs, _versions(chunk))
+        return _timed(rows, start)
 
     def label_decoded(self, decoded: pa.Table) -> pa.Table:
         """Predict stage of the two-stage pipeline: `decoded` comes from `decode_chunk`."""
+        start = time.perf_counter()
         uris, members = _columns(decoded)
         errors = decoded.column(COL_ERROR).to_pylist()
         skipped = np.asarray(decoded.column(SKIPPED).to_pylist(), dtype=bool)
@@ -246,10 +256,11 @@ class BatchLabeller:
         images = np.frombuffer(raw, np.uint8, count=len(uris) * self.size[0] * self.size[1] * 3).reshape(
             len(uris), self.size[0], self.size[1], 3)
         probs = infer(self.runtime, images, ok, len(self.class_ids))
-        return self._rows(uris, members, decoded.column(schema.BYTES).to_pylist(),
+        rows = self._rows(uris, members, decoded.column(schema.BYTES).to_pylist(),
                           decoded.column(schema.CONTENT_SHA256).to_pylist(), skipped, ok,
                           decoded.column(schema.WIDTH).to_pylist(), decoded.column(schema.HEIGHT).to_pylist(),
                           errors, probs, _versions(decoded))
+        return _timed(rows, start)
 
     def _rows(self, uris, members, sizes, shas, skipped, ok, widths, heights, errors, probs, versions) -> pa.Table:
         table = schema.build_table(

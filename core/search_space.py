@@ -116,7 +116,12 @@ def get_space(name: str) -> Space:
 
 
 def check_space(space: Mapping[str, Dim], base: TrainConfig) -> None:
-    """Every key must name a TrainConfig (or AugmentConfig) field: typos fail before any trial runs."""
+    """Every key must name a TrainConfig (or AugmentConfig) field, and a local weights file (one
+    backbone's) cannot serve a space that samples backbones: both fail before any trial runs."""
+    if "backbone" in space and base.weights not in (None, "", "none", "imagenet"):
+        raise ConfigError(f"--weights {base.weights} holds one backbone's weights ({base.backbone}), but this search "
+                          f"space samples backbones ({', '.join(map(str, space['backbone'].values))}); use "
+                          "--space cpu (the base backbone only) or --weights imagenet")
     fields, aug_fields = set(base.to_dict()), set(base.augment.__dataclass_fields__)
     for key in space:
         name = key[len(AUGMENT_PREFIX):] if key.startswith(AUGMENT_PREFIX) else key

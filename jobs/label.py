@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from typing import Iterator
 
-from core import labelling, lease, output
+from core import console, labelling, lease, output, storage
 from core.bundle import load_bundle
+from core.errors import ConfigError, ServiceError
 from core.label_config import PIPELINES, LabelConfig
 from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
 from core.runtime import RUNTIMES
 from core.sources import ItemData, iter_label_items
-from core.errors import ConfigError, ServiceError
 from core.stop import GracefulStop, Stopped
 from core.storage import IMAGE_EXTENSIONS
 from jobs import ray_session
@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=d.top_k, help="breeds kept per image")
     parser.add_argument("--min-prob", type=float, default=d.min_prob,
                         help="top-1 probability below which an image counts as low confidence")
+    parser.add_argument("--summary-breeds", type=int, default=d.summary_breeds, metavar="N",
+                        help="breeds listed in the closing summary (the manifest keeps them all)")
     parser.add_argument("--max-error-rate", type=float, default=d.max_error_rate,
                         help="exit code 3 when the share of rows with an error exceeds this")
     parser.add_argument("--relabel", action="store_true",
@@ -109,6 +111,7 @@ def label(cfg: LabelConfig) -> dict | None:
     """Run the job; returns the run manifest (None for --dry-run). Raises BreedlabelError on failure:
     LeaseHeldError (75) when another run writes the output, Stopped (1) on SIGTERM/SIGINT."""
     cfg.check()
+    cfg = _absolute(cfg)
     bundle = load_bundle(cfg.model)
     if cfg.top_k > bundle.num_classes:
         raise ConfigError(f"--top-k {cfg.top_k}: the bundle {cfg.model} has {bundle.num_classes} classes; "
@@ -127,9 +130,11 @@ def label(cfg: LabelConfig) -> dict | None:
             items = _pending(cfg, run)
             first = next(items, None)
             if first is not None:
-                started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
-                stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
-                plan = run_pipeline(cfg, run, chain([first], items), stop)
+                # Ray's C++ lines ("E … core_worker.cc") go to a log file; our progress and messages stay
+                with console.native_output_to_log(f"label-{run.run_id}.log"):
+                    started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
+                    stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+                    plan = run_pipeline(cfg, run, chain([first], items), stop)
         except BaseException as exc:
             with stop.deferred():
                 run.stage()  # what arrived is staged: a rerun resumes from it
@@ -147,8 +152,16 @@ def label(cfg: LabelConfig) -> dict | None:
         import ray
 
         ray.shutdown()
-    print(summary_text(manifest, cfg.min_prob), file=sys.stderr)
+    print(summary_text(manifest, cfg.min_prob, cfg.summary_breeds), file=sys.stderr)
     return manifest
+
+
+def _absolute(cfg: LabelConfig) -> LabelConfig:
+    """Local paths as absolute paths: the manifest records what a run read and wrote wherever it
+    was started from, and actors on other nodes or in other directories find the same files."""
+    norm = storage.normalize_uri
+    return dataclasses.replace(cfg, inputs=tuple(map(norm, cfg.inputs)), manifests=tuple(map(norm, cfg.manifests)),
+                               model=norm(cfg.model), out=norm(cfg.out) if cfg.out else cfg.out)
 
 
 def _pending(cfg: LabelConfig, run: LabelRun | None) -> Iterator[ItemData]:

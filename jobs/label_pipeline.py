@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import threading
 from typing import Iterable, Iterator
 
 import pyarrow as pa
 
-from core import labelling
+from core import console, labelling
 from core.bundle import load_bundle
 from core.errors import BreedlabelError, BundleError, ConfigError, InputError, JobError, ServiceError, StorageError
 from core.label_config import LabelConfig
@@ -253,6 +252,8 @@ def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if not console.is_verbose():  # "Progress bars disabled", "execution finished": Ray Data's, not the user's
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx.target_max_block_size = 1  # every row (a whole chunk) is its own block: nothing waits to be merged
     # Ray Data's buffers between the stages hold a few chunks, not the object store's 30 % of RAM:
     # with archives of large members the bytes in flight stay bounded (see LabelConfig.chunk_mb).
@@ -286,7 +287,7 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
     import ray
 
     shape = plan(cfg, cluster_resources())
-    log.info("label plan: %s", shape)
+    log.debug("label plan: %s", shape)
     done_ref = ray.put(run.done) if run.done is not None else None
     feeder = Feeder(items, cfg.batch_size, cfg.queue_chunks, cfg.chunk_bytes).start()
     pbar = _progress(cfg)
@@ -309,17 +310,13 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
     return shape
 
 
-def _progress(cfg: LabelConfig):
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=0, unit="img", desc="labelling", dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+def _progress(cfg: LabelConfig) -> console.Progress | None:
+    return console.Progress(0, "labelling", report_total=False) if cfg.progress else None
 
 
-def _tick(pbar, feeder: Feeder, n: int, run: LabelRun) -> None:
-    if pbar is None:
+def _tick(progress: console.Progress | None, feeder: Feeder, n: int, run: LabelRun) -> None:
+    if progress is None:
         return
-    pbar.total = max(feeder.listed, pbar.n + n)
-    pbar.set_postfix_str(f"errors {run.stats.errors}" + ("" if feeder.finished else ", listing…"), refresh=False)
-    pbar.update(n)
+    progress.grow(max(feeder.listed, progress.done + n),
+                  f"errors {run.stats.errors}" + ("" if feeder.finished else ", listing…"))
+    progress.update(n)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from core import storage
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.console import VERBOSE_ENV
 from core.errors import ConfigError, JobError
@@ -85,8 +86,6 @@ class DistributedResult:
 def load_train_config(uri: str) -> TrainConfig:
     """A TrainConfig from a JSON or YAML file (path or URI), e.g. tune's best_config.json."""
     import yaml
-
-    from core import storage
 
     try:
         raw = storage.read_bytes(uri)
@@ -360,7 +359,9 @@ def run_from_args(cfg: TrainConfig, args) -> int:
     console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
     init_ray(quiet=not console.is_verbose())  # the workers' own output: with -v
     t0 = time.time()
-    done = run_distributed(cfg, args.data, dist, out=args.out, progress=True)
+    # absolute paths: the workers run in other working directories
+    done = run_distributed(cfg.with_absolute_paths(), storage.normalize_uri(args.data), dist, out=args.out,
+                           progress=True)
     print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
                       "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
                       "best_epoch": done.metrics.get("epoch"), "run": done.run_path,

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any, Sequence
 
 from core import search_space as ss
+from core import storage as storage_uri
 from core.config import PRESETS, TrainConfig, get_preset
 from core.errors import ConfigError, JobError
 
@@ -211,8 +212,9 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
 
     space = space if space is not None else ss.get_space(tc.space)
     ss.check_space(space, base)
+    out = storage_uri.normalize_uri(out)  # Ray Tune's storage is a URI: a relative path is refused deep inside
     init_ray(tc.address, tc.num_cpus, quiet=not console.is_verbose())  # the trials' own logs: with -v
-    storage = tc.storage or f"{out.rstrip('/')}/ray"
+    storage = storage_uri.normalize_uri(tc.storage) if tc.storage else f"{out.rstrip('/')}/ray"
     t0 = time.time()
     with console.stdout_to_log("tune.log"):  # Tune's experiment table; our progress is jobs.tune_callbacks'
         grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
@@ -321,7 +323,8 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     tc = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
-    best = run_tune(tc, base_config(args), args.data, args.out, restore=args.restore)
+    best = run_tune(tc, base_config(args).with_absolute_paths(), storage_uri.normalize_uri(args.data), args.out,
+                    restore=args.restore)
     print(json.dumps(best, default=str))
     return 0
 

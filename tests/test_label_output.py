@@ -133,7 +133,7 @@ def test_manifest_exit_codes():
     kwargs = dict(run_id="R", model_id="M", runtime="openvino", inputs=["x"], attempts=1, resumed_rows=0, config={})
     ok = build_manifest(stats, max_error_rate=0.5, **kwargs)
     assert ok[output.M_IMAGES] == 10 and ok[output.M_ERRORS] == 2 and ok[output.M_ERRORS_BY_KIND] == {"not an image": 2}
-    assert ok[output.M_LOW_CONFIDENCE] == 8 and ok[output.M_TOP_BREEDS] == {"Beta": 8}
+    assert ok[output.M_LOW_CONFIDENCE] == 8 and ok[output.M_BREEDS] == {"Beta": 8}
     assert exit_code(ok) == EXIT_OK
     over = build_manifest(stats, max_error_rate=0.1, **kwargs)
     assert exit_code(over) == EXIT_ERROR_BUDGET and "exceeds --max-error-rate" in summary_text(over, 0.75)

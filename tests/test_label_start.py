@@ -13,18 +13,20 @@ from tests.fixtures.images import jpeg_bytes
 SMALL = dict(actors=1, cpus_per_actor=1, batch_size=4, rows_per_file=50, io_threads=2, progress=False)
 
 
-def test_nothing_to_do_ends_before_ray_starts(tmp_path, tiny_bundle):
-    """No ray_local here: the second run must not start Ray at all."""
+def test_nothing_to_do_ends_before_ray_starts(tmp_path, tiny_bundle, monkeypatch):
+    """No ray_local here: the second run must not start Ray at all. Paths given relative are
+    recorded absolute in the manifest."""
     import ray
 
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(10):
         (folder / f"p{i}.jpg").write_bytes(jpeg_bytes(40 + i, 30))
-    cfg = LabelConfig(inputs=(str(folder),), model=str(tiny_bundle), out=str(tmp_path / "out"), **SMALL,
-                      address="local")
+    monkeypatch.chdir(tmp_path)
+    cfg = LabelConfig(inputs=("photos",), model=str(tiny_bundle), out="out", **SMALL, address="local")
     first = label(cfg)
     assert first[output.M_IMAGES] == 10 and first[output.M_STARTUP_S] > 0
+    assert first[output.M_INPUTS] == [str(folder)] and first[output.M_CONFIG]["out"] == str(tmp_path / "out")
     assert not ray.is_initialized()  # the run shut down the Ray it started
     again = label(cfg)
     assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 10

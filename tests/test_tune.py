@@ -132,3 +132,14 @@ def test_search_space_checks_and_apply():
     assert (cfg.head_lr, cfg.augment.contrast, cfg.grayscale) == (0.005, 0.1, True)
     assert ss.base_point({"head_lr": ss.loguniform(1e-3, 1e-1)}, base) == {"head_lr": base.head_lr}
     assert ss.base_point({"head_lr": ss.loguniform(1.0, 2.0)}, base) is None
+
+
+def test_a_weights_file_and_a_space_of_backbones_fail_before_any_trial(tmp_path):
+    """The README's tune command once sampled ResNet50 with MobileNetV2's .h5 ("Layer count mismatch"
+    in a trial): now refused up front, saying what to pass."""
+    weights = tmp_path / "mobilenet_v2.h5"
+    weights.write_bytes(b"")
+    base = smoke().replace(backbone="mobilenet_v2", weights=str(weights))
+    with pytest.raises(ConfigError, match="--space cpu"):
+        ss.check_space(ss.get_space("default"), base)
+    ss.check_space(ss.get_space("cpu"), base)  # no backbone dimension: fine
