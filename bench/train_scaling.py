@@ -25,7 +25,7 @@ def measure(cfg, data: str, workers: int, args, storage: str) -> dict:
 
     dist = DistributedConfig(workers=workers, cpus_per_worker=args.cpus_per_worker,
                              gpus_per_worker=args.gpus_per_worker, storage=storage,
-                             name=f"scaling-{workers}w-{int(time.time())}", keep_checkpoints=args.epochs + 1)
+                             run_name=f"scaling-{workers}w-{int(time.time())}", keep_checkpoints=args.epochs + 1)
     t0 = time.time()
     result = make_trainer(cfg, data, dist).fit()
     if result.error:

@@ -1,7 +1,8 @@
 """One training run data-parallel over N Ray Train workers (TensorflowTrainer + MultiWorkerMirroredStrategy).
 
-The per-worker loop reuses core.train (build_datasets, build_model, compile_for_phase,
-run_phase): no second training loop. What this module adds is the Ray part:
+The per-worker loop reuses core's training pieces (core.train_data.build_datasets,
+core.train_model.build_model / compile_for_phase / run_phase): no second training loop. What
+this module adds is the Ray part:
 
 - Sharding: tf.data, sharded by file *before* decoding. Each worker keeps every N-th path of
   the seeded split (`shard_folder`) with auto-sharding OFF, so it decodes, caches and
@@ -18,9 +19,14 @@ run_phase): no second training loop. What this module adds is the Ray part:
   the optimizer's moment estimates restart). Re-running with the same `name` and `storage`
   resumes an interrupted run the same way.
 - Both phases train on the fly here (`head_feature_views` and `finetune_cached` are the
-  single-process CPU shortcuts of core.train; caching per worker would need a collective predict).
+  single-process CPU shortcuts of core.feature_cache; caching per worker would need a collective
+  predict).
 - Export: the best reported checkpoint (by val top-1) is loaded into a plain model on the
-  driver and exported as the bundle, with card metrics measured on the validation split.
+  driver, measured on the validation split and exported by core.train.export_trained, as a
+  single-process run is.
+
+core's training modules import TensorFlow at their top, so they are imported inside the
+functions that run on workers or at export, never when the CLI starts.
 """
 from __future__ import annotations
 
@@ -35,9 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from core import storage
-from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
+from core.config import PHASE_FINETUNE, PHASE_HEAD, TrainConfig
 from core.console import VERBOSE_ENV
 from core.errors import ConfigError, JobError
+from core.options import option
 from jobs import ray_session
 
 log = logging.getLogger(__name__)
@@ -56,11 +63,11 @@ DEFAULT_STORAGE = os.path.expanduser("~/ray_results/breedlabel")
 class DistributedConfig:
     """How one run spreads over Ray: the same command on a laptop and on a GPU cluster."""
 
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    storage: str = DEFAULT_STORAGE  # checkpoints: a path or s3://bucket/prefix
-    name: str | None = None  # run name under storage; the same name resumes that run
+    workers: int = option(1, "train over N Ray Train workers (MultiWorkerMirroredStrategy); unset = one process")
+    gpus_per_worker: float = option(0.0, "GPUs each worker holds")
+    cpus_per_worker: float = option(1.0, "CPUs each worker holds")
+    storage: str = option(DEFAULT_STORAGE, "checkpoint storage (path or s3://); rerun with --run-name to resume")
+    run_name: str | None = option(None, "run name under --storage: the same name resumes that run", type=str)
     max_failures: int = 3
     keep_checkpoints: int = 2
 
@@ -83,20 +90,6 @@ class DistributedResult:
     card_metrics: dict = field(default_factory=dict)
 
 
-def load_train_config(uri: str) -> TrainConfig:
-    """A TrainConfig from a JSON or YAML file (path or URI), e.g. tune's best_config.json."""
-    import yaml
-
-    try:
-        raw = storage.read_bytes(uri)
-        # JSON as JSON: PyYAML (YAML 1.1) reads numbers such as 1e-05 as strings
-        data = json.loads(raw) if uri.lower().endswith(".json") else yaml.safe_load(raw)
-        return TrainConfig.from_dict(data)
-    except (json.JSONDecodeError, yaml.YAMLError, TypeError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"{uri}: not a TrainConfig JSON/YAML file ({exc}); write one with "
-                          "`breedlabel tune` (best_config.json) or from TrainConfig.to_dict()") from None
-
-
 # ---------------------------------------------------------------- on each worker
 def shard_folder(folder, index: int, count: int):
     """Every `count`-th image starting at `index`: a worker's share of a seeded split."""
@@ -105,18 +98,9 @@ def shard_folder(folder, index: int, count: int):
     return replace(folder, paths=list(folder.paths[index::count]), labels=folder.labels[index::count])
 
 
-def phases_to_run(cfg: TrainConfig) -> list[str]:
-    skip_finetune = cfg.finetune_layers == 0 or cfg.finetune_epochs == 0
-    return [p for p in PHASES if not (p == PHASE_FINETUNE and skip_finetune) and _epochs(cfg, p) > 0]
-
-
-def _epochs(cfg: TrainConfig, phase: str) -> int:
-    return cfg.head_epochs if phase == PHASE_HEAD else cfg.finetune_epochs
-
-
 def _resume_plan(cfg: TrainConfig, state: dict | None) -> list[tuple[str, int]]:
     """(phase, first epoch) still to run, given the last checkpoint's state."""
-    plan = [(p, 0) for p in phases_to_run(cfg)]
+    plan = [(p, 0) for p in cfg.phases()]
     if not state:
         return plan
     names = [p for p, _ in plan]
@@ -124,7 +108,7 @@ def _resume_plan(cfg: TrainConfig, state: dict | None) -> list[tuple[str, int]]:
         return plan
     i = names.index(state["phase"])
     nxt = state["phase_epoch"] + 1
-    done = state.get("phase_done") or nxt >= _epochs(cfg, state["phase"])
+    done = state.get("phase_done") or nxt >= cfg.epochs(state["phase"])
     return plan[i + 1:] if done else [(state["phase"], nxt)] + plan[i + 1:]
 
 
@@ -196,14 +180,16 @@ def _setup_tf(cpus: float):
     return tf, strategy
 
 
-def _worker_datasets(tf, ct, cfg: TrainConfig, train_set, val_set, rank: int, world: int):
+def _worker_datasets(tf, cfg: TrainConfig, train_set, val_set, rank: int, world: int):
+    from core.train_data import build_datasets, steps_per_epoch  # TensorFlow: on the worker only
+
     global_batch = cfg.batch_size
-    train_ds, _ = ct.build_datasets(cfg, shard_folder(train_set, rank, world), val_set, global_batch)
-    _, val_ds = ct.build_datasets(cfg, train_set, val_set, global_batch)
+    train_ds, _ = build_datasets(cfg, shard_folder(train_set, rank, world), val_set, global_batch)
+    _, val_ds = build_datasets(cfg, train_set, val_set, global_batch)
     off, data = tf.data.Options(), tf.data.Options()
     off.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    steps = ct.steps_per_epoch(cfg, len(train_set.paths), global_batch)
+    steps = steps_per_epoch(cfg, len(train_set.paths), global_batch)
     return train_ds.repeat().with_options(off), val_ds.with_options(data), steps
 
 
@@ -213,34 +199,35 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import tf_keras as keras
 
-    from core import train as ct
+    from core.train_data import split_data  # TensorFlow: on the worker only
+    from core.train_model import TrainRun, build_model, compile_for_phase, phase_callbacks, run_phase, setup_precision
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = TrainConfig.from_dict(config["train_config"])
     keras.utils.set_random_seed(cfg.seed)
-    ct.setup_precision(cfg)
-    train_set, val_set = ct.split_data(cfg, config["data"])
-    train_ds, val_ds, steps = _worker_datasets(tf, ct, cfg, train_set, val_set, rank, world)
+    setup_precision(cfg)
+    train_set, val_set = split_data(cfg, config["data"])
+    train_ds, val_ds, steps = _worker_datasets(tf, cfg, train_set, val_set, rank, world)
     with strategy.scope():
-        model = ct.build_model(cfg, len(train_set.classes))
+        model = build_model(cfg, len(train_set.classes))
     state = _restore(model)
     plan = _resume_plan(cfg, state)
     if state:
         log.info("rank %d resumed after %s epoch %d; plan %s", rank, state["phase"], state["phase_epoch"], plan)
     extra: Callable[[int], list] | None = config.get("worker_callbacks")
     global_epoch = resumed_at = state["epoch"] + 1 if state else 0
+    run = TrainRun(cfg, train_set, val_set)  # no checkpoint dir: Ray Train checkpoints (the reporter)
     for phase, start in plan:
         with strategy.scope():
-            ct.compile_for_phase(model, cfg, phase, steps)
+            compile_for_phase(model, cfg, phase, steps)
             if start:
                 model.optimizer.iterations.assign(start * steps)  # LR schedule carries on
-        remaining = cfg.replace(**{f"{phase}_epochs": _epochs(cfg, phase) - start})
-        cbs = ct.phase_callbacks(cfg, phase, None, {})  # early stopping, best-weights restore
+        remaining = cfg.replace(**{f"{phase}_epochs": cfg.epochs(phase) - start})
+        cbs = phase_callbacks(run, phase)  # early stopping, best-weights restore
         cbs.append(_make_reporter(model, phase, start, global_epoch, rank, resumed_at, cfg.batch_size))
         cbs += extra(rank) if extra else []
-        hist = ct.run_phase(model, remaining, phase, train_ds, val_ds, cbs, steps=steps,
-                            verbose=2 if rank == 0 else 0)
+        hist = run_phase(model, remaining, phase, train_ds, val_ds, cbs, steps=steps, verbose=2 if rank == 0 else 0)
         global_epoch += len(next(iter(hist.values()), []))
 
 
@@ -262,7 +249,7 @@ def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callba
         scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=dist.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=dist.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=dist.storage,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints,
@@ -284,25 +271,23 @@ def best_checkpoint(result) -> tuple[Any, dict]:
     return max(kept, key=lambda cm: cm[1][METRIC])
 
 
-def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, *, card_extra: dict | None = None):
-    """Load a reported checkpoint into a plain model, measure it on the validation split
-    (flip TTA kept only if better, as core.train does) and export the bundle."""
-    from core import bundle as cb
-    from core import datasets
-    from core import train as ct
+def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: DistributedConfig):
+    """Load a reported checkpoint into a plain model, measure it on the validation split (the
+    test-time average kept only where it measures better, as a single-process run) and export
+    the bundle (core.train.export_trained); returns (bundle, metrics)."""
+    from core.train import TrainResult, export_trained  # TensorFlow: only at export
+    from core.train_data import build_datasets, split_data
+    from core.train_model import build_model
+    from core.tta_select import final_metrics
 
-    train_set, val_set = ct.split_data(cfg, data)
-    model = ct.build_model(cfg.replace(weights=None), len(train_set.classes))
+    train_set, val_set = split_data(cfg, data)
+    model = build_model(cfg.replace(weights=None), len(train_set.classes))
     with checkpoint.as_directory() as d:
         model.load_weights(os.path.join(d, WEIGHTS_FILE))
-    _, val_ds = ct.build_datasets(cfg, train_set, val_set)
-    export_model, metrics, extras = ct.final_metrics(model, cfg, val_set, val_ds)
-    card = {"backbone": cfg.backbone, "train_config": cfg.to_dict(),
-            "data_fingerprint": datasets.fingerprint(train_set), "metrics": metrics,
-            "training": {"distributed": True, **extras}, **(card_extra or {})}
-    bundle = cb.export_bundle(export_model, train_set.classes, out, input_size=ct.input_size_of(cfg),
-                              resize_policy=cfg.resize_policy, card_extra=card)
-    return bundle, metrics
+    _, val_ds = build_datasets(cfg, train_set, val_set)
+    export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
+    result = TrainResult(export_model, list(train_set.classes), {}, metrics, cfg, extras)
+    return export_trained(result, out, train_set, distributed=asdict(dist)), metrics
 
 
 def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: str | None = None, *,
@@ -326,21 +311,8 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
     done = DistributedResult(metrics=dict(metrics), last_metrics=dict(result.metrics or {}),
                              checkpoint_path=checkpoint.path, run_path=result.path)
     if out:
-        extra = {"distributed": asdict(dist)}
-        done.bundle, done.card_metrics = export_checkpoint(checkpoint, cfg, data, out, card_extra=extra)
+        done.bundle, done.card_metrics = export_checkpoint(checkpoint, cfg, data, out, dist)
     return done
-
-
-# ---------------------------------------------------------------- CLI (`breedlabel train --workers N`)
-def add_distributed_arguments(p) -> None:
-    d = DistributedConfig()
-    p.add_argument("--workers", type=int, default=None,
-                   help="train over N Ray Train workers (MultiWorkerMirroredStrategy); unset = one process")
-    p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker, help="with --workers")
-    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="with --workers")
-    p.add_argument("--storage", default=d.storage,
-                   help="with --workers: checkpoint storage (path or s3://); rerun with --run-name to resume")
-    p.add_argument("--run-name", default=None, help="with --workers: run name under --storage")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, quiet: bool = False) -> None:
@@ -351,9 +323,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, quiet: 
     ray_session.connect(address, num_cpus=num_cpus, dashboard=True, quiet=quiet)
 
 
-def run_from_args(cfg: TrainConfig, args) -> int:
-    dist = DistributedConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                             cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.run_name)
+def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
+    """`breedlabel train --workers N …`: fit, export, print the summary line."""
     from core import console
 
     console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it

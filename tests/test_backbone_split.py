@@ -8,7 +8,8 @@ import pytest
 import tf_keras as keras
 
 from core import registry
-from core import train as T
+from core import feature_cache, train_model
+from core import train as core_train
 from core.backbone_split import find_cut, split_backbone
 from core.config import PHASE_FINETUNE, PHASE_HEAD, smoke
 from core.errors import ConfigError
@@ -49,7 +50,7 @@ def test_array_batches_draw_one_view_per_item_per_epoch():
     items, views = 10, 3
     x = np.repeat(np.arange(views, dtype=np.float16), items)[:, None]  # row value = its view
     y = np.tile(np.arange(items), views)
-    seq = T.ArrayBatches(x, y, 4, items, views=views, shuffle=True, seed=1)
+    seq = feature_cache.ArrayBatches(x, y, 4, items, views=views, shuffle=True, seed=1)
     seen_views = set()
     for _ in range(3):
         labels = np.concatenate([seq[i][1].argmax(1) for i in range(len(seq))])
@@ -82,7 +83,7 @@ def test_cached_finetune_trains_the_exported_model(tmp_path, caplog):
                           early_stopping_patience=3)
     ckpt = tmp_path / "ckpt"
     kernels = KernelRecorder()
-    result = T.train(cfg, str(data), checkpoint_dir=str(ckpt), callbacks=[kernels])
+    result = core_train.train(cfg, str(data), checkpoint_dir=str(ckpt), callbacks=[kernels])
     assert set(result.history) == {PHASE_HEAD, PHASE_FINETUNE}
     assert len(result.history[PHASE_FINETUNE]["val_top1"]) == 2
     assert {"feature_cache_s", "head_s", "finetune_s", "final_metrics_s"} <= set(result.extras["timings"])
@@ -91,25 +92,26 @@ def test_cached_finetune_trains_the_exported_model(tmp_path, caplog):
     with np.load(cache[0], allow_pickle=False) as z:
         assert z["x_tr"].shape[1:] == (4, 4, 256) and z["x_tr"].dtype == np.float16  # block4_relu1 at 32 px
         assert len(z["x_tr"]) == 2 * (3 * 8 - len(z["y_va"]))  # 2 views of each training image
-    saved = json.loads((ckpt / T.HISTORY_FILE).read_text())
+    saved = json.loads((ckpt / train_model.HISTORY_FILE).read_text())
     assert set(saved) == {PHASE_HEAD, PHASE_FINETUNE}
     # fine-tuning moved the top backbone layers (the model's own: see the shared-weights test)
     # and never the frozen bottom
     start = registry.backbone_of(registry.create_model("custom_cnn", 3, weights=str(weights), input_size=SIZE))
     assert len(kernels.top) == 2 and not np.allclose(start.get_layer(TOP_CONV).kernel.numpy(), kernels.top[0])
     trained = registry.backbone_of(result.model)
-    assert np.array_equal(start.get_layer("block1_conv1").kernel.numpy(), trained.get_layer("block1_conv1").kernel.numpy())
+    first_conv = "block1_conv1"
+    assert np.array_equal(start.get_layer(first_conv).kernel.numpy(), trained.get_layer(first_conv).kernel.numpy())
     # a rerun reuses the cache file instead of running the backbone again
     stamp = cache[0].stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="core.train"):
-        T.train(cfg.replace(finetune_epochs=1), str(data), checkpoint_dir=str(ckpt))
+    with caplog.at_level("INFO", logger="core.feature_cache"):
+        core_train.train(cfg.replace(finetune_epochs=1), str(data), checkpoint_dir=str(ckpt))
     assert list(ckpt.glob("features-*.npz")) == cache and cache[0].stat().st_mtime_ns == stamp
     assert any("reusing cached features" in r.getMessage() for r in caplog.records)
 
 
 def test_cached_finetune_applies_only_with_views_and_a_layer_count():
     base = smoke().replace(weights="imagenet", finetune_cached=True, head_feature_views=2, finetune_layers=5)
-    assert T.uses_cached_finetune(base)
-    assert not T.uses_cached_finetune(base.replace(head_feature_views=0))  # nothing cached: on the fly
-    assert not T.uses_cached_finetune(base.replace(finetune_layers=-1))  # all layers: no prefix to cache
-    assert not T.uses_cached_finetune(base.replace(weights=None))  # a random frozen prefix is no use
+    assert feature_cache.uses_cached_finetune(base)
+    assert not feature_cache.uses_cached_finetune(base.replace(head_feature_views=0))  # nothing cached: on the fly
+    assert not feature_cache.uses_cached_finetune(base.replace(finetune_layers=-1))  # all layers: no prefix to cache
+    assert not feature_cache.uses_cached_finetune(base.replace(weights=None))  # a random frozen prefix is no use

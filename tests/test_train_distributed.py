@@ -21,19 +21,29 @@ def tiny_dogs(tmp_path_factory) -> Path:
                                   images_per_class=12, size=40)
 
 
-def _kill_once(rank: int, *, marker: str, at_epoch: int, victim: int) -> list:
-    """Worker callbacks for the test: worker `victim` dies hard at `at_epoch`, once. It waits a
-    few seconds first: Ray Train registers a reported checkpoint when its controller next polls
-    the workers (every 2 s), and a report not yet polled is lost with the worker."""
-    import time
-
+def _kill_once(rank: int, *, marker: str, at_epoch: int, victim: int, run_dir: str) -> list:
+    """Worker callbacks for the test: worker `victim` dies hard at `at_epoch`, once. First it
+    waits until Ray Train's controller has registered the previous epoch's checkpoint (its
+    checkpoint-manager snapshot names it): a report the controller has not yet polled is lost
+    with the worker, and the test would then resume from an earlier epoch."""
     import tf_keras as keras
+
+    from tests.fixtures.waiting import wait_until
+
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):  # not written yet, or being rewritten
+            return False
+        return latest.get("metrics", {}).get("epoch", -1) >= at_epoch - 1
 
     class Kill(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if rank == victim and epoch == at_epoch and not os.path.exists(marker):
+                wait_until(registered, what=f"epoch {at_epoch - 1}'s checkpoint registered", every_s=0.1)
                 Path(marker).write_text("killed")
-                time.sleep(6)
                 os._exit(1)
 
     return [Kill()]
@@ -44,7 +54,7 @@ def test_two_workers_train_and_export(ray_local, tiny_dogs, tmp_path):
     from jobs.train_distributed import DistributedConfig, run_distributed
 
     cfg = smoke().replace(head_epochs=2, finetune_epochs=0, batch_size=8)
-    dist = DistributedConfig(workers=2, storage=str(tmp_path / "ray"), name="two")
+    dist = DistributedConfig(workers=2, storage=str(tmp_path / "ray"), run_name="two")
     result = run_distributed(cfg, str(tiny_dogs), dist, out=str(tmp_path / "bundle"))
 
     assert result.metrics["epoch"] in (0, 1)
@@ -61,8 +71,9 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_dogs, tmp_path):
 
     marker = tmp_path / "killed"
     cfg = smoke().replace(head_epochs=4, finetune_epochs=0, batch_size=8, early_stopping_patience=10)
-    dist = DistributedConfig(workers=2, storage=str(tmp_path / "ray"), name="kill", max_failures=2)
-    killer = functools.partial(_kill_once, marker=str(marker), at_epoch=2, victim=1)
+    dist = DistributedConfig(workers=2, storage=str(tmp_path / "ray"), run_name="kill", max_failures=2)
+    killer = functools.partial(_kill_once, marker=str(marker), at_epoch=2, victim=1,
+                               run_dir=str(tmp_path / "ray" / "kill"))
     result = run_distributed(cfg, str(tiny_dogs), dist, worker_callbacks=killer)
 
     assert marker.exists(), "the victim worker never ran epoch 2"

@@ -1,0 +1,63 @@
+"""Which test-time average to export, measured: the trained model alone, with its mirror image,
+with its twins at other input sizes, or both; every candidate's validation figures go to the card.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from core import console, registry
+from core.config import TrainConfig
+from core.evaluate import classification_metrics
+from core.train_data import resize_view
+from core.train_model import model_at_size, predict_with_progress, tta_sizes_of
+
+
+def predict_probs(model, ds, progress=None) -> np.ndarray:
+    return predict_with_progress(model, ds.map(lambda x, y: x), 0, "predicting", progress)
+
+
+def metrics_from_probs(probs: np.ndarray, labels: np.ndarray, classes) -> dict:
+    """{top1, top3, per_class, count} — the card's metrics, computed by core.evaluate."""
+    m = classification_metrics(probs, labels, classes)
+    return {k: m[k] for k in ("top1", "top3", "per_class", "count")}
+
+
+def _resized_batch(size: int):
+    return lambda x, y: (resize_view(x, size), y)
+
+
+def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Any, dict, dict]:
+    """Metrics of the trained model and of each test-time average the config allows (its mirror
+    with tta_flip, its twins at tta_sizes, both); the one that measures best is exported, on a
+    tie the first of: none, mirror, sizes, both. Returns (model_to_export, metrics, extras with every
+    candidate's figures)."""
+    labels, n = np.asarray(val.labels), len(val.classes)
+    twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
+    probs: dict[tuple[int | None, bool], np.ndarray] = {}
+    passes = (1 + len(twins)) * (2 if cfg.tta_flip else 1)
+    with console.Progress(len(labels) * passes, f"validation metrics ({passes} view(s) of each photo)") as progress:
+        for size, net in [(None, model), *twins.items()]:
+            ds = val_ds if size is None else val_ds.map(_resized_batch(size))
+            probs[(size, False)] = predict_probs(net, ds, progress)
+            if cfg.tta_flip:
+                probs[(size, True)] = predict_probs(net, ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)), progress)
+    sizes = tuple(twins)
+    candidates = [("no_tta", False, ())] + ([("flip_tta", True, ())] if cfg.tta_flip else [])
+    if sizes:
+        candidates.append(("sizes_tta", False, sizes))
+        if cfg.tta_flip:
+            candidates.append(("flip_sizes_tta", True, sizes))
+    extras: dict = {}
+    best = None
+    for name, flip, with_sizes in candidates:
+        views = [(s, f) for s in (None, *with_sizes) for f in ((False, True) if flip else (False,))]
+        m = metrics_from_probs(np.mean([probs[v] for v in views], axis=0), labels, val.classes)
+        extras.update({f"top1_{name}": m["top1"], f"top3_{name}": m["top3"]})
+        if best is None or m["top1"] > best[0]["top1"]:
+            best = (m, flip, with_sizes)
+    metrics, flip, with_sizes = best
+    extras.update(flip_tta=flip, tta_sizes=list(with_sizes))
+    return registry.with_tta(model, flip=flip, resized=[(s, twins[s]) for s in with_sizes]), metrics, extras
