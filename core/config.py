@@ -8,11 +8,13 @@ Run the accuracy preset (see DESIGN.md, "Fine-tuning must beat the frozen-featur
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from core.errors import ConfigError
+from core.options import option
 
 PHASE_HEAD = "head"
 PHASE_FINETUNE = "finetune"
@@ -46,51 +48,63 @@ class TrainConfig:
     """One training run: data, model, two phases, export. Resolved copy goes into card.json."""
 
     # model
-    backbone: str = "mobilenet_v2"
-    weights: str | None = "imagenet"  # "imagenet" | local .h5 path | None
-    input_size: int | None = None  # None = the backbone's native size
-    dense_units: int = 0  # 0 = linear head
-    dropout: float = 0.3
+    backbone: str = option("mobilenet_v2", "backbone model, one of core.registry's names")
+    weights: str | None = option("imagenet", "'imagenet' (the Keras download), a local .h5 file, or 'none'",
+                                 type=str)
+    input_size: int | None = option(None, "backbone input size in px (none = the backbone's native size)", type=int)
+    dense_units: int = option(0, "hidden units in the head (0 = a linear head)")
+    dropout: float = option(0.3, "dropout before the head's output layer")
     grayscale: bool = False
     equalize: bool = False
     # data
-    classes: int | None = None  # first N classes; None = all
-    per_class: int | None = None  # at most N photos of each class, the first by path; None = all
-    val_fraction: float = 0.2
-    seed: int = 0
-    batch_size: int = 32
+    classes: int | None = option(None, "train on the first N classes only (none = all)", type=int)
+    per_class: int | None = option(None, "use at most N photos of each class, the first by file path (none = all)",
+                                   type=int)
+    val_fraction: float = option(0.2, "share of each class held out for validation")
+    seed: int = option(0, "seed of the split, the augmentation and the weights")
+    batch_size: int = option(32, "images per training step")
     cache_images: bool = True  # keep decoded training images in memory between epochs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # phase 1: head on the frozen backbone
-    head_epochs: int = 10
-    head_lr: float = 1e-3
-    head_feature_views: int = 0  # >0: cache frozen features of N views once, train on those
-    head_view_kind: str = VIEWS_AUGMENT  # what those views are: augmented, or photo + mirror image
+    head_epochs: int = option(10, "phase 1 epochs: the head on the frozen backbone", aliases=("--epochs",))
+    head_lr: float = option(1e-3, "phase 1 peak learning rate", aliases=("--lr",))
+    head_feature_views: int = option(0, "cache the frozen features of N views of each photo once and train the head "
+                                     "on those (0 = decode and augment every epoch)", aliases=("--feature-views",))
+    head_view_kind: str = option(VIEWS_AUGMENT, "what the cached views are: random augmentations, or the photo and "
+                                 "its mirror image", choices=VIEW_KINDS, aliases=("--view-kind",))
     head_batch_size: int = 128  # batch size when training on cached features
     # phase 2: fine-tune the top of the backbone
-    finetune_epochs: int = 5
-    finetune_lr: float = 1e-4
-    finetune_layers: int = ALL_LAYERS  # top N backbone layers trainable; -1 = all; 0 = skip phase
+    finetune_epochs: int = option(5, "phase 2 epochs: the top --finetune-layers of the backbone with the head")
+    finetune_lr: float = option(1e-4, "phase 2 peak learning rate")
+    finetune_layers: int = option(ALL_LAYERS, "backbone layers phase 2 trains, counted from the top (-1 = all, "
+                                  "0 = skip phase 2)")
     # fine-tune on cached prefix activations of the head_feature_views views (single process, and
     # only when head_feature_views > 0 and finetune_layers > 0; otherwise on the fly)
-    finetune_cached: bool = False
+    finetune_cached: bool = option(False, "fine-tune the top layers on cached activations of the cached views (fast "
+                                   "on CPU) instead of decoding and augmenting every epoch")
     warmup_epochs: float = 1.0
     freeze_bn: bool = True  # BatchNorm stays in inference mode (80 photos/class overfit fast)
     weight_decay: float = 1e-5
     # shared by both phases
-    label_smoothing: float = 0.1
-    early_stopping_patience: int = 3
-    tta_flip: bool = False  # average with the mirrored image inside the exported graph
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss")
+    early_stopping_patience: int = option(3, "stop a phase after N epochs without a better validation top-1",
+                                          aliases=("--patience",))
+    tta_flip: bool = option(False, "consider averaging with the mirror image in the exported graph, kept only if it "
+                            "measures better")
     # more backbone input sizes (px): the exported graph also sees the image resized to each and
     # averages; a head trained on cached features also trains on views at each size
-    tta_sizes: tuple[int, ...] = ()
+    tta_sizes: tuple[int, ...] = option((), "other input sizes the exported graph also averages over, kept only if "
+                                        "that measures better; no value = none", type=int, metavar="PX")
     mixed_precision: bool = True  # only ever used when a GPU is present
     resize_policy: str = "resize_crop"
-    max_steps_per_epoch: int | None = None  # for smoke runs
+    max_steps_per_epoch: int | None = option(None, "cap on steps per epoch, for smoke runs (none = the whole split)",
+                                             type=int)
 
     def __post_init__(self) -> None:
         # JSON, YAML and argparse give lists: one place makes them the tuple the field is
         object.__setattr__(self, "tta_sizes", tuple(int(t) for t in self.tta_sizes))
+        if isinstance(self.weights, str) and self.weights.lower() in ("", "none"):  # `--weights none`, one place
+            object.__setattr__(self, "weights", None)
         _check(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.head_epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0")
@@ -129,6 +143,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def epochs(self, phase: str) -> int:
+        return self.head_epochs if phase == PHASE_HEAD else self.finetune_epochs
+
+    def phases(self) -> list[str]:
+        """The phases a run trains: a fine-tune with no layers or no epochs is skipped."""
+        skip_finetune = self.finetune_layers == 0 or self.finetune_epochs == 0
+        return [p for p in PHASES if not (p == PHASE_FINETUNE and skip_finetune) and self.epochs(p) > 0]
+
+    @classmethod
+    def from_file(cls, uri: str) -> "TrainConfig":
+        """From a JSON or YAML file (path or URI), e.g. tune's best_config.json."""
+        import yaml
+
+        from core import storage  # the storage stack (boto3, pyarrow) only when a file is read
+
+        try:
+            raw = storage.read_bytes(uri)
+            # JSON as JSON: PyYAML (YAML 1.1) reads numbers such as 1e-05 as strings
+            data = json.loads(raw) if uri.lower().endswith(".json") else yaml.safe_load(raw)
+            return cls.from_dict(data)
+        except (json.JSONDecodeError, yaml.YAMLError, TypeError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"{uri}: not a TrainConfig JSON/YAML file ({exc}); write one with "
+                              "`breedlabel tune` (best_config.json) or from TrainConfig.to_dict()") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from core.errors import ConfigError
 from core.lease import DEFAULT_TTL_S
+from core.options import option
 from core.runtime import RUNTIMES
 from core.s3 import S3Options
 
@@ -19,36 +20,50 @@ PIPELINES = ("auto", "fused", "two-stage")
 class LabelConfig:
     """One `breedlabel label` run."""
 
-    inputs: tuple[str, ...] = ()
-    model: str = ""
-    out: str = ""
-    manifests: tuple[str, ...] = ()
-    any_extension: bool = False       # also label keys without an image extension
-    runtime: str = "auto"             # auto = OpenVINO on CPU actors, TensorFlow on GPU actors
-    pipeline: str = "auto"            # auto = decode fused into CPU actors, two stages with GPUs
-    batch_size: int = 64              # images per inference call (and per listing chunk)
-    actors: int = 0                   # 0: one per node (CPU) or one per GPU
-    cpus_per_actor: int = 0           # 0: all CPUs of the smallest node (CPU actors)
-    decode_threads: int = 0           # 0: the actor's CPUs
-    io_threads: int = 8               # concurrent reads per actor (S3 latency)
-    io_timeout_s: float = 30.0        # per S3 request; a stalled endpoint fails the run after ~attempts x this
-    io_attempts: int = 5              # S3 attempts per request (backoff between), then the run fails
-    max_object_mb: float = 64.0       # larger objects and archive members: an error row, never read
-    chunk_mb: float = 64.0            # archive-member bytes per listing chunk (bounds the bytes in flight)
-    follow_symlinks: bool = False     # follow symlinked directories (each directory listed once)
-    rows_per_file: int = 20_000       # target rows per Parquet part
-    stage_every_s: float = 30.0       # stage what arrived at least this often: the most a kill loses
-    top_k: int = 3
-    min_prob: float = 0.5             # below: counted as low confidence in the summary
-    summary_breeds: int = 5           # breeds the closing summary lists (the manifest has every one)
-    max_error_rate: float = 1.0       # above: exit code 3 (rows are still written)
-    relabel: bool = False             # label again what a finished run already labelled (duplicates!)
-    resume: bool = True               # continue an interrupted run with the same inputs and model
-    dry_run: bool = False
-    lease_ttl_s: float = DEFAULT_TTL_S  # the output's lease, renewed every ttl/3 while running
-    address: str | None = None        # Ray address ("auto" = running cluster); none = local Ray
-    queue_chunks: int = 8             # listing chunks buffered ahead of the pipeline
-    progress: bool = True
+    inputs: tuple[str, ...] = option(
+        (), "folders, file:// or s3:// prefixes, images, .tar/.tar.gz/.tgz/.zip archives", action="positional",
+        metavar="INPUT")
+    model: str = option("", "bundle directory or URI", flag="--model", metavar="BUNDLE", required=True)
+    out: str = option("", "output folder or s3:// prefix", metavar="OUTPUT")
+    manifests: tuple[str, ...] = option(
+        (), "a list of objects: .txt (one URI a line), .csv/.parquet (a uri column, or S3 Inventory's bucket, key, "
+        "e_tag) or an S3 Inventory manifest.json; repeatable", flag="--manifest", action="append", metavar="FILE")
+    any_extension: bool = option(False, "also label keys without an image extension")
+    runtime: str = option("auto", "auto = OpenVINO on CPU actors, TensorFlow on GPU actors", choices=RUNTIMES)
+    pipeline: str = option("auto", "fused = decode threads inside the predict actor; two-stage = decode tasks then "
+                           "predict actors; auto = fused on CPU, two-stage with GPUs", choices=PIPELINES)
+    batch_size: int = option(64, "images per inference call (and per unit of work)")
+    actors: int = option(0, "predict actors (0 = one per node on CPU, one per GPU)")
+    cpus_per_actor: int = option(0, "CPUs each CPU actor holds (0 = all CPUs of the smallest node)")
+    decode_threads: int = option(0, "decode threads per actor (0 = the actor's CPUs)")
+    io_threads: int = option(8, "concurrent reads per actor (S3 latency)")
+    io_timeout_s: float = option(30.0, "seconds an S3 request may take; after --io-attempts tries the run fails "
+                                 "(exit 1, resumable): a dead or frozen endpoint is never a row error",
+                                 flag="--io-timeout", metavar="S")
+    io_attempts: int = option(5, "tries per S3 request, with backoff")
+    max_object_mb: float = option(64.0, "larger objects and archive members get an error row (too large) and are "
+                                  "never read", metavar="MB")
+    chunk_mb: float = option(64.0, "archive-member bytes per unit of work: bounds the bytes in flight", metavar="MB")
+    follow_symlinks: bool = option(False, "also list symlinked directories (each directory once); files behind "
+                                   "symlinks are always listed")
+    rows_per_file: int = option(20_000, "target rows per Parquet part")
+    stage_every_s: float = option(30.0, "stage the rows received at least every S seconds: the most a kill can lose",
+                                  flag="--stage-every", metavar="S")
+    top_k: int = option(3, "breeds kept per image")
+    min_prob: float = option(0.5, "top-1 probability below which an image counts as low confidence")
+    summary_breeds: int = option(5, "breeds listed in the closing summary (the manifest keeps them all)", metavar="N")
+    max_error_rate: float = option(1.0, "exit code 3 when the share of rows with an error exceeds this")
+    relabel: bool = option(False, "label again inputs a finished run already labelled with this model (readers then "
+                           "see one row per run for them; by default they are skipped)")
+    resume: bool = option(True, "start a new run instead of resuming an interrupted one with the same inputs and "
+                          "model")
+    dry_run: bool = option(False, "list what would be labelled, label nothing")
+    lease_ttl_s: float = option(DEFAULT_TTL_S, "the output's lease lifetime, renewed every S/3 while the run works",
+                                flag="--lease-ttl", metavar="S")
+    address: str | None = option(None, "Ray cluster address ('auto'); default: RAY_ADDRESS, else a local Ray",
+                                 type=str)
+    queue_chunks: int = 8             # units of work listed ahead of the pipeline
+    progress: bool = option(True, "no progress bar")
 
     def check(self) -> None:
         """Usage errors (exit 2) before anything starts."""

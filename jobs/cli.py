@@ -37,7 +37,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, "", argparse.SUPPRESS) or "default" in text or _is_flag(action):
+        if action.default in (None, "", [], argparse.SUPPRESS) or "default" in text or _is_flag(action):
             return text
         return super()._get_help_string(action)
 

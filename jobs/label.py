@@ -19,16 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from typing import Iterator
 
-from core import console, labelling, lease, output, storage
+from core import console, labelling, lease, options, output, storage
 from core.bundle import load_bundle
 from core.errors import ConfigError, ServiceError
-from core.label_config import PIPELINES, LabelConfig
+from core.label_config import LabelConfig
 from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
-from core.runtime import RUNTIMES
 from core.sources import ItemData, iter_label_items
 from core.stop import GracefulStop, Stopped
-from core.storage import IMAGE_EXTENSIONS
+from core.formats import IMAGE_EXTENSIONS
 from jobs import ray_session
 from jobs.cli import main as cli_main
 from jobs.label_pipeline import run_pipeline
@@ -37,68 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = LabelConfig()
-    parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="folders, file:// or s3:// prefixes, images, .tar/.tar.gz/.tgz/.zip archives")
-    parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle directory or URI")
-    parser.add_argument("--out", default=d.out, metavar="OUTPUT", help="output folder or s3:// prefix")
-    parser.add_argument("--manifest", dest="manifests", action="append", default=[], metavar="FILE",
-                        help="a list of URIs (txt, or a csv/parquet column); repeatable")
-    parser.add_argument("--any-extension", action="store_true", help="also label keys without an image extension")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=d.runtime,
-                        help="auto = OpenVINO on CPU actors, TensorFlow on GPU actors")
-    parser.add_argument("--pipeline", choices=PIPELINES, default=d.pipeline,
-                        help="fused = decode threads inside the predict actor; two-stage = decode tasks "
-                             "then predict actors; auto = fused on CPU, two-stage with GPUs")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference call")
-    parser.add_argument("--actors", type=int, default=d.actors, help="predict actors (0 = auto)")
-    parser.add_argument("--cpus-per-actor", type=int, default=d.cpus_per_actor,
-                        help="CPUs each CPU actor holds (0 = all CPUs of a node)")
-    parser.add_argument("--decode-threads", type=int, default=d.decode_threads,
-                        help="decode threads per actor (0 = the actor's CPUs)")
-    parser.add_argument("--io-threads", type=int, default=d.io_threads, help="concurrent reads per actor")
-    parser.add_argument("--io-timeout", dest="io_timeout_s", type=float, default=d.io_timeout_s, metavar="S",
-                        help="seconds an S3 request may take; after --io-attempts tries the run fails (exit 1, "
-                             "resumable): a dead or frozen endpoint is never a row error")
-    parser.add_argument("--io-attempts", type=int, default=d.io_attempts, help="tries per S3 request, with backoff")
-    parser.add_argument("--max-object-mb", type=float, default=d.max_object_mb, metavar="MB",
-                        help="larger objects and archive members get an error row (too large) and are never read")
-    parser.add_argument("--chunk-mb", type=float, default=d.chunk_mb, metavar="MB",
-                        help="archive-member bytes per unit of work: bounds the bytes in flight")
-    parser.add_argument("--follow-symlinks", action="store_true",
-                        help="also list symlinked directories (each directory once); files behind symlinks "
-                             "are always listed")
-    parser.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="target rows per Parquet part")
-    parser.add_argument("--stage-every", dest="stage_every_s", type=float, default=d.stage_every_s, metavar="S",
-                        help="stage the rows received at least every S seconds: the most a kill can lose")
-    parser.add_argument("--top-k", type=int, default=d.top_k, help="breeds kept per image")
-    parser.add_argument("--min-prob", type=float, default=d.min_prob,
-                        help="top-1 probability below which an image counts as low confidence")
-    parser.add_argument("--summary-breeds", type=int, default=d.summary_breeds, metavar="N",
-                        help="breeds listed in the closing summary (the manifest keeps them all)")
-    parser.add_argument("--max-error-rate", type=float, default=d.max_error_rate,
-                        help="exit code 3 when the share of rows with an error exceeds this")
-    parser.add_argument("--relabel", action="store_true",
-                        help="label again inputs a finished run already labelled with this model (readers then "
-                             "see one row per run for them; by default they are skipped)")
+    options.add_options(parser, LabelConfig)
     parser.add_argument("--incremental", action="store_true",
-                        help="skip inputs a finished run already labelled (same uri, member, content hash, "
-                             "model): always on unless --relabel; kept for older scripts")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start a new run instead of resuming an interrupted one with the same inputs and model")
-    parser.add_argument("--lease-ttl", dest="lease_ttl_s", type=float, default=d.lease_ttl_s, metavar="S",
-                        help="the output's lease lifetime, renewed every S/3 while the run works")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be labelled, label nothing")
-    parser.add_argument("--address", default=d.address, help="Ray cluster address ('auto'); default: local Ray")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                        help="kept for older scripts: skipping what a finished run labelled is always on "
+                             "(--relabel turns it off)")
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
-    fields = {f.name for f in dataclasses.fields(LabelConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["inputs"] = tuple(values.get("inputs") or ())
-    values["manifests"] = tuple(values.get("manifests") or ())
-    return LabelConfig(**values)
+    return LabelConfig(**options.values(args, LabelConfig))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,10 +131,10 @@ def dry_run(cfg: LabelConfig, model_id: str) -> None:
     with ThreadPoolExecutor(cfg.io_threads) as pool:
         while chunk := list(islice(items, 256)):
             uris, members = [i.item.uri for i in chunk], [i.item.member for i in chunk]
-            done = run.done if run else None
+            done_keys = run.done_keys if run else None
             shas = (labelling.fetch(uris, members, [i.data for i in chunk], [i.error for i in chunk], pool, read).shas
-                    if done is not None else [""] * len(chunk))
-            skip = labelling.skip_mask(uris, members, shas, model_id, done)
+                    if done_keys is not None else [""] * len(chunk))
+            skip = labelling.skip_mask(uris, members, shas, model_id, done_keys)
             for uri, member, s in zip(uris, members, skip):
                 if not s:  # one line an item, whatever the names hold (a newline is printed as \n)
                     print(_one_line(uri) if member is None else f"{_one_line(uri)}\t{_one_line(member)}")

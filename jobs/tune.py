@@ -13,7 +13,6 @@ bundle of the best config trained on the full split. Subset workflow:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import logging
@@ -23,10 +22,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
-from core import search_space as ss
+from core import options
+from core import search_space
 from core import storage as storage_uri
 from core.config import PRESETS, TrainConfig, get_preset
 from core.errors import ConfigError, JobError
+from core.options import option
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +44,28 @@ SEARCHERS = ("optuna", "random")
 class TuneConfig:
     """One search. Trial resources: `workers` Ray Train workers of cpus/gpus each."""
 
-    space: str = "default"
-    num_samples: int = 8
-    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    searcher: str = "optuna"
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: float = 2.0
-    time_budget_s: float | None = None
-    storage: str | None = None  # Ray storage for the experiment + trial checkpoints; default <out>/ray
-    name: str = "tune"
-    address: str | None = None  # Ray cluster address ("auto" = running cluster); none = a new local Ray
-    num_cpus: int | None = None  # logical CPUs of a new local Ray (default: the machine's cores)
-    seed: int = 0
-    final_train: bool = False
-    final_head_epochs: int | None = None  # None = the tuned config's own
-    final_finetune_epochs: int | None = None
+    space: str = option("default", "search space (core.search_space)", choices=sorted(search_space.SPACES))
+    num_samples: int = option(8, "trials to run")
+    max_concurrent: int = option(0, "trials side by side (0 = as many as the cluster's CPUs/GPUs fit)")
+    workers: int = option(1, "Ray Train workers per trial")
+    cpus_per_worker: float = option(1.0, "CPUs each worker holds")
+    gpus_per_worker: float = option(0.0, "GPUs each worker holds")
+    searcher: str = option("optuna", "how new trials are picked", choices=SEARCHERS)
+    grace_period: int = option(1, "ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = option(2.0, "ASHA: keep 1/this of the trials at each rung")
+    time_budget_s: float | None = option(None, "stop the search after this many seconds", type=float)
+    storage: str | None = option(None, "Ray storage for the experiment and trial checkpoints (path or s3://; "
+                                 "default <out>/ray)", type=str)
+    run_name: str = option("tune", "experiment name under --storage (what --restore resumes)", aliases=("--name",))
+    address: str | None = option(None, "Ray cluster address ('auto' = the running cluster); default: RAY_ADDRESS, "
+                                 "else a new local Ray", type=str)
+    num_cpus: int | None = option(None, "logical CPUs of a new local Ray (default: the machine's cores)", type=int)
+    seed: int = option(0, "searcher seed")
+    final_train: bool = option(False, "train the best config on the full training split and export it as "
+                               "<out>/bundle", negatable=True)
+    final_head_epochs: int | None = option(None, "--final-train head epochs (default: the tuned config's)", type=int)
+    final_finetune_epochs: int | None = option(None, "--final-train fine-tune epochs (default: the tuned config's)",
+                                               type=int)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent < 0 or self.workers < 1:
@@ -72,25 +77,23 @@ class TuneConfig:
 
 
 # ---------------------------------------------------------------- search space -> Ray Tune
-def to_tune_space(space: dict[str, ss.Dim]) -> dict:
+def to_tune_space(space: dict[str, search_space.Dim]) -> dict:
     from ray import tune
 
-    def domain(d: ss.Dim):
-        if d.kind == ss.CHOICE:
+    def domain(d: search_space.Dim):
+        if d.kind == search_space.CHOICE:
             return tune.choice(list(d.values))
-        return tune.loguniform(d.low, d.high) if d.kind == ss.LOGUNIFORM else tune.uniform(d.low, d.high)
+        return tune.loguniform(d.low, d.high) if d.kind == search_space.LOGUNIFORM else tune.uniform(d.low, d.high)
 
     return {key: domain(d) for key, d in space.items()}
 
 
 def _epochs_of(base: TrainConfig, params: dict) -> int:
-    return planned_epochs(ss.apply(base, params or {}))
+    return planned_epochs(search_space.apply(base, params or {}))
 
 
 def planned_epochs(cfg: TrainConfig) -> int:
-    from jobs.train_distributed import _epochs, phases_to_run
-
-    return sum(_epochs(cfg, p) for p in phases_to_run(cfg))
+    return sum(cfg.epochs(p) for p in cfg.phases())
 
 
 def trial_driver(params: dict, *, base: dict, data: str, dist: dict) -> None:
@@ -99,11 +102,11 @@ def trial_driver(params: dict, *, base: dict, data: str, dist: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs import train_distributed as td
+    from jobs import train_distributed  # Ray Train: inside the trial only
 
-    cfg = ss.apply(TrainConfig.from_dict(base), params)
-    run = td.DistributedConfig(**{**dist, "name": f"trial-{tune.get_context().get_trial_id()}"})
-    td.make_trainer(cfg, data, run, callbacks=[TuneReportCallback()]).fit()
+    cfg = search_space.apply(TrainConfig.from_dict(base), params)
+    run = train_distributed.DistributedConfig(**{**dist, "run_name": f"trial-{tune.get_context().get_trial_id()}"})
+    train_distributed.make_trainer(cfg, data, run, callbacks=[TuneReportCallback()]).fit()
 
 
 def concurrency(tc: TuneConfig) -> int:
@@ -131,7 +134,7 @@ def _searcher(tc: TuneConfig, space: dict, base: TrainConfig):
 
     if not console.is_verbose():  # "A new study created in memory"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    first = ss.base_point(space, base)
+    first = search_space.base_point(space, base)
     return OptunaSearch(points_to_evaluate=[first] if first else None, seed=tc.seed)
 
 
@@ -144,13 +147,13 @@ def make_tuner(tc: TuneConfig, base: TrainConfig, data: str, space: dict, storag
     from jobs.tune_callbacks import ReleaseEndedTrials, TrialProgress
 
     dist = {"workers": tc.workers, "cpus_per_worker": tc.cpus_per_worker, "gpus_per_worker": tc.gpus_per_worker,
-            "storage": f"{storage.rstrip('/')}/{tc.name}-trials"}
+            "storage": f"{storage.rstrip('/')}/{tc.run_name}-trials"}
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=base.to_dict(), data=str(data), dist=dist), {"CPU": 0.1})
-    path = f"{storage.rstrip('/')}/{tc.name}"
+    path = f"{storage.rstrip('/')}/{tc.run_name}"
     if restore:
         if not tune.Tuner.can_restore(path):
-            raise ConfigError(f"--restore: no search to resume at {path}; check --storage and --name")
+            raise ConfigError(f"--restore: no search to resume at {path}; check --storage and --run-name")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     # stop_last_trials=False: a trial that reaches max_t ends by itself, its controller shutting
     # its workers down, instead of being killed at its last report
@@ -163,7 +166,7 @@ def make_tuner(tc: TuneConfig, base: TrainConfig, data: str, space: dict, storag
                                     max_concurrent_trials=concurrency(tc), search_alg=_searcher(tc, space, base),
                                     scheduler=scheduler, time_budget_s=tc.time_budget_s),
         run_config=tune.RunConfig(
-            name=tc.name, storage_path=storage, verbose=None if console.is_verbose() else 0,  # our lines instead
+            name=tc.run_name, storage_path=storage, verbose=None if console.is_verbose() else 0,  # our lines instead
             callbacks=[ReleaseEndedTrials(), TrialProgress(tc.num_samples, METRIC, partial(_epochs_of, base)),
                        *callbacks]),
     )
@@ -180,7 +183,7 @@ def results_table(grid, base: TrainConfig):
         metrics = r.metrics or {}
         if history is not None and METRIC in history and history[METRIC].notna().any():
             metrics = history.loc[history[METRIC].idxmax()].to_dict()
-        planned = planned_epochs(ss.apply(base, r.config)) if r.config else None
+        planned = planned_epochs(search_space.apply(base, r.config)) if r.config else None
         iters = (r.metrics or {}).get("training_iteration")
         row = {"trial_id": (r.metrics or {}).get("trial_id"), "status": "ERROR" if r.error else "OK",
                METRIC: metrics.get(METRIC), "val_top3": metrics.get("val_top3"), "best_epoch": metrics.get("epoch"),
@@ -210,8 +213,8 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     from jobs.train_distributed import init_ray
     from jobs.tune_callbacks import release_search
 
-    space = space if space is not None else ss.get_space(tc.space)
-    ss.check_space(space, base)
+    space = space if space is not None else search_space.get_space(tc.space)
+    search_space.check_space(space, base)
     out = storage_uri.normalize_uri(out)  # Ray Tune's storage is a URI: a relative path is refused deep inside
     init_ray(tc.address, tc.num_cpus, quiet=not console.is_verbose())  # the trials' own logs: with -v
     storage = storage_uri.normalize_uri(tc.storage) if tc.storage else f"{out.rstrip('/')}/ray"
@@ -222,15 +225,15 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     finished = grid.num_terminated + grid.num_errors
     if finished < tc.num_samples and tc.time_budget_s is None:
         raise JobError(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
-                       f"resume it with the same options plus --restore (state in {storage}/{tc.name})")
+                       f"resume it with the same options plus --restore (state in {storage}/{tc.run_name})")
     table = results_table(grid, base)
     ok = table.dropna(subset=[METRIC])
     if ok.empty:
-        raise JobError(f"no trial of {storage}/{tc.name} reported {METRIC}; see the trial errors above")
+        raise JobError(f"no trial of {storage}/{tc.run_name} reported {METRIC}; see the trial errors above")
     best_row = ok.iloc[0]
     params = {k[len("config/"):]: v for k, v in best_row.items() if k.startswith("config/") and _set(v)}
     # Hyperparameters only: the class subset used for searching is not part of the best config.
-    best_cfg = ss.apply(base, _plain(params)).replace(classes=None)
+    best_cfg = search_space.apply(base, _plain(params)).replace(classes=None)
     best = {"trial_id": best_row["trial_id"], METRIC: float(best_row[METRIC]), "params": _plain(params),
             "tuned_on_classes": base.classes, "trials": len(table), "search_s": round(time.time() - t0, 1),
             "early_stopped": int(table["early_stopped"].sum())}
@@ -257,72 +260,33 @@ def final_train(tc: TuneConfig, cfg: TrainConfig, data: str, out: str, storage: 
     changes = {"head_epochs": tc.final_head_epochs, "finetune_epochs": tc.final_finetune_epochs}
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
     dist = DistributedConfig(workers=tc.workers, cpus_per_worker=tc.cpus_per_worker,
-                             gpus_per_worker=tc.gpus_per_worker, storage=storage, name=f"{tc.name}-final")
+                             gpus_per_worker=tc.gpus_per_worker, storage=storage, run_name=f"{tc.run_name}-final")
     done = run_distributed(cfg, data, dist, out=f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", progress=True)
     return {"bundle": f"{out.rstrip('/')}/{FINAL_BUNDLE_DIR}", "top1": done.card_metrics.get("top1"),
             "top3": done.card_metrics.get("top3")}
 
 
 # ---------------------------------------------------------------- CLI
-_HELP = {
-    "num_samples": "trials to run",
-    "max_concurrent": "trials side by side (0 = as many as the cluster's CPUs/GPUs fit)",
-    "workers": "Ray Train workers per trial",
-    "cpus_per_worker": "CPUs each worker holds",
-    "gpus_per_worker": "GPUs each worker holds",
-    "searcher": f"how new trials are picked ({', '.join(SEARCHERS)})",
-    "grace_period": "ASHA: epochs before a trial can be stopped",
-    "reduction_factor": "ASHA: keep 1/this of the trials at each rung",
-    "time_budget_s": "stop the search after this many seconds",
-    "storage": "Ray storage for the experiment and trial checkpoints (path or s3://; default <out>/ray)",
-    "name": "experiment name under --storage (what --restore resumes)",
-    "address": "Ray cluster address ('auto' = the running cluster); default: RAY_ADDRESS, else a new local Ray",
-    "num_cpus": "logical CPUs of a new local Ray (default: the machine's cores)",
-    "seed": "searcher seed",
-    "final_train": "train the best config on the full training split and export it as <out>/bundle",
-    "final_head_epochs": "--final-train head epochs (default: the tuned config's)",
-    "final_finetune_epochs": "--final-train fine-tune epochs (default: the tuned config's)",
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--data", required=True, help="folder-per-class dataset")
     p.add_argument("--out", required=True, help="results folder (path or s3://): table, best config, bundle")
     p.add_argument("--preset", default="mobilenet_v2", choices=sorted(PRESETS), help="base TrainConfig")
     p.add_argument("--config", default=None, help="base TrainConfig JSON/YAML file (instead of --preset)")
-    p.add_argument("--classes", type=int, default=None, help="search on the first N classes only")
-    p.add_argument("--weights", default=None, help="backbone weights: 'imagenet', a local .h5, or 'none'")
-    p.add_argument("--head-epochs", type=int, default=None, help="trial head epochs (base config's if unset)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="trial fine-tune epochs")
-    p.add_argument("--restore", action="store_true", help="resume the interrupted search --storage/--name")
-    defaults = TuneConfig()
-    for f in dataclasses.fields(TuneConfig):
-        opt = f"--{f.name.replace('_', '-')}"
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
-        elif f.name == "space":
-            p.add_argument(opt, default=value, choices=sorted(ss.SPACES), help="search space (core.search_space)")
-        else:
-            kind = float if f.name in ("time_budget_s", "cpus_per_worker", "gpus_per_worker", "reduction_factor") \
-                else (str if f.name in ("storage", "name", "searcher", "address") else int)
-            p.add_argument(opt, type=kind, default=value, help=_HELP[f.name])
+    p.add_argument("--restore", action="store_true", help="resume the interrupted search --storage/--run-name")
+    # the base config's fields a search is often sized by (as `breedlabel train` names them)
+    options.add_options(p, TrainConfig, preset=get_preset("mobilenet_v2"), preset_name="preset mobilenet_v2",
+                        only=("classes", "weights", "head_epochs", "finetune_epochs"))
+    options.add_options(p, TuneConfig)
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
-    from jobs.train_distributed import load_train_config
-
-    cfg = load_train_config(args.config) if args.config else get_preset(args.preset)
-    changes = {"classes": args.classes, "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs}
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if args.weights is not None:
-        changes["weights"] = None if args.weights.lower() == "none" else args.weights
-    return cfg.replace(**changes)
+    cfg = TrainConfig.from_file(args.config) if args.config else get_preset(args.preset)
+    return cfg.replace(**options.values(args, TrainConfig, unset=False))
 
 
 def run(args: argparse.Namespace) -> int:
-    tc = TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)})
+    tc = TuneConfig(**options.values(args, TuneConfig))
     best = run_tune(tc, base_config(args).with_absolute_paths(), storage_uri.normalize_uri(args.data), args.out,
                     restore=args.restore)
     print(json.dumps(best, default=str))

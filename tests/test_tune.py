@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core import search_space as ss
+from core import search_space
 from core.config import TrainConfig, smoke
 from core.errors import ConfigError
 from tests.fixtures.images import make_synthetic_dataset
@@ -42,7 +42,7 @@ from pathlib import Path
 import ray
 from ray.tune import Callback
 from ray.util.placement_group import placement_group_table
-from core import search_space as ss
+from core import search_space
 from core.config import smoke
 from core.errors import JobError
 from jobs.tune import TuneConfig, run_tune
@@ -65,10 +65,10 @@ class InterruptAfter(Callback):
 
 base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=4, head_lr=3e-3, early_stopping_patience=5,
                        augment={"crop_scale_min": 1.0, "flip": False})
-space = {"head_lr": ss.choice(3e-3, 1e-9)}
+space = {"head_lr": search_space.choice(3e-3, 1e-9)}
 ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
 tc = TuneConfig(num_samples=%(n)d, max_concurrent=1, grace_period=2, reduction_factor=2,
-                storage=str(root / "ray"), name="search", seed=1)
+                storage=str(root / "ray"), run_name="search", seed=1)
 try:
     run_tune(tc, base, data, out, space=space, callbacks=[InterruptAfter()])
     error = None
@@ -124,14 +124,14 @@ def test_asha_stops_bad_trials_and_best_config_is_written(search):
 
 def test_search_space_checks_and_apply():
     base = smoke()
-    ss.check_space(ss.get_space("cpu"), base)
-    ss.check_space(ss.get_space("default"), base)
+    search_space.check_space(search_space.get_space("cpu"), base)
+    search_space.check_space(search_space.get_space("default"), base)
     with pytest.raises(ConfigError, match="not a TrainConfig field"):
-        ss.check_space({"head_lrr": ss.loguniform(1e-3, 1e-2)}, base)
-    cfg = ss.apply(base, {"head_lr": 0.005, "augment.contrast": 0.1, "grayscale": True})
+        search_space.check_space({"head_lrr": search_space.loguniform(1e-3, 1e-2)}, base)
+    cfg = search_space.apply(base, {"head_lr": 0.005, "augment.contrast": 0.1, "grayscale": True})
     assert (cfg.head_lr, cfg.augment.contrast, cfg.grayscale) == (0.005, 0.1, True)
-    assert ss.base_point({"head_lr": ss.loguniform(1e-3, 1e-1)}, base) == {"head_lr": base.head_lr}
-    assert ss.base_point({"head_lr": ss.loguniform(1.0, 2.0)}, base) is None
+    assert search_space.base_point({"head_lr": search_space.loguniform(1e-3, 1e-1)}, base) == {"head_lr": base.head_lr}
+    assert search_space.base_point({"head_lr": search_space.loguniform(1.0, 2.0)}, base) is None
 
 
 def test_a_weights_file_and_a_space_of_backbones_fail_before_any_trial(tmp_path):
@@ -141,5 +141,5 @@ def test_a_weights_file_and_a_space_of_backbones_fail_before_any_trial(tmp_path)
     weights.write_bytes(b"")
     base = smoke().replace(backbone="mobilenet_v2", weights=str(weights))
     with pytest.raises(ConfigError, match="--space cpu"):
-        ss.check_space(ss.get_space("default"), base)
-    ss.check_space(ss.get_space("cpu"), base)  # no backbone dimension: fine
+        search_space.check_space(search_space.get_space("default"), base)
+    search_space.check_space(search_space.get_space("cpu"), base)  # no backbone dimension: fine
