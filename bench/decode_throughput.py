@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from core import images
-from core.images import IMAGE_EXTENSIONS, decode_image
+from core.formats import IMAGE_EXTENSIONS
+from core.images import decode_image
 
 
 def _pil(data: bytes, size: tuple[int, int], draft: bool) -> np.ndarray:
@@ -68,7 +69,8 @@ def main() -> None:
         "decode_image": lambda b: decode_image(b, size=size).array,
         "decode_image_pil_only": lambda b: _without_simplejpeg(lambda: decode_image(b, size=size).array),
     }
-    print(f"{len(blobs)} images from {args.folder}, target {size}, best of {args.repeat} interleaved rounds, one thread")
+    print(f"{len(blobs)} images from {args.folder}, target {size}, "
+          f"best of {args.repeat} interleaved rounds, one thread")
     for name, (cpu, wall) in _rates(rows, blobs, args.repeat).items():
         print(f"{name:>22}: {cpu:7.1f} img/s per CPU-second   ({wall:7.1f} img/s wall)")
 

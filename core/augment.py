@@ -8,12 +8,9 @@ so scale jitter and zoom-out (DESIGN.md "Full scenes, not only crops") matter mo
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Callable, Sequence
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 if TYPE_CHECKING:
     from core.config import AugmentConfig

@@ -140,7 +140,6 @@ def tensorflow_startup(log_dir: str | os.PathLike | None = None) -> Iterator[Non
 def import_tensorflow(log_dir: str | os.PathLike | None = None):
     """`import tensorflow` and its device discovery inside tensorflow_startup; returns the module."""
     with tensorflow_startup(log_dir):
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")

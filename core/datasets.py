@@ -24,14 +24,13 @@ import numpy as np
 
 from core.breeds import Breed, parse_class_dir
 from core.errors import ConfigError, InputError, StorageError
-from core.images import IMAGE_EXTENSIONS
+from core.formats import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar"
 # From TensorFlow Datasets' url_checksums/stanford_dogs.txt (not re-downloaded here to verify).
 OFFICIAL_SHA256 = "a443fc2f9a851aa1a7b8e4fa4af94b8459fce2c9f5a2f4dd4669cf9673a4ec58"
-OFFICIAL_SIZE = 793_579_520
 IMAGES_DIR = "Images"
 _CHUNK = 1 << 20
 

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 from core.errors import ConfigError, ImageDecodeError
+from core.formats import PIL_FORMATS
 from core.reasons import (REASON_CORRUPT, REASON_EMPTY, REASON_NOT_IMAGE, REASON_TOO_MANY_PIXELS, REASON_TRUNCATED,
                           REASON_UNSUPPORTED)
 
@@ -42,8 +43,6 @@ DEFAULT_MAX_PIXELS = 64_000_000
 RESIZE_CROP = "resize_crop"
 SQUASH = "squash"
 RESIZE_POLICIES = (RESIZE_CROP, SQUASH)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
-PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 
 
 _RESAMPLE = Image.Resampling.BILINEAR

@@ -6,12 +6,9 @@ so the bundle's uint8 signature needs nothing outside the graph.
 """
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import tensorflow as tf
+import tf_keras as keras
 
 # Normalisation modes, named as keras.applications' imagenet_utils names them.
 MODE_TF = "tf"  # [-1, 1]  (MobileNetV2, InceptionV3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +197,6 @@ def create_model(
     """Build preprocessing -> backbone -> head; input float32 RGB [0,255], output probs.
 
     `name_suffix` tells apart twins of one model nested in a graph (see with_tta)."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tf_keras as keras
 
     from core import preprocess

@@ -82,10 +82,6 @@ class S3Options:
                          max_attempts=self.max_attempts or MAX_ATTEMPTS)
 
     @property
-    def connect_timeout_s(self) -> float:
-        return min(CONNECT_TIMEOUT_S, self.read_timeout_s or READ_TIMEOUT_S)
-
-    @property
     def endpoint(self) -> str:
         return self.resolved().endpoint_url or "the AWS default endpoint"
 

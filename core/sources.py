@@ -43,12 +43,9 @@ from core.errors import InputError, StorageError
 from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
                           REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_FOUND, REASON_TOO_LARGE,
                           REASON_UNSUPPORTED_URI)
-from core.storage import IMAGE_EXTENSIONS, ObjectNotFoundError, S3Options
+from core.formats import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, ZIP_SUFFIXES
+from core.storage import ObjectNotFoundError, S3Options
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-ZIP_SUFFIXES = (".zip",)
-ARCHIVE_SUFFIXES = TAR_SUFFIXES + ZIP_SUFFIXES
-MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet", ".json")
 MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory

@@ -147,7 +147,8 @@ def _runs_tab(gr, explorer, runs_uri: str, min_prob: float) -> None:
         return (v.status,
                 pd.DataFrame(v.manifests, columns=list(MANIFEST_FIELDS)),
                 gr.Dropdown(choices=[ALL, *v.run_ids], value=run_value if run_value in v.run_ids else ALL),
-                gr.Dropdown(choices=[ALL, *((b.replace('_', ' '), b) for b in v.breeds)], value=breed_value if breed_value in v.breeds else ALL),
+                gr.Dropdown(choices=[ALL, *((b.replace('_', ' '), b) for b in v.breeds)],
+                            value=breed_value if breed_value in v.breeds else ALL),
                 pd.DataFrame(v.histogram, columns=["breed", "images"]),
                 v.unsure_gallery, pd.DataFrame(v.unsure_rows, columns=UNSURE_HEADERS),
                 v.error_gallery, pd.DataFrame(v.error_rows, columns=ERROR_HEADERS))

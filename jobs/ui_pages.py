@@ -99,7 +99,7 @@ def find_examples(folder: str | None, limit: int) -> list[str]:
     if not folder:
         return []
     from core import storage
-    from core.images import IMAGE_EXTENSIONS
+    from core.formats import IMAGE_EXTENSIONS
 
     root = Path(folder)
     if not root.is_dir():

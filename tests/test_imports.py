@@ -89,3 +89,25 @@ def test_label_job_layers():
     assert not any(m.startswith("jobs") for m in graph["core.label_run"])
     for core_part in ("core.label_config", "core.label_plan", "core.label_run", "core.labelling", "core.lease"):
         assert core_part in graph, core_part
+
+
+def test_package_arrows_point_one_way():
+    """jobs (entry points) may use cluster (operations) and core (the library); cluster may use
+    only core; core uses neither."""
+    allowed = {"core": {"core"}, "cluster": {"core", "cluster"}, "jobs": {"core", "cluster", "jobs"}}
+    for name, deps in _graph().items():
+        package = name.split(".")[0]
+        wrong = sorted(d for d in deps if d.split(".")[0] not in allowed[package])
+        assert not wrong, f"{name} imports {wrong}"
+
+
+def test_storage_sits_below_the_decoder():
+    """Listing objects must not import PIL or simplejpeg: the extension list lives in core.formats."""
+    graph = _graph()
+    seen, todo = set(), ["core.storage"]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    assert "core.images" not in seen and "core.formats" in seen
+    assert graph["core.formats"] == set()
