@@ -1,6 +1,6 @@
 """Check the cluster config and the schedule recipes before a user copies them.
 
-    python -m cluster.check [ray_cluster.yaml] [cluster/schedules]
+    python -m jobs.cluster_check [ray_cluster.yaml] [cluster/schedules]
 
 1. ray_cluster.yaml against the cluster-config JSON schema shipped inside the installed `ray`
    package (`ray/autoscaler/ray-schema.json`, what `ray up` itself validates with), then Ray's
@@ -30,7 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
-SCHEDULES_DIR = Path(__file__).resolve().parent / "schedules"
+SCHEDULES_DIR = REPO / "cluster" / "schedules"
 # AWS access key ids, and secret names followed by a value
 _SECRETS = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|(aws_secret_access_key|aws_session_token"
                       r"|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN)\s*[:=]", re.I)
@@ -238,14 +238,14 @@ def check_schedules(directory: Path = SCHEDULES_DIR) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.cluster_check", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=CLUSTER_YAML)
     parser.add_argument("schedules", nargs="?", type=Path, default=SCHEDULES_DIR)
     args = parser.parse_args(argv)
     problems = check_cluster_config(args.config) + check_schedules(args.schedules)
     for p in problems:
         print(p)
-    print(f"cluster.check: {len(problems)} problem(s)", file=sys.stderr)
+    print(f"cluster_check: {len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster import submit as sub
+from cluster import submit as cluster_submit
 from core.errors import EXIT_FAILED, EXIT_OK, ConfigError
 
 ACTIONS = ("status", "logs", "stop", "list")
@@ -23,7 +23,7 @@ ACTIONS = ("status", "logs", "stop", "list")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS, help="what to do")
     parser.add_argument("job_id", nargs="?", default=None, help="submission id (not for list)")
-    parser.add_argument("--address", default=sub.default_address(),
+    parser.add_argument("--address", default=cluster_submit.default_address(),
                         help="Ray job API (dashboard) address; $RAY_ADDRESS if it is http(s)://")
     parser.add_argument("--wait", action="store_true", help="status: wait for the job to end")
     parser.add_argument("--wait-timeout", type=float, default=None, metavar="S",
@@ -32,20 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _status(client, args: argparse.Namespace) -> int:
-    info = sub.wait(client, args.job_id, timeout_s=args.wait_timeout) if args.wait \
-        else sub.job_info(client, args.job_id)
+    info = cluster_submit.wait(client, args.job_id, timeout_s=args.wait_timeout) if args.wait \
+        else cluster_submit.job_info(client, args.job_id)
     status = getattr(info.status, "value", str(info.status))
-    if status not in sub.TERMINAL:
+    if status not in cluster_submit.TERMINAL:
         print(f"{args.job_id} {status}")
         return EXIT_OK
-    result = sub.outcome(info)
+    result = cluster_submit.outcome(info)
     print(f"{args.job_id} {status}: {result.message}")
     return result.exit_code
 
 
 def _stop(client, job_id: str) -> int:
-    if sub.stop(client, job_id):
-        info = sub.wait(client, job_id, timeout_s=60)
+    if cluster_submit.stop(client, job_id):
+        info = cluster_submit.wait(client, job_id, timeout_s=60)
         print(f"{job_id} {getattr(info.status, 'value', info.status)}")
         return EXIT_OK
     print(f"{job_id} was not running", file=sys.stderr)
@@ -56,16 +56,16 @@ def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.job_id:
         raise ConfigError(f"jobs {args.action}: give the job's submission id "
                           "(`breedlabel jobs list` shows them)")
-    client = sub.connect(args.address)
+    client = cluster_submit.connect(args.address)
     if args.action == "list":
-        print(sub.describe(sub.list_rows(client)))
+        print(cluster_submit.describe(cluster_submit.list_rows(client)))
         return EXIT_OK
     if args.action == "status":
         return _status(client, args)
     if args.action == "stop":
         return _stop(client, args.job_id)
     if args.follow:
-        sub.follow_logs(client, args.job_id)
+        cluster_submit.follow_logs(client, args.job_id)
     else:
-        sys.stdout.write(sub.logs(client, args.job_id))
+        sys.stdout.write(cluster_submit.logs(client, args.job_id))
     return EXIT_OK

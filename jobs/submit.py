@@ -25,8 +25,8 @@ import sys
 import time
 from typing import Sequence
 
-from cluster import runtime_env as renv
-from cluster import submit as sub
+from cluster import runtime_env
+from cluster import submit as cluster_submit
 from core import lease as leases
 from core.errors import EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
 
@@ -36,7 +36,7 @@ LOG_TAIL_LINES = 40
 def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     """Submit's own options (shared with the pass-through extraction parser)."""
     d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
-    parser.add_argument("--address", default=d(sub.default_address()),
+    parser.add_argument("--address", default=d(cluster_submit.default_address()),
                         help="Ray job API (dashboard) address; $RAY_ADDRESS if it is http(s)://")
     parser.add_argument("--wait", action="store_true", default=d(False),
                         help="wait for the end; exit with the job's code")
@@ -44,7 +44,7 @@ def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -
                         help="stream the job's log while waiting (implies --wait)")
     parser.add_argument("--wait-timeout", type=float, default=d(None), metavar="S",
                         help="give up waiting after S seconds (the job keeps running)")
-    parser.add_argument("--runtime-env", choices=renv.MODES, default=d(renv.DEFAULT_MODE),
+    parser.add_argument("--runtime-env", choices=runtime_env.MODES, default=d(runtime_env.DEFAULT_MODE),
                         help="how code and dependencies reach the nodes (see cluster/runtime_env.py)")
     parser.add_argument("--working-dir", default=d(None), metavar="DIR",
                         help="code to upload (default: this breedlabel checkout)")
@@ -58,7 +58,7 @@ def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", choices=list(sub.ENTRYPOINT_MODULES), help="which job to run")
+    parser.add_argument("job", choices=list(cluster_submit.ENTRYPOINT_MODULES), help="which job to run")
     add_submit_options(parser)
     parser.add_argument("job_args", nargs=argparse.REMAINDER, metavar="JOB_ARGS",
                         help="the job's own arguments (as for `breedlabel JOB`)")
@@ -80,7 +80,7 @@ def split_args(args: argparse.Namespace) -> list[str]:
 
 def _job_namespace(kind: str, job_args: list[str]) -> argparse.Namespace:
     """Parse the job's arguments with the job's own parser (usage errors before submitting)."""
-    module = importlib.import_module(sub.ENTRYPOINT_MODULES[kind])
+    module = importlib.import_module(cluster_submit.ENTRYPOINT_MODULES[kind])
     parser = argparse.ArgumentParser(prog=f"breedlabel submit {kind}")
     module.add_arguments(parser)
     return parser.parse_args(job_args)  # exits 2 on a usage error
@@ -120,13 +120,13 @@ def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def build_request(args: argparse.Namespace, job_args: list[str]) -> sub.JobRequest:
+def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_submit.JobRequest:
     ns = _job_namespace(args.job, job_args)
     _check_paths(job_args)
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
-    return sub.JobRequest(
+    return cluster_submit.JobRequest(
         kind=args.job, job_args=tuple(job_args),
-        runtime_env=renv.build_runtime_env(args.runtime_env, working_dir=args.working_dir,
+        runtime_env=runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir,
                                            env_vars=_env_vars(args.env)),
         output=output, submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
         entrypoint_num_gpus=args.entrypoint_num_gpus)
@@ -142,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
         skipped = _lease_skip(req.output)
         if skipped is not None:
             return skipped
-    client = sub.connect(args.address)
-    job_id = sub.submit(client, req)
+    client = cluster_submit.connect(args.address)
+    job_id = cluster_submit.submit(client, req)
     print(job_id, flush=True)
     print(f"breedlabel submit: submitted {req.kind} job {job_id} to {args.address}; "
           f"`breedlabel jobs status {job_id}`, `breedlabel jobs logs {job_id} --follow`",
@@ -151,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if not (args.wait or args.follow):
         return EXIT_OK
     if args.follow:
-        sub.follow_logs(client, job_id, out=sys.stderr)
-    result = sub.outcome(sub.wait(client, job_id, timeout_s=args.wait_timeout))
+        cluster_submit.follow_logs(client, job_id, out=sys.stderr)
+    result = cluster_submit.outcome(cluster_submit.wait(client, job_id, timeout_s=args.wait_timeout))
     if result.exit_code != EXIT_OK and not args.follow:  # the scheduler's log shows why
-        tail = sub.logs(client, job_id).splitlines()[-LOG_TAIL_LINES:]
+        tail = cluster_submit.logs(client, job_id).splitlines()[-LOG_TAIL_LINES:]
         print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
     print(f"breedlabel submit: job {job_id} {result.status}: {result.message}", file=sys.stderr)
     return result.exit_code

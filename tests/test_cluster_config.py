@@ -12,9 +12,9 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import check
-from cluster import runtime_env as renv
-from cluster import submit as sub
+from jobs import cluster_check as check
+from cluster import runtime_env
+from cluster import submit as cluster_submit
 from core.errors import ConfigError, JobError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,22 +117,22 @@ def test_submit_options_anywhere_job_options_pass_through(tmp_path):
 
 def test_entrypoint_is_the_job_module():
     """No wrapper: the label job takes its output's lease itself (--lease-ttl is its own option)."""
-    req = sub.JobRequest(kind="label", job_args=("/in", "--out", "/o", "--model", "/m", "--lease-ttl", "120"),
-                         runtime_env={}, output="/o")
-    entry = sub.build_entrypoint(req)
-    assert sub.shown_entrypoint(entry) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
-    assert entry.startswith(sub.RAY_PYTHON)
-    train = sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
-    assert sub.shown_entrypoint(sub.build_entrypoint(train)) == "python -m jobs.train --workers 2"
+    job_args = ("/in", "--out", "/o", "--model", "/m", "--lease-ttl", "120")
+    req = cluster_submit.JobRequest(kind="label", job_args=job_args, runtime_env={}, output="/o")
+    entry = cluster_submit.build_entrypoint(req)
+    assert cluster_submit.shown_entrypoint(entry) == "python -m jobs.label /in --out /o --model /m --lease-ttl 120"
+    assert entry.startswith(cluster_submit.RAY_PYTHON)
+    train = cluster_submit.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
+    assert cluster_submit.shown_entrypoint(cluster_submit.build_entrypoint(train)) == "python -m jobs.train --workers 2"
 
 
-@pytest.mark.parametrize("kind", sorted(sub.ENTRYPOINT_MODULES))
+@pytest.mark.parametrize("kind", sorted(cluster_submit.ENTRYPOINT_MODULES))
 def test_every_entrypoint_module_runs_as_a_script(kind):
     """`python -m jobs.<kind>` is what a submitted job runs: it must be the command, not a no-op."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", sub.ENTRYPOINT_MODULES[kind], "--help"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", cluster_submit.ENTRYPOINT_MODULES[kind], "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout and "--out" in proc.stdout, proc.stderr[-2000:]
 
@@ -160,7 +160,8 @@ def test_entrypoint_runs_the_python_ray_runs(tmp_path, raylet_flag, expect):
     ray_python = fake_python(tmp_path / "venv", "ray's python")
     fake_python(tmp_path / "path", "python on PATH")
     flag = f"--python_worker_command={ray_python} /ray/_private/workers/setup_worker.py" if raylet_flag else "--x"
-    entry = sub.build_entrypoint(sub.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={}))
+    request = cluster_submit.JobRequest(kind="train", job_args=("--workers", "2"), runtime_env={})
+    entry = cluster_submit.build_entrypoint(request)
     env = dict(os.environ, PATH=f"{tmp_path / 'path'}{os.pathsep}{os.environ['PATH']}")
     raylet = subprocess.run([sys.executable, "-c", _RAYLET, _SUPERVISOR, entry, flag], env=env,
                             capture_output=True, text=True, timeout=60)
@@ -168,14 +169,14 @@ def test_entrypoint_runs_the_python_ray_runs(tmp_path, raylet_flag, expect):
 
 
 def test_runtime_env_modes():
-    upload = renv.build_runtime_env("upload")
+    upload = runtime_env.build_runtime_env("upload")
     assert upload["working_dir"] == str(REPO) and ".venv" in upload["excludes"] and "tests/" in upload["excludes"]
     assert upload["env_vars"]["TF_USE_LEGACY_KERAS"] == "1" and "pip" not in upload
-    pip = renv.build_runtime_env("upload+pip")["pip"]["packages"]
+    pip = runtime_env.build_runtime_env("upload+pip")["pip"]["packages"]
     assert any(p.startswith("ray[") and "==2.60.0" in p for p in pip) and not any("extra" in p for p in pip)
-    assert "working_dir" not in renv.build_runtime_env("installed")
+    assert "working_dir" not in runtime_env.build_runtime_env("installed")
     with pytest.raises(ConfigError, match="credential"):
-        renv.build_runtime_env("upload", env_vars={"AWS_SECRET_ACCESS_KEY": "x"})
+        runtime_env.build_runtime_env("upload", env_vars={"AWS_SECRET_ACCESS_KEY": "x"})
 
 
 def test_relative_paths_are_refused(tmp_path, monkeypatch):
@@ -199,33 +200,34 @@ class FakeInfo:
 
 
 def _write_manifest(out: str, run_id: str, exit_code: int, finished_at: str = "2030-01-01T00:00:00+00:00") -> None:
-    from core import output as o
+    from core import output
 
-    dest = o.Output(out)
-    dest.write_json(dest.published(run_id, o.MANIFEST_FILE), {
-        o.M_RUN_ID: run_id, o.M_STATUS: o.STATUS_COMPLETE, o.M_EXIT_CODE: exit_code, o.M_IMAGES: 5,
-        o.M_LABELLED: 4, o.M_SKIPPED: 0, o.M_ERROR_RATE: 0.2, o.M_MAX_ERROR_RATE: 0.1,
-        o.M_FINISHED_AT: finished_at})
+    dest = output.Output(out)
+    dest.write_json(dest.published(run_id, output.MANIFEST_FILE), {
+        output.M_RUN_ID: run_id, output.M_STATUS: output.STATUS_COMPLETE, output.M_EXIT_CODE: exit_code,
+        output.M_IMAGES: 5,
+        output.M_LABELLED: 4, output.M_SKIPPED: 0, output.M_ERROR_RATE: 0.2, output.M_MAX_ERROR_RATE: 0.1,
+        output.M_FINISHED_AT: finished_at})
 
 
 def test_exit_codes_follow_the_manifest(tmp_path):
     out = str(tmp_path / "labels")
-    meta = {sub.META_KIND: "label", sub.META_OUTPUT: out}
+    meta = {cluster_submit.META_KIND: "label", cluster_submit.META_OUTPUT: out}
     # Ray says SUCCEEDED but nothing was published: failed
-    assert sub.outcome(FakeInfo("SUCCEEDED", 0, meta)).exit_code == 1
+    assert cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, meta)).exit_code == 1
     _write_manifest(out, "r1", 0)
-    done = sub.outcome(FakeInfo("SUCCEEDED", 0, meta))
+    done = cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, meta))
     assert done.exit_code == 0 and "5 images" in done.message
     _write_manifest(out, "r2", 3, finished_at="2031-01-01T00:00:00+00:00")
-    over = sub.outcome(FakeInfo("FAILED", 3, meta))  # the newest manifest finished after the job started
+    over = cluster_submit.outcome(FakeInfo("FAILED", 3, meta))  # the newest manifest finished after the job started
     assert over.exit_code == 3 and "error rate" in over.message
     # a job that failed is failed, whatever manifests other runs wrote
-    assert sub.outcome(FakeInfo("FAILED", 1, meta)).exit_code == 1
-    assert sub.outcome(FakeInfo("FAILED", 75, meta)).exit_code == 75
-    assert sub.outcome(FakeInfo("STOPPED", None, meta)).exit_code == 1
-    assert sub.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
-    assert sub.outcome(FakeInfo("SUCCEEDED", 0, {sub.META_KIND: "train"})).exit_code == 0
-    assert sub.outcome(FakeInfo("FAILED", 1, {sub.META_KIND: "train"})).exit_code == 1
+    assert cluster_submit.outcome(FakeInfo("FAILED", 1, meta)).exit_code == 1
+    assert cluster_submit.outcome(FakeInfo("FAILED", 75, meta)).exit_code == 75
+    assert cluster_submit.outcome(FakeInfo("STOPPED", None, meta)).exit_code == 1
+    assert cluster_submit.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
+    assert cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, {cluster_submit.META_KIND: "train"})).exit_code == 0
+    assert cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"})).exit_code == 1
 
 
 class FlakyClient:
@@ -250,14 +252,14 @@ class LostReplyClient(FlakyClient):
 
 
 def test_submit_retries_a_busy_head(monkeypatch):
-    monkeypatch.setattr(sub, "POLL_S", 0.01)
-    req = sub.JobRequest(kind="train", job_args=(), runtime_env={})
+    monkeypatch.setattr(cluster_submit, "POLL_S", 0.01)
+    req = cluster_submit.JobRequest(kind="train", job_args=(), runtime_env={})
     client = FlakyClient([OSError("Connection aborted"), RuntimeError("500: No available agent to submit job")])
-    assert sub.submit(client, req).startswith("breedlabel-train-") and len(client.calls) == 3
+    assert cluster_submit.submit(client, req).startswith("breedlabel-train-") and len(client.calls) == 3
     lost_reply = LostReplyClient([])  # accepted the first time, but the reply never came back
-    assert sub.submit(lost_reply, req).startswith("breedlabel-train-") and len(lost_reply.calls) == 2
+    assert cluster_submit.submit(lost_reply, req).startswith("breedlabel-train-") and len(lost_reply.calls) == 2
     with pytest.raises(JobError, match="bad entrypoint"):
-        sub.submit(FlakyClient([RuntimeError("400: bad entrypoint")]), req)
+        cluster_submit.submit(FlakyClient([RuntimeError("400: bad entrypoint")]), req)
 
 
 def test_cli_registers_submit_and_jobs():
@@ -275,7 +277,7 @@ class FinishedJobClient:
         return kwargs["submission_id"]
 
     def get_job_info(self, job_id):
-        return FakeInfo("SUCCEEDED", 0, {sub.META_KIND: "train"})
+        return FakeInfo("SUCCEEDED", 0, {cluster_submit.META_KIND: "train"})
 
     def get_job_logs(self, job_id):
         return "the job's log\n"
@@ -289,7 +291,7 @@ def test_submit_prints_only_the_job_id_on_stdout(tmp_path, monkeypatch, capsys, 
     """`JOB=$(breedlabel submit …)` gets the id, whatever else submit says (on stderr)."""
     from jobs.cli import main
 
-    monkeypatch.setattr(sub, "connect", lambda address: FinishedJobClient())
+    monkeypatch.setattr(cluster_submit, "connect", lambda address: FinishedJobClient())
     code = main(["submit", "train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), *mode])
     out, err = capsys.readouterr()
     assert code == 0, err
