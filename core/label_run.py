@@ -74,7 +74,7 @@ class LabelRun:
         self.first_rows_at: float | None = None  # epoch time of the first labelled rows
 
     @property
-    def done(self) -> np.ndarray | None:
+    def done_keys(self) -> np.ndarray | None:
         """Content keys the actors skip after reading (None when empty)."""
         return self.skipset.content if len(self.skipset.content) else None
 

@@ -155,13 +155,13 @@ def infer(runtime: Runtime, images: np.ndarray, ok: np.ndarray, num_classes: int
 
 
 def skip_mask(uris: Sequence[str], members: Sequence[str | None], shas: Sequence[str],
-              model_id: str, done: np.ndarray | None) -> np.ndarray:
-    """True where the content key (uri, member, sha, model_id) is in the sorted key-set `done`."""
-    if done is None or len(done) == 0:
+              model_id: str, done_keys: np.ndarray | None) -> np.ndarray:
+    """True where the content key (uri, member, sha, model_id) is in the sorted key-set `done_keys`."""
+    if done_keys is None or len(done_keys) == 0:
         return np.zeros(len(uris), dtype=bool)
     keys = np.fromiter((content_key(u, m, s, model_id) for u, m, s in zip(uris, members, shas)), np.uint64,
                        count=len(uris))
-    return contains_all(done, keys)
+    return contains_all(done_keys, keys)
 
 
 def _row_errors(fetched_errors, decode_reasons, ok, skipped) -> list[str | None]:
@@ -185,13 +185,13 @@ def _timed(rows: pa.Table, start: float) -> pa.Table:
 
 
 def decode_chunk(chunk: pa.Table, *, size: tuple[int, int], policy: str, model_id: str,
-                 done: np.ndarray | None = None, read: Reader = read_object, io_threads: int = 8) -> pa.Table:
+                 done_keys: np.ndarray | None = None, read: Reader = read_object, io_threads: int = 8) -> pa.Table:
     """CPU decode stage of the two-stage pipeline (GPU actors): the input of `label_decoded`."""
     uris, members = _columns(chunk)
     with ThreadPoolExecutor(max(1, io_threads)) as pool:
         got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(),
                     pool, read)
-    skipped = skip_mask(uris, members, got.shas, model_id, done)
+    skipped = skip_mask(uris, members, got.shas, model_id, done_keys)
     datas = [None if s else d for d, s in zip(got.datas, skipped)]
     images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), size, policy, None)
     return pa.table({
@@ -222,7 +222,7 @@ class BatchLabeller:
         self.policy = bundle.resize_policy
         self.class_ids = [c.id for c in bundle.classes]
         self.class_names = [c.name for c in bundle.classes]
-        self.top_k, self.done = top_k, done_keys
+        self.top_k, self.done_keys = top_k, done_keys
         self.read = read
         self._decode_pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
         self._io_pool = ThreadPoolExecutor(io_threads) if io_threads > 1 else None
@@ -236,7 +236,7 @@ class BatchLabeller:
         uris, members = _columns(chunk)
         got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(),
                     self._io_pool, self.read)
-        skipped = skip_mask(uris, members, got.shas, self.bundle.model_id, self.done)
+        skipped = skip_mask(uris, members, got.shas, self.bundle.model_id, self.done_keys)
         datas = [None if s else d for d, s in zip(got.datas, skipped)]
         images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), self.size, self.policy,
                                                            self._decode_pool)

@@ -112,9 +112,3 @@ class KeyLog:
 
     def skipset(self) -> SkipSet:
         return SkipSet(key_set(np.frombuffer(self.content, np.uint64)), key_set(np.frombuffer(self.listing, np.uint64)))
-
-
-def rows_skipset(rows: pa.Table, *, archives: bool = True) -> SkipSet:
-    log = KeyLog()
-    log.add_rows(rows, archives=archives)
-    return log.skipset()

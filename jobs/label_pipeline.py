@@ -201,11 +201,9 @@ def _queue_datasource(queue, n_tasks: int):
 class LabelActor:
     """Fused stage (CPU): load the bundle once, then read + decode + predict each chunk."""
 
-    def __init__(self, model: str, done: list, *, runtime: str, threads: int, decode_threads: int,
+    def __init__(self, model: str, finished_box: list, *, runtime: str, threads: int, decode_threads: int,
                  io_threads: int, top_k: int, s3: S3Options, max_object_bytes: int):
-        import ray
-
-        keys = ray.get(done[0]) if done else None
+        keys = _finished_keys(finished_box)
         self.labeller = labelling.BatchLabeller(
             load_bundle(model), runtime=runtime, threads=threads, decode_threads=decode_threads,
             io_threads=io_threads, top_k=top_k, done_keys=keys, read=labelling.reader(s3, max_object_bytes))
@@ -224,13 +222,12 @@ class PredictActor(LabelActor):
 
 
 @_failing
-def _decode_stage(batch: pa.Table, *, size, policy, model_id, done, io_threads, s3, max_object_bytes) -> pa.Table:
-    import ray
-
-    keys = ray.get(done[0]) if done else None
+def _decode_stage(batch: pa.Table, *, size, policy, model_id, finished_box, io_threads, s3,
+                  max_object_bytes) -> pa.Table:
+    keys = _finished_keys(finished_box)
     read = labelling.reader(s3, max_object_bytes)
     return pa.concat_tables([_row(labelling.decode_chunk(t, size=tuple(size), policy=policy, model_id=model_id,
-                                                         done=keys, io_threads=io_threads, read=read))
+                                                         done_keys=keys, io_threads=io_threads, read=read))
                              for t in _tables(batch)])
 
 
@@ -244,7 +241,20 @@ def cluster_resources() -> ClusterResources:
     return ClusterResources(total_cpus=sum(cpus), min_node_cpus=min(cpus) if cpus else 1, gpus=gpus)
 
 
-def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
+def _finished_keys(finished_box: list):
+    """The keys finished since the run's listing (a resumed run's SkipSet), or None.
+
+    The object ref travels boxed in a list: Ray resolves a ref passed as an argument by itself
+    (once per task, and into the constructor's arguments), a boxed one is fetched here, once per
+    actor, from the object store (zero-copy on the same node)."""
+    if not finished_box:
+        return None
+    import ray
+
+    return ray.get(finished_box[0])
+
+
+def build_dataset(cfg: LabelConfig, pipeline_plan: PipelinePlan, queue, finished_ref):
     """read (queue) -> [decode tasks] -> predict actors; one row per chunk all the way."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -261,38 +271,39 @@ def build_dataset(cfg: LabelConfig, shape: PipelinePlan, queue, done_ref):
         object_store_memory=max(256 << 20, 4 * cfg.chunk_bytes))
     ds = ray.data.read_datasource(_queue_datasource(queue, READ_TASKS), num_cpus=0, override_num_blocks=READ_TASKS,
                                   label_selector=ray_session.driver_node_label())
-    done = [done_ref] if done_ref is not None else []
-    actor_kwargs = dict(model=cfg.model, done=done, runtime=cfg.runtime, threads=shape.runtime_threads,
-                        decode_threads=shape.decode_threads, io_threads=cfg.io_threads, top_k=cfg.top_k,
-                        s3=cfg.s3, max_object_bytes=cfg.max_object_bytes)
-    compute = ActorPoolStrategy(size=shape.actors)
-    if shape.pipeline == FUSED:
+    finished_box = [finished_ref] if finished_ref is not None else []
+    actor_kwargs = dict(model=cfg.model, finished_box=finished_box, runtime=cfg.runtime,
+                        threads=pipeline_plan.runtime_threads, decode_threads=pipeline_plan.decode_threads,
+                        io_threads=cfg.io_threads, top_k=cfg.top_k, s3=cfg.s3, max_object_bytes=cfg.max_object_bytes)
+    compute = ActorPoolStrategy(size=pipeline_plan.actors)
+    if pipeline_plan.pipeline == FUSED:
         return ds.map_batches(LabelActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,
-                              batch_format="pyarrow", num_cpus=shape.cpus_per_actor, zero_copy_batch=True)
+                              batch_format="pyarrow", num_cpus=pipeline_plan.cpus_per_actor, zero_copy_batch=True)
     bundle = load_bundle(cfg.model)
     # A memory request of its own also keeps Ray from fusing this stage into the actors.
     decoded = ds.map_batches(
         _decode_stage, batch_size=1, batch_format="pyarrow", num_cpus=1, memory=DECODE_TASK_MEMORY,
         zero_copy_batch=True, fn_kwargs=dict(size=bundle.input_size, policy=bundle.resize_policy,
-                                             model_id=bundle.model_id, done=done, io_threads=cfg.io_threads,
-                                             s3=cfg.s3, max_object_bytes=cfg.max_object_bytes))
+                                             model_id=bundle.model_id, finished_box=finished_box,
+                                             io_threads=cfg.io_threads, s3=cfg.s3,
+                                             max_object_bytes=cfg.max_object_bytes))
     actor_kwargs["decode_threads"] = 1
     return decoded.map_batches(PredictActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,
-                               batch_format="pyarrow", num_cpus=shape.cpus_per_actor,
-                               num_gpus=shape.gpus_per_actor, zero_copy_batch=True)
+                               batch_format="pyarrow", num_cpus=pipeline_plan.cpus_per_actor,
+                               num_gpus=pipeline_plan.gpus_per_actor, zero_copy_batch=True)
 
 
 def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], stop: GracefulStop) -> PipelinePlan:
     """Label `items` (the listing, what is left of it) into `run`; returns the plan it ran with."""
     import ray
 
-    shape = plan(cfg, cluster_resources())
-    log.debug("label plan: %s", shape)
-    done_ref = ray.put(run.done) if run.done is not None else None
+    pipeline_plan = plan(cfg, cluster_resources())
+    log.debug("label plan: %s", pipeline_plan)
+    finished_ref = ray.put(run.done_keys) if run.done_keys is not None else None
     feeder = Feeder(items, cfg.batch_size, cfg.queue_chunks, cfg.chunk_bytes).start()
     pbar = _progress(cfg)
     try:
-        ds = build_dataset(cfg, shape, feeder.queue, done_ref)
+        ds = build_dataset(cfg, pipeline_plan, feeder.queue, finished_ref)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rows in _tables(batch):
                 run.add(rows)
@@ -307,7 +318,7 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
     if not feeder.finished or run.seen != feeder.listed:
         raise JobError(f"run {run.run_id}: {feeder.listed} inputs listed but {run.seen} came back from the "
                        "pipeline; nothing was published. Rerun the same command: it resumes from the staged parts")
-    return shape
+    return pipeline_plan
 
 
 def _progress(cfg: LabelConfig) -> console.Progress | None:

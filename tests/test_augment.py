@@ -5,22 +5,23 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core import augment as A
+from core import augment
 from core.config import AugmentConfig
 
 SIZE = 32
 
 OPS = {
-    "resize": lambda x: A.resize(x, SIZE),
-    "random_resized_crop": lambda x: A.random_resized_crop(x, SIZE, (0.2, 1.0)),
-    "zoom_out_then_crop": lambda x: A.random_resized_crop(A.random_zoom_out(x, 2.0, 1.0), SIZE),
-    "random_flip": A.random_flip,
-    "random_rotation": lambda x: A.random_rotation(x, 20.0),
-    "random_zoom": lambda x: A.random_zoom(x, (0.8, 1.2)),
-    "random_translate": lambda x: A.random_translate(x, 0.2),
-    "random_contrast": lambda x: A.random_contrast(x, 0.3),
-    "color_jitter": lambda x: A.color_jitter(x, 0.3, 0.3, 0.05),
-    "build_augment": A.build_augment(AugmentConfig(rotation_deg=10, zoom=(0.9, 1.1), translate=0.1, hue=0.02), SIZE),
+    "resize": lambda x: augment.resize(x, SIZE),
+    "random_resized_crop": lambda x: augment.random_resized_crop(x, SIZE, (0.2, 1.0)),
+    "zoom_out_then_crop": lambda x: augment.random_resized_crop(augment.random_zoom_out(x, 2.0, 1.0), SIZE),
+    "random_flip": augment.random_flip,
+    "random_rotation": lambda x: augment.random_rotation(x, 20.0),
+    "random_zoom": lambda x: augment.random_zoom(x, (0.8, 1.2)),
+    "random_translate": lambda x: augment.random_translate(x, 0.2),
+    "random_contrast": lambda x: augment.random_contrast(x, 0.3),
+    "color_jitter": lambda x: augment.color_jitter(x, 0.3, 0.3, 0.05),
+    "build_augment": augment.build_augment(
+        AugmentConfig(rotation_deg=10, zoom=(0.9, 1.1), translate=0.1, hue=0.02), SIZE),
 }
 
 
@@ -56,15 +57,15 @@ def test_op_in_dataset_map(name):
 
 def test_zoom_out_grows_canvas_and_keeps_content():
     x = tf.fill([10, 10, 3], 200.0)
-    out = A.random_zoom_out(x, max_scale=3.0, prob=1.0)
+    out = augment.random_zoom_out(x, max_scale=3.0, prob=1.0)
     assert out.shape[0] >= 10 and out.shape[1] >= 10
     np.testing.assert_allclose(out.numpy(), 200.0)  # mean-colour fill of a flat image
-    assert A.random_zoom_out(x, 3.0, prob=0.0).shape == (10, 10, 3)
+    assert augment.random_zoom_out(x, 3.0, prob=0.0).shape == (10, 10, 3)
 
 
 def test_rotation_zero_is_identity_and_flip_mirrors():
     x = tf.cast(_image(SIZE, SIZE), tf.float32)
-    np.testing.assert_allclose(A.random_rotation(x, 0.0).numpy(), x.numpy())
-    np.testing.assert_allclose(A.random_zoom(x, (1.0, 1.0)).numpy(), x.numpy(), atol=1e-3)
-    flips = {bool(np.allclose(A.random_flip(x).numpy(), x.numpy()[:, ::-1])) for _ in range(20)}
+    np.testing.assert_allclose(augment.random_rotation(x, 0.0).numpy(), x.numpy())
+    np.testing.assert_allclose(augment.random_zoom(x, (1.0, 1.0)).numpy(), x.numpy(), atol=1e-3)
+    flips = {bool(np.allclose(augment.random_flip(x).numpy(), x.numpy()[:, ::-1])) for _ in range(20)}
     assert flips == {True, False}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import duckdb
@@ -22,6 +21,7 @@ from core import lease, output, storage
 from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, EXIT_OK
 from tests.fixtures.crash import REPO, Point, job_env, label_command
 from tests.fixtures.images import jpeg_bytes
+from tests.fixtures.waiting import wait_until
 
 N_IMAGES = 40
 KEY = ["uri", "member", "content_sha256", "model_id"]
@@ -215,9 +215,5 @@ def test_runtime_in_the_manifest_is_what_the_actors_ran(photos, tiny_bundle, out
 
 def _wait_for(marker: Path, proc: subprocess.Popen) -> None:
     """Until the paused process reaches its pause point (it writes `marker`), or dies."""
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode} before pausing: {proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, "never reached its pause point"
-        time.sleep(0.1)
+    wait_until(marker.exists, what="at its pause point", timeout_s=RUN_TIMEOUT_S, every_s=0.1, proc=proc,
+               describe=lambda: proc.stderr.read()[-3000:])

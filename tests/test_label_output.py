@@ -170,7 +170,7 @@ def test_a_resumed_run_drops_rows_a_run_finished_since_then(tmp_path):
     again.commit(None)
     table = out.read_finished()
     assert table.num_rows == 6 and len(set(table.column("uri").to_pylist())) == 6
-    assert skipset.contains(again.done, skipset.content_key("/data/img5.jpg", None, "shaimg5", "M"))
+    assert skipset.contains(again.done_keys, skipset.content_key("/data/img5.jpg", None, "shaimg5", "M"))
 
 
 def test_part_writer_stages_by_rows_and_by_time(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from core import lease as leases
 from core.errors import EXIT_LEASE_HELD
 from core.lease import LeaseHeldError, LeaseLostError
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,10 +101,12 @@ def test_held_renews_while_running(tmp_path):
     out = str(tmp_path / "out")
     with leases.held(out, "long-run", ttl_s=0.6) as lease:
         first_expiry = lease.info.expires_at
-        time.sleep(1.0)
-        current = leases.read_lease(out)
-        assert current.run_id == "long-run" and current.expires_at > first_expiry
-        assert not current.expired(time.time())
+        # renewed every ttl/3: wait for two renewals, however slow the machine
+        renewed = wait_until(lambda: (c := leases.read_lease(out)) and c.expires_at > first_expiry and c,
+                             what="renewed once", every_s=0.05)
+        again = wait_until(lambda: (c := leases.read_lease(out)) and c.expires_at > renewed.expires_at and c,
+                           what="renewed twice", every_s=0.05)
+        assert again.run_id == renewed.run_id == "long-run" and again.owner == lease.info.owner
     assert leases.read_lease(out) is None
 
 

@@ -1,5 +1,5 @@
 """Multi-node behaviour without a cloud: a label run on a 3-node (head + 2 workers) `ray.cluster_utils.Cluster` (one
-machine), a worker node killed mid-run, and still every input labelled exactly once.
+machine), a worker node killed while its predict actor holds a chunk, and still every input labelled exactly once.
 
 Why it holds: the predict actors are a Ray Data actor pool (restarted, batches retried on the
 surviving actors), rows return to the driver, which alone writes parts with deterministic
@@ -7,57 +7,86 @@ names, and the run is published only when every listed input has a row.
 """
 from __future__ import annotations
 
+import os
 import threading
-import time
+
 import pyarrow.parquet as pq
 import pytest
 
 from tests.fixtures.images import jpeg_bytes
+from tests.fixtures.waiting import wait_until
 
-N_IMAGES = 900
+N_IMAGES = 240
 RUN_TIMEOUT_S = 420
 pytestmark = pytest.mark.slow
 
 
+# Loaded by every worker process of the two worker nodes (sitecustomize on their PYTHONPATH): the
+# first process to label a chunk records its node in HOLD_MARKER and keeps the chunk until its node
+# is killed, so the kill always catches a chunk in flight, which must then be labelled elsewhere.
+_HOLD_HOOK = """
+import importlib.util, os, sys, time
+
+class _HoldFirstChunk:
+    def find_spec(self, name, path=None, target=None):
+        if name != "core.labelling":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            real = module.BatchLabeller.label
+
+            def label(self, table):
+                try:
+                    fd = os.open(os.environ["HOLD_MARKER"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return real(self, table)
+                import ray
+                os.write(fd, ray.get_runtime_context().get_node_id().encode())
+                os.close(fd)
+                while True:
+                    time.sleep(1)
+
+            module.BatchLabeller.label = label
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _HoldFirstChunk())
+"""
+
+
 @pytest.fixture
 def three_nodes(tmp_path):
+    """(cluster, workers, hold marker): worker nodes run the hold hook."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from tests.fixtures.crash import REPO
+
     if ray.is_initialized():
         ray.shutdown()
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_HOOK)
+    marker = tmp_path / "held"
+    env = {"HOLD_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
     # The head has no CPUs (like a cluster whose head only runs drivers): the predict actors land
     # one per worker node, so a worker can be lost while the driver's side survives.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 1024 * 1024})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024, env_vars=env) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     try:
-        yield cluster, workers
+        yield cluster, workers, marker
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-def _alive_actors() -> list[tuple[str, str]]:
-    """(node id, class name) of alive actors, from the GCS of the connected cluster.
-
-    Not the state API: that goes through a dashboard address and, with several Ray instances
-    on one machine, can end up asking another cluster.
-    """
-    from ray._private import state
-
-    return [(a["Address"]["NodeID"], a["ActorClassName"]) for a in state.actors().values()
-            if a["State"] == "ALIVE"]
-
-
-def _victim(workers):
-    """A worker node running a predict actor, and not the listing queue (the driver's side)."""
-    actors = _alive_actors()
-    queue_nodes = {node for node, cls in actors if "Queue" in cls}
-    pool_nodes = {node for node, cls in actors if "MapWorker" in cls}
-    return next((n for n in workers if n.node_id in pool_nodes and n.node_id not in queue_nodes), None)
 
 
 def test_node_lost_mid_run_every_input_labelled_once(three_nodes, tiny_bundle, tmp_path):
@@ -65,7 +94,7 @@ def test_node_lost_mid_run_every_input_labelled_once(three_nodes, tiny_bundle, t
     from core.label_config import LabelConfig
     from jobs.label import label
 
-    cluster, workers = three_nodes
+    cluster, workers, held = three_nodes
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(N_IMAGES):
@@ -83,15 +112,15 @@ def test_node_lost_mid_run_every_input_labelled_once(three_nodes, tiny_bundle, t
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    victim = None
-    while victim is None and thread.is_alive():  # as soon as a worker node holds a predict actor
-        assert time.monotonic() < deadline, "no predict actor started in time"
-        victim = _victim(workers)
-        time.sleep(0.1)
-    assert victim is not None, f"the run ended before a worker node ran a predict actor: {result}"
-    cluster.remove_node(victim, allow_graceful=False)  # like a spot instance reclaimed
-    thread.join(timeout=max(1.0, deadline - time.monotonic()))
+
+    def holding() -> str:
+        assert thread.is_alive(), f"the run ended before a predict actor held a chunk: {result}"
+        return held.exists() and held.read_text()
+
+    node_id = wait_until(holding, what="a predict actor holding a chunk", timeout_s=RUN_TIMEOUT_S, every_s=0.1)
+    (victim,) = [n for n in workers if n.node_id == node_id]
+    cluster.remove_node(victim, allow_graceful=False)  # like a spot instance reclaimed, its chunk unfinished
+    thread.join(timeout=RUN_TIMEOUT_S)
     assert not thread.is_alive(), "the run did not finish after losing a node"
     assert "error" not in result, repr(result.get("error"))
 

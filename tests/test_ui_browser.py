@@ -11,11 +11,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from tests.fixtures.waiting import url_answers, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -38,17 +37,8 @@ def _free_port() -> int:
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"breedlabel ui exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"breedlabel ui did not answer on {url} within {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+    wait_until(url_answers(url), what=f"breedlabel ui up on {url}", timeout_s=START_TIMEOUT_S, every_s=0.5,
+               proc=proc, describe=lambda: log_path.read_text()[-4000:])
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,8 @@ def site(tiny_bundle, tmp_path_factory):
     photos = sorted(str(p) for p in examples.rglob("*.jpg"))
     notes = root / "notes.txt"
     notes.write_text("definitely not a picture\n")
-    labels = write_label_output(root / "labels", [(p, None, None) for p in photos] + [(str(notes), None, "not an image")])
+    rows = [(p, None, None) for p in photos] + [(str(notes), None, "not an image")]
+    labels = write_label_output(root / "labels", rows)
     port = _free_port()
     log_path = root / "ui.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
