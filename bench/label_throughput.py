@@ -10,6 +10,11 @@ img/s on one core, (d) end-to-end `breedlabel label` img/s, marginal between a 2
 8,000-file run (Ray start-up cancels out), (e) the reference one-image-at-a-time loop, (f) peak
 RSS of the whole job process tree at 2k and 20k images, then (d)/(a), (d)/(e), (d)/limit with
 limit = cores / (1/(c) + cores/(b)). Figures only; no assertions.
+
+    python bench/label_throughput.py --bundle NEW --baseline OLD [--small 1000 --large 3000]
+
+compares two bundles of the same backbone instead (e.g. with and without the dog score and the
+temperature): (b) and (d) for each, measured alternately in one run, and their ratios.
 """
 from __future__ import annotations
 
@@ -154,7 +159,12 @@ def main() -> None:
     ap.add_argument("--rss-large", type=int, default=20000)
     ap.add_argument("--pipelines", default="fused", help="comma list of fused,two-stage to measure for (d)")
     ap.add_argument("--label-args", default="", help="extra `breedlabel label` options, e.g. '--batch-size 32'")
+    ap.add_argument("--baseline", default=None, help="a second bundle: compare (b) and (d) of --bundle against it")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --baseline comparison")
     args = ap.parse_args()
+    if args.baseline:
+        compare(args)
+        return
 
     from core.bundle import load_bundle
     from core.runtime import load_runtime
@@ -192,6 +202,39 @@ def main() -> None:
     print(f"limit = {cores} / (1/(c) + {cores}/(b)) = {limit:.1f} img/s")
     print(f"(d)/(a) = {d_best / a:.2f}   (d)/(e) = {d_best / e:.1f}   (d)/limit = {d_best / limit:.2f}   "
           f"load average now {os.getloadavg()[0]:.2f}")
+
+
+def compare(args) -> None:
+    """(b) and (d) of --bundle and --baseline, alternating round by round (drifts in the machine's
+    speed hit both), then the medians and their ratios."""
+    from core.bundle import load_bundle
+    from core.runtime import load_runtime
+
+    cores = os.cpu_count() or 1
+    work = Path(args.work)
+    pool = replicate(Path(args.data), work, args.large)
+    files = sorted(pool.rglob("img*.jpg"))
+    bundles = {"new": load_bundle(args.bundle), "baseline": load_bundle(args.baseline)}
+    images = batches(files, bundles["new"].input_size)
+    runtimes = {k: load_runtime(b, "openvino", threads=cores) for k, b in bundles.items()}
+    small, large = subset(pool, work, args.small), subset(pool, work, args.large)
+    forward: dict[str, list[float]] = {k: [] for k in bundles}
+    label: dict[str, list[float]] = {k: [] for k in bundles}
+    extra = args.label_args.split()
+    for r in range(args.rounds):
+        for name in (("new", "baseline") if r % 2 == 0 else ("baseline", "new")):
+            forward[name].append(forward_rate(runtimes[name], images))
+            uri = args.bundle if name == "new" else args.baseline
+            t_small, _ = run_label(small, uri, extra)
+            t_large, _ = run_label(large, uri, extra)
+            label[name].append((args.large - args.small) / (t_large - t_small))
+            print(f"round {r + 1} {name:8s}: (b) {forward[name][-1]:7.1f} img/s  (d) {label[name][-1]:7.1f} img/s "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    med = {k: (float(np.median(forward[k])), float(np.median(label[k]))) for k in bundles}
+    for name, (b, d) in med.items():
+        print(f"{name:8s} {bundles[name].model_id[:12]}: (b) OpenVINO forward {b:7.1f} img/s, (d) end-to-end {d:7.1f} "
+              f"img/s (medians of {args.rounds})")
+    print(f"new/baseline: (b) {med['new'][0] / med['baseline'][0]:.3f}  (d) {med['new'][1] / med['baseline'][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ FORMAT_VERSIONS = (1, 2)
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probs"
+DOG_SCORE_OUTPUT = "dog_score"  # float32 [N], present when the card has a `dog_score` entry
 SAVED_MODEL_FILE = "saved_model.pb"
 VARIABLES_INDEX = "variables/variables.index"
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -52,6 +53,8 @@ CARD_DATA_FINGERPRINT = "data_fingerprint"
 CARD_METRICS = "metrics"
 CARD_CREATED_AT = "created_at"
 CARD_LIBRARIES = "library_versions"
+CARD_DOG_SCORE = "dog_score"  # {method, threshold, threshold_rule, ...}: the graph has a dog_score output
+CARD_CALIBRATION = "calibration"  # {method, temperature, ece_before, ece_after, ...}
 CARD_HASHES = "hashes"  # {"model/": sha256, "labels.json": sha256}: which file changed, when one did
 # What the card says that changes a prediction: part of model_id (format 2).
 PREDICTION_FIELDS = (CARD_INPUT_SIZE, CARD_RESIZE_POLICY)
@@ -85,6 +88,12 @@ class Bundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def dog_threshold(self) -> float | None:
+        """The card's not-a-dog threshold on `dog_score`; None for a bundle without a dog score."""
+        entry = self.card.get(CARD_DOG_SCORE)
+        return float(entry["threshold"]) if isinstance(entry, dict) and "threshold" in entry else None
+
 
 def _input_hw(value: Any) -> tuple[int, int]:
     if isinstance(value, int):
@@ -98,6 +107,8 @@ def bundle_id(model_sha256: str, labels_sha256: str, card: Mapping[str, Any]) ->
     """model_id (format 2): the model files, the class list and the card's decode settings, so
     that anything that changes a prediction changes the id (and an edit is refused at load)."""
     fields = {k: card[k] for k in PREDICTION_FIELDS}
+    if card.get(CARD_DOG_SCORE) is not None:  # its threshold sets is_dog; absent in older bundles
+        fields[CARD_DOG_SCORE] = card[CARD_DOG_SCORE]
     text = json.dumps({"model": model_sha256, "labels": labels_sha256, "card": fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -137,8 +148,9 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _save_serving_model(model: Any, model_dir: Path, input_size: int | tuple[int, int]) -> int:
-    """Wrap the Keras model in a tf.Module with a uint8 signature and save it; returns width C."""
+def _save_serving_model(model: Any, model_dir: Path, input_size: int | tuple[int, int]) -> tuple[int, bool]:
+    """Wrap the Keras model in a tf.Module with a uint8 signature and save it; returns (width C,
+    whether the signature has a dog_score output)."""
     import tensorflow as tf
 
     height, width = _input_hw(input_size)
@@ -149,14 +161,17 @@ def _save_serving_model(model: Any, model_dir: Path, input_size: int | tuple[int
 
     @tf.function(input_signature=[spec])
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probs = module.model(tf.cast(images, tf.float32), training=False)
-        return {OUTPUT_NAME: tf.cast(probs, tf.float32)}
+        out = module.model(tf.cast(images, tf.float32), training=False)
+        if isinstance(out, dict):  # registry.with_tta with a dog score
+            return {OUTPUT_NAME: tf.cast(out["probs"], tf.float32),
+                    DOG_SCORE_OUTPUT: tf.cast(out["dog_score"], tf.float32)}
+        return {OUTPUT_NAME: tf.cast(out, tf.float32)}
 
     module.serve = serve
     concrete = serve.get_concrete_function()
     out_width = concrete.structured_outputs[OUTPUT_NAME].shape[-1]
     tf.saved_model.save(module, str(model_dir), signatures={SIGNATURE: concrete})
-    return int(out_width) if out_width is not None else -1
+    return (int(out_width) if out_width is not None else -1), DOG_SCORE_OUTPUT in concrete.structured_outputs
 
 
 def _build_card(model_dir: Path, classes: Sequence[Breed], input_size: Any, resize_policy: str,
@@ -201,10 +216,13 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
         raise BundleError(f"{out_uri}: a bundle already exists there; export to a new location")
     local.mkdir(parents=True, exist_ok=True)
     try:
-        width = _save_serving_model(model, local / MODEL_DIR, input_size)
+        width, has_dog_score = _save_serving_model(model, local / MODEL_DIR, input_size)
         if width != len(classes):
             raise BundleError(f"export_bundle: the model outputs {width} classes but {len(classes)} "
                               "classes were given; build the head with num_classes=len(classes)")
+        if has_dog_score != (card_extra.get(CARD_DOG_SCORE) is not None):
+            raise BundleError("export_bundle: a model with a dog_score output needs the card's dog_score entry "
+                              "(threshold, method) and a card with one needs the output; pass both or neither")
         write_labels_json(list(classes), local / LABELS_FILE)
         card = _build_card(local / MODEL_DIR, classes, input_size, resize_policy, card_extra)
         model_id = card[CARD_MODEL_ID]

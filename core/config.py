@@ -95,6 +95,10 @@ class TrainConfig:
     # averages; a head trained on cached features also trains on views at each size
     tta_sizes: tuple[int, ...] = option((), "other input sizes the exported graph also averages over, kept only if "
                                         "that measures better; no value = none", type=int, metavar="PX")
+    dog_score: bool = option(True, "fit a not-a-dog score (Mahalanobis++ on the pooled features) and export it as "
+                             "the graph's dog_score output", negatable=True)
+    calibrate: bool = option(True, "fit a temperature on the validation split so the exported probabilities are "
+                             "calibrated", negatable=True)
     mixed_precision: bool = True  # only ever used when a GPU is present
     resize_policy: str = "resize_crop"
     max_steps_per_epoch: int | None = option(None, "cap on steps per epoch, for smoke runs (none = the whole split)",

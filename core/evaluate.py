@@ -84,6 +84,7 @@ class Evaluation:
     probs: np.ndarray | None = field(default=None, repr=False)
     labels: np.ndarray | None = field(default=None, repr=False)
     paths: list[str] = field(default_factory=list, repr=False)
+    dog_scores: np.ndarray | None = field(default=None, repr=False)  # [N], a bundle with a dog score
 
 
 def evaluate_paths(predictor, paths: Sequence[str], labels: np.ndarray, progress_every: int = 500) -> Evaluation:
@@ -92,13 +93,14 @@ def evaluate_paths(predictor, paths: Sequence[str], labels: np.ndarray, progress
     Undecodable images are reported in `errors` and left out of the metrics.
     """
     labels = np.asarray(labels, np.int64)
-    probs, kept, errors = [], [], {}
+    probs, kept, errors, dogs = [], [], {}, []
     step = predictor.batch_size
     for start in range(0, len(paths), step):
         results = predictor.predict_paths(paths[start:start + step], k=1, with_probs=True)
         for offset, res in enumerate(results):
             if res.ok:
                 probs.append(res.probs)
+                dogs.append(res.dog_score)
                 kept.append(start + offset)
             else:
                 errors[res.source] = res.error or "error"
@@ -106,5 +108,46 @@ def evaluate_paths(predictor, paths: Sequence[str], labels: np.ndarray, progress
             log.info("evaluated %d/%d images", min(start + step, len(paths)), len(paths))
     num = len(predictor.classes)
     matrix = np.stack(probs) if probs else np.zeros((0, num), np.float32)
+    scored = bool(dogs) and all(d is not None for d in dogs)
     return Evaluation(classification_metrics(matrix, labels[kept], predictor.classes), errors,
-                      matrix, labels[kept], [str(paths[i]) for i in kept])
+                      matrix, labels[kept], [str(paths[i]) for i in kept],
+                      np.asarray(dogs, np.float32) if scored else None)
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
+    pos, neg = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    values = np.concatenate([pos, neg])
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
+    average = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(average, counts)
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def not_a_dog_metrics(dog: np.ndarray, dog_msp: np.ndarray, others: dict[str, tuple[np.ndarray, np.ndarray]],
+                      threshold: float) -> dict:
+    """How well the dog score tells the dog photos (`dog`, their scores) from each group of
+    non-dog photos (`others`: name -> (dog scores, top-1 probabilities)): AUROC, the share of dogs
+    kept and of each group called a dog at the card's `threshold`; and, side by side, the same
+    for the top-1 probability (`dog_msp`) at the threshold keeping the same share of dogs."""
+    dog, dog_msp = np.asarray(dog, np.float64), np.asarray(dog_msp, np.float64)
+    kept = float(np.mean(dog >= threshold)) if len(dog) else float("nan")
+    msp_threshold = float(np.quantile(dog_msp, 1.0 - kept)) if len(dog_msp) else float("nan")
+    out: dict = {"threshold": threshold, "dogs": int(len(dog)), "dog_recall": kept,
+                 "max_softmax": {"threshold": msp_threshold, "dog_recall": float(np.mean(dog_msp >= msp_threshold))},
+                 "groups": {}}
+    for name, (scores, msp) in others.items():
+        out["groups"][name] = {
+            "images": int(len(scores)), "auroc": auroc(dog, scores),
+            "called_dog": float(np.mean(np.asarray(scores) >= threshold)),
+            "max_softmax": {"auroc": auroc(dog_msp, msp),
+                            "called_dog": float(np.mean(np.asarray(msp) >= msp_threshold))},
+        }
+    return out

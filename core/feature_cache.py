@@ -21,6 +21,7 @@ import tf_keras as keras
 
 from core import augment as aug
 from core import console, registry
+from core.registry import feature_extractor
 from core.backbone_split import split_backbone
 from core.config import PHASE_FINETUNE, PHASE_HEAD, VIEWS_MIRROR, TrainConfig
 from core.train_data import decoded, resize_view
@@ -28,21 +29,6 @@ from core.train_model import (TrainRun, compile_for_phase, input_size_of, model_
                               predict_with_progress, run_phase, set_trainable, tta_sizes_of)
 
 log = logging.getLogger(__name__)
-
-
-def feature_extractor(model, backbone_part=None):
-    """preprocessing -> backbone of `model` (or `backbone_part`, e.g. its frozen prefix) as
-    its own model; the layers are shared, not copied."""
-    inp = keras.Input(model.input_shape[1:], dtype="float32")
-    x = inp
-    for layer in model.layers[1:]:
-        if layer.name == registry.HEAD_LAYER:
-            break
-        if backbone_part is not None and layer.name == registry.BACKBONE_LAYER:
-            x = backbone_part(x)
-            break
-        x = layer(x)
-    return keras.Model(inp, x, name="features")
 
 
 def cache_features(cfg: TrainConfig, extractor, folder, views: int, view_size: int | None = None,

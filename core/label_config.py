@@ -51,6 +51,8 @@ class LabelConfig:
                                   flag="--stage-every", metavar="S")
     top_k: int = option(3, "breeds kept per image")
     min_prob: float = option(0.5, "top-1 probability below which an image counts as low confidence")
+    dog_threshold: float | None = option(None, "dog_score below which a row gets is_dog = false (default: the "
+                                         "bundle card's threshold)", type=float, metavar="SCORE")
     summary_breeds: int = option(5, "breeds listed in the closing summary (the manifest keeps them all)", metavar="N")
     max_error_rate: float = option(1.0, "exit code 3 when the share of rows with an error exceeds this")
     relabel: bool = option(False, "label again inputs a finished run already labelled with this model (readers then "
@@ -73,6 +75,8 @@ class LabelConfig:
             raise ConfigError("--model BUNDLE is required (a bundle directory or URI)")
         if not self.out and not self.dry_run:
             raise ConfigError("--out OUTPUT is required (a folder or s3:// prefix for the Parquet)")
+        if self.dog_threshold is not None and not 0.0 <= self.dog_threshold <= 1.0:
+            raise ConfigError(f"--dog-threshold {self.dog_threshold}: give a score between 0 and 1")
         for name in ("batch_size", "rows_per_file", "top_k", "io_threads", "queue_chunks", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")

@@ -27,6 +27,8 @@ class RunStats:
     labelled: int = 0
     skipped: int = 0
     low_confidence: int = 0
+    not_dogs: int = 0
+    dog_scored: bool = False  # some row had a dog score (the bundle has one)
     errors_by_kind: collections.Counter = field(default_factory=collections.Counter)
     breeds: collections.Counter = field(default_factory=collections.Counter)
     started: float = field(default_factory=time.monotonic)
@@ -54,6 +56,10 @@ class RunStats:
                 self.breeds[item["values"]] += item["counts"]
             probs = rows.column(schema.PROB)
             self.low_confidence += int(pc.sum(pc.less(probs.drop_null(), self.min_prob)).as_py() or 0)
+            is_dog = rows.column(schema.IS_DOG).drop_null()
+            if len(is_dog):
+                self.dog_scored = True
+                self.not_dogs += int(pc.sum(pc.invert(is_dog)).as_py() or 0)
 
     @property
     def errors(self) -> int:
@@ -104,6 +110,7 @@ def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str,
         output.M_ERRORS_BY_KIND: dict(stats.errors_by_kind.most_common()),
         output.M_SKIPPED: stats.skipped, output.M_RESUMED: resumed_rows,
         output.M_LOW_CONFIDENCE: stats.low_confidence,
+        output.M_NOT_DOGS: stats.not_dogs if stats.dog_scored else None,
         output.M_BREEDS: dict(stats.breeds.most_common()),
         output.M_IMG_PER_S: round(stats.img_per_s(fresh), 2),
         output.M_WALL_S: round(wall, 3),
@@ -136,6 +143,8 @@ def summary_text(manifest: dict, min_prob: float, breeds: int = 5) -> str:
         lines.append("  top breeds: " + ", ".join(f"{k} {v}" for k, v in shown)
                      + (f" (and {more} more in the manifest)" if more > 0 else ""))
     lines.append(f"  low confidence (top-1 prob < {min_prob}): {m[output.M_LOW_CONFIDENCE]}")
+    if m.get(output.M_NOT_DOGS) is not None:
+        lines.append(f"  no dog found (is_dog false): {m[output.M_NOT_DOGS]}")
     if m[output.M_EXIT_CODE] == EXIT_ERROR_BUDGET:
         lines.append(f"  error rate {m[output.M_ERROR_RATE]:.2%} exceeds --max-error-rate "
                      f"{m[output.M_MAX_ERROR_RATE]}: exit code {EXIT_ERROR_BUDGET} (all rows were written)")

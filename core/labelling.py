@@ -30,7 +30,7 @@ from core.bundle import Bundle
 from core.errors import ImageDecodeError, InputError, ServiceError, StorageError
 from core.images import decode_image
 from core.reasons import REASON_INTERNAL, REASON_UNREADABLE
-from core.runtime import Runtime, describe_runtime, load_runtime
+from core.runtime import Outputs, Runtime, describe_runtime, load_runtime
 from core.skipset import contains_all, content_key
 from core.sources import MAX_OBJECT_BYTES, InputItem, ItemData, read_item
 from core.storage import ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options
@@ -147,11 +147,12 @@ def decode_into(datas: Sequence[bytes | None], sources: Sequence[str], size: tup
     return images, ok, widths, heights, reasons
 
 
-def infer(runtime: Runtime, images: np.ndarray, ok: np.ndarray, num_classes: int) -> np.ndarray:
-    """Probabilities [M, C] of the M decoded images (rows where `ok`), in order."""
+def infer(runtime: Runtime, images: np.ndarray, ok: np.ndarray, num_classes: int) -> Outputs:
+    """Probabilities [M, C] (and dog scores [M] where the bundle has them) of the M decoded
+    images (rows where `ok`), in order."""
     if not ok.any():
-        return np.zeros((0, num_classes), np.float32)
-    return runtime.predict(images[ok])
+        return Outputs(np.zeros((0, num_classes), np.float32), None)
+    return runtime.infer(images[ok])
 
 
 def skip_mask(uris: Sequence[str], members: Sequence[str | None], shas: Sequence[str],
@@ -215,8 +216,10 @@ class BatchLabeller:
 
     def __init__(self, bundle: Bundle, *, runtime: str = "auto", threads: int | None = None,
                  decode_threads: int = 1, io_threads: int = 8, top_k: int = 3,
-                 done_keys: np.ndarray | None = None, read: Reader = read_object, **runtime_options):
+                 done_keys: np.ndarray | None = None, read: Reader = read_object,
+                 dog_threshold: float | None = None, **runtime_options):
         self.bundle = bundle
+        self.dog_threshold = dog_threshold if dog_threshold is not None else bundle.dog_threshold
         self.runtime = load_runtime(bundle, runtime, threads, **runtime_options)
         self.size = bundle.input_size
         self.policy = bundle.resize_policy
@@ -240,9 +243,9 @@ class BatchLabeller:
         datas = [None if s else d for d, s in zip(got.datas, skipped)]
         images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), self.size, self.policy,
                                                            self._decode_pool)
-        probs = infer(self.runtime, images, ok, len(self.class_ids))
+        outputs = infer(self.runtime, images, ok, len(self.class_ids))
         rows = self._rows(uris, members, got.sizes, got.shas, skipped, ok, widths, heights,
-                          _row_errors(got.errors, reasons, ok, skipped), probs, _versions(chunk))
+                          _row_errors(got.errors, reasons, ok, skipped), outputs, _versions(chunk))
         return _timed(rows, start)
 
     def label_decoded(self, decoded: pa.Table) -> pa.Table:
@@ -255,19 +258,21 @@ class BatchLabeller:
         raw = decoded.column(COL_IMAGE).combine_chunks().buffers()[1]
         images = np.frombuffer(raw, np.uint8, count=len(uris) * self.size[0] * self.size[1] * 3).reshape(
             len(uris), self.size[0], self.size[1], 3)
-        probs = infer(self.runtime, images, ok, len(self.class_ids))
+        outputs = infer(self.runtime, images, ok, len(self.class_ids))
         rows = self._rows(uris, members, decoded.column(schema.BYTES).to_pylist(),
                           decoded.column(schema.CONTENT_SHA256).to_pylist(), skipped, ok,
                           decoded.column(schema.WIDTH).to_pylist(), decoded.column(schema.HEIGHT).to_pylist(),
-                          errors, probs, _versions(decoded))
+                          errors, outputs, _versions(decoded))
         return _timed(rows, start)
 
-    def _rows(self, uris, members, sizes, shas, skipped, ok, widths, heights, errors, probs, versions) -> pa.Table:
+    def _rows(self, uris, members, sizes, shas, skipped, ok, widths, heights, errors, outputs: Outputs,
+              versions) -> pa.Table:
         table = schema.build_table(
             uris=uris, members=members, sizes=sizes, sha256s=shas,
             widths=[w if ok[i] else None for i, w in enumerate(widths)],
             heights=[h if ok[i] else None for i, h in enumerate(heights)],
-            probs=probs, labelled=ok, errors=errors, class_ids=self.class_ids, class_names=self.class_names,
-            model_id=self.bundle.model_id, k=self.top_k, versions=versions)
+            probs=outputs.probs, labelled=ok, errors=errors, class_ids=self.class_ids,
+            class_names=self.class_names, model_id=self.bundle.model_id, k=self.top_k, versions=versions,
+            dog_scores=outputs.dog_score, dog_threshold=self.dog_threshold)
         table = table.append_column(SKIPPED, pa.array(np.asarray(skipped, dtype=bool)))
         return table.replace_schema_metadata(self._meta)

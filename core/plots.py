@@ -167,3 +167,18 @@ def history_png(series: Mapping[str, Sequence[float]], boundaries: Sequence[int]
         ax.legend(fontsize=7)
     fig.suptitle("Training curves")
     return _png(fig)
+
+
+def score_histogram_png(groups: Sequence[tuple[str, np.ndarray]], threshold: float) -> bytes:
+    """Overlaid histograms of the dog score per group (dogs, each non-dog folder), the threshold marked."""
+    fig = _new_figure(6.5, 3.8)
+    ax = fig.subplots()
+    bins = np.linspace(0.0, 1.0, 41)
+    for name, scores in groups:
+        ax.hist(np.asarray(scores), bins=bins, alpha=0.5, density=True, label=f"{name} ({len(scores)})")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.2f}")
+    ax.set_xlabel("dog score")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.set_title("Dog score by group")
+    return _png(fig)

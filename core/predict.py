@@ -17,7 +17,7 @@ from core import labelling
 from core.breeds import Breed
 from core.bundle import Bundle, load_bundle
 from core.errors import ConfigError
-from core.runtime import load_runtime
+from core.runtime import Outputs, load_runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ImageResult:
     width: int | None = None
     height: int | None = None
     probs: np.ndarray | None = field(default=None, repr=False, compare=False)  # only if asked for
+    dog_score: float | None = None  # None for a bundle without a dog score
+    is_dog: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -84,11 +86,22 @@ class Predictor:
     def classes(self) -> list[Breed]:
         return self.bundle.classes
 
+    @property
+    def dog_threshold(self) -> float | None:
+        return self.bundle.dog_threshold
+
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,H,W,3] at the bundle's input size -> float32 probs [N,C], in batches."""
-        parts = [self.runtime.predict(images[i:i + self.batch_size])
-                 for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
+        return self.infer_arrays(images).probs
+
+    def infer_arrays(self, images: np.ndarray) -> Outputs:
+        """Like predict_arrays, with the dog scores [N] where the bundle has them."""
+        parts = [self.runtime.infer(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        if not parts:
+            return Outputs(np.zeros((0, len(self.classes)), np.float32), None)
+        dogs = [p.dog_score for p in parts]
+        return Outputs(np.concatenate([p.probs for p in parts]),
+                       None if any(d is None for d in dogs) else np.concatenate(dogs))
 
     def predict_bytes(self, datas: Sequence[bytes], k: int = PredictConfig.top_k,
                       sources: Sequence[str] | None = None, with_probs: bool = False) -> list[ImageResult]:
@@ -108,14 +121,18 @@ class Predictor:
 
     def _results(self, sources: list[str], datas: list, errors: list, k: int, with_probs: bool) -> list[ImageResult]:
         images, ok, widths, heights, reasons = labelling.decode_into(datas, sources, self.size, self.policy, None)
-        probs = self.predict_arrays(images[ok])
-        ranked = iter(zip(top_k(probs, self.classes, k), probs))
+        outputs = self.infer_arrays(images[ok])
+        dogs = outputs.dog_score if outputs.dog_score is not None else [None] * len(outputs.probs)
+        ranked = iter(zip(top_k(outputs.probs, self.classes, k), outputs.probs, dogs))
+        threshold = self.dog_threshold
         results = []
         for i, source in enumerate(sources):
             if not ok[i]:
                 results.append(ImageResult(source, error=errors[i] or reasons[i]))
                 continue
-            preds, row = next(ranked)
+            preds, row, dog = next(ranked)
             results.append(ImageResult(source, preds, width=widths[i], height=heights[i],
-                                       probs=row if with_probs else None))
+                                       probs=row if with_probs else None,
+                                       dog_score=None if dog is None else float(dog),
+                                       is_dog=None if dog is None or threshold is None else bool(dog >= threshold)))
         return results

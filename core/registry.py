@@ -220,30 +220,69 @@ def create_model(
     return keras.Model(inp, out, name=f"breedlabel_{name}{name_suffix}")
 
 
-def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = ()):
+def feature_extractor(model, backbone_part=None):
+    """preprocessing -> backbone of `model` (or `backbone_part`, e.g. its frozen prefix) as
+    its own model; the layers are shared, not copied."""
+    import tf_keras as keras
+
+    inp = keras.Input(model.input_shape[1:], dtype="float32")
+    x = inp
+    for layer in model.layers[1:]:
+        if layer.name == HEAD_LAYER:
+            break
+        if backbone_part is not None and layer.name == BACKBONE_LAYER:
+            x = backbone_part(x)
+            break
+        x = layer(x)
+    return keras.Model(inp, x, name="features")
+
+
+def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = (), temperature=None,
+             dog_score=None):
     """ONE graph for export that averages the probabilities of the image (through `model`), the
     image resized to each other size (through that size's twin: `resized` = [(size, twin)]) and,
-    with `flip`, the mirror image of each. Bilinear resize, the op both TensorFlow and OpenVINO run."""
+    with `flip`, the mirror image of each. Bilinear resize, the op both TensorFlow and OpenVINO run.
+
+    `temperature` (a layer, core.calibration) rescales the averaged probabilities; `dog_score`
+    (a layer, core.dog_score) reads the image's pooled features, the same tensor its own
+    probabilities come from (no second backbone pass). With either, the graph's output is
+    {"probs", "dog_score"?}; without, a bare probability tensor as before."""
     import tf_keras as keras
 
     from core.preprocess import FlipLeftRight
 
-    if not flip and not resized:
+    if not flip and not resized and temperature is None and dog_score is None:
         return model
     inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
-    views = [(inp, model)] + [(keras.layers.Resizing(size, size, name=f"tta_resize_{size}")(inp), twin)
-                              for size, twin in resized]
-    probs = []
-    for i, (x, net) in enumerate(views):
-        probs.append(net(x))
+    features = feature_extractor(model)(inp)
+    probs = [head_of(model)(features)]
+    if flip:
+        probs.append(model(FlipLeftRight(name="flip_tta_0")(inp)))
+    for i, (size, twin) in enumerate(resized, start=1):
+        x = keras.layers.Resizing(size, size, name=f"tta_resize_{size}")(inp)
+        probs.append(twin(x))
         if flip:
-            probs.append(net(FlipLeftRight(name=f"flip_tta_{i}")(x)))
-    out = keras.layers.Average(name="tta_mean", dtype="float32")(probs)
-    return keras.Model(inp, out, name=f"{model.name}_tta")
+            probs.append(twin(FlipLeftRight(name=f"flip_tta_{i}")(x)))
+    out = keras.layers.Average(name="tta_mean", dtype="float32")(probs) if len(probs) > 1 else probs[0]
+    if temperature is not None:
+        out = temperature(out)
+    if dog_score is None:
+        return keras.Model(inp, out, name=f"{model.name}_tta")
+    return keras.Model(inp, {"probs": out, "dog_score": dog_score(features)}, name=f"{model.name}_served")
 
 
 def backbone_of(model):
-    return model.get_layer(BACKBONE_LAYER)
+    """The backbone of a model from create_model, or of an export graph that nests one."""
+    for layer in model.layers:
+        if layer.name == BACKBONE_LAYER:
+            return layer
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            try:
+                return backbone_of(layer)
+            except ValueError:
+                continue
+    raise ValueError(f"{model.name} has no {BACKBONE_LAYER!r} layer")
 
 
 def head_of(model):

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from core import plots
+from core.calibration import BINS as CALIBRATION_BINS
+from core.calibration import reliability as calibration
 from core.errors import BreedlabelError, InputError
 from core.evaluate import confusion_counts, per_class_accuracy, top_k_accuracy
 
@@ -32,7 +34,6 @@ PAIRS_PNG = "confused_pairs.png"
 HISTORY_PNG = "training_curves.png"
 
 MAX_K = 10
-CALIBRATION_BINS = 10
 WORST_CLASSES = 12
 TOP_PAIRS = 6
 THUMBS_PER_PAIR = 4
@@ -59,20 +60,6 @@ def class_names(classes: Sequence[Any]) -> list[str]:
 def topk_accuracy(y_true: np.ndarray, probs: np.ndarray, max_k: int = MAX_K) -> np.ndarray:
     """accuracy[k-1] = share of images whose true class is among the k most probable."""
     return np.array([top_k_accuracy(probs, y_true, k) for k in range(1, min(max_k, probs.shape[1]) + 1)])
-
-
-def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS):
-    """Per-bin mean confidence, accuracy and count of the top-1 probability, and the ECE."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y_true
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    safe = np.maximum(counts, 1)
-    mean_conf = np.bincount(index, weights=confidence, minlength=bins) / safe
-    mean_acc = np.bincount(index, weights=correct, minlength=bins) / safe
-    ece = float(np.sum(np.abs(mean_acc - mean_conf) * counts) / max(len(y_true), 1))
-    return mean_conf, mean_acc, counts, edges, ece
 
 
 def confused_pairs(matrix: np.ndarray, top: int = TOP_PAIRS) -> list[tuple[int, int, int, int]]:
@@ -204,17 +191,20 @@ def write_report(out_dir: str | os.PathLike, y_true: Sequence[int] | np.ndarray,
                  image_paths: Sequence[str] | None = None,
                  history: str | os.PathLike | Mapping | Sequence | None = None,
                  title: str = "breedlabel evaluation report",
+                 extra_sections: Sequence[tuple[str, str, str, bytes]] = (),
                  details: Mapping[str, Any] | None = None) -> Report:
     """Draw every plot and write `report.html` + `plots/*.png` under `out_dir` (path or URI).
 
     `image_paths` (one URI per row) give the confused pairs their thumbnails; `history` (a
-    training run's history JSON or the object) adds the training curves.
+    training run's history JSON or the object) adds the training curves; `extra_sections`
+    (file name, heading, caption, PNG bytes) are appended, e.g. evaluate's dog-score histogram.
     """
     y_true, probs = _check_inputs(y_true, probs, classes, image_paths)
     names = class_names(classes)
     y_pred = probs.argmax(axis=1)
     matrix = confusion_counts(y_pred, y_true, len(names))
     summary, sections = _draw(y_true, y_pred, probs, matrix, names, image_paths, history)
+    sections += list(extra_sections)
     out = str(out_dir).rstrip("/")
     for name, _, _, png in sections:
         _write(f"{out}/{PLOTS_DIR}/{name}", png)

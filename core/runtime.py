@@ -3,18 +3,19 @@
 Why two: on CPU OpenVINO reads the SavedModel directly and runs it several times faster than
 TensorFlow with the same top-1 (see DESIGN.md); on a GPU TensorFlow is the natural choice.
 Never loads through Keras, so the bundle has no Keras version coupling. Every runtime takes
-uint8 [N,H,W,3] and returns float32 probabilities [N,C].
+uint8 [N,H,W,3] and returns float32 probabilities [N,C] (`predict`), or those and the bundle's
+dog score [N] where its graph has one, else None (`infer`).
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from core.bundle import INPUT_NAME, OUTPUT_NAME, SIGNATURE, Bundle, cache_root, check_output_width
+from core.bundle import DOG_SCORE_OUTPUT, INPUT_NAME, OUTPUT_NAME, SIGNATURE, Bundle, cache_root, check_output_width
 from core.errors import BundleError, ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,23 @@ DEFAULT_OV_PRECISION = "f32"
 OV_CACHE_ENV = "BREEDLABEL_OV_CACHE"  # "0" disables the converted-model cache
 
 
+class Outputs(NamedTuple):
+    probs: np.ndarray  # float32 [N, C]
+    dog_score: np.ndarray | None  # float32 [N]; None for a bundle without one
+
+
 class Runtime(Protocol):
     name: str
     input_size: tuple[int, int]
     num_classes: int
 
+    def infer(self, images: np.ndarray) -> Outputs: ...
+
     def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def _empty(num_classes: int, with_dog_score: bool) -> Outputs:
+    return Outputs(np.zeros((0, num_classes), np.float32), np.zeros(0, np.float32) if with_dog_score else None)
 
 
 def describe_runtime(runtime: Runtime) -> str:
@@ -108,7 +120,8 @@ class OpenVINORuntime:
             config[props.inference_num_threads] = int(threads)
         config[hints.inference_precision] = getattr(ov.Type, precision)
         self._compiled = ov.Core().compile_model(model, "CPU", config)
-        out_shape = self._compiled.output(0).get_partial_shape()
+        self._probs_out, self._dog_out = _ov_outputs(self._compiled)
+        out_shape = self._compiled.output(self._probs_out).get_partial_shape()
         width = out_shape[-1].get_length() if out_shape[-1].is_static else None
         check_output_width(bundle, width)
         self.num_classes = bundle.num_classes
@@ -119,27 +132,47 @@ class OpenVINORuntime:
         log.debug("openvino: mode=%s hint=%s precision=%s requests=%d", mode, hint, self.precision, self._nreq)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(images).probs
+
+    def infer(self, images: np.ndarray) -> Outputs:
         arr = _check_batch(images, self.input_size)
         if len(arr) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
+            return _empty(self.num_classes, self._dog_out is not None)
         if self._queue is None or len(arr) == 1:
             result = self._request.infer({0: arr}, share_inputs=True)
-            return np.array(result[0], dtype=np.float32, copy=True)
-        return self._predict_async(arr)
+            dog = None if self._dog_out is None else np.array(result[self._dog_out], np.float32, copy=True)
+            return Outputs(np.array(result[self._probs_out], dtype=np.float32, copy=True), dog)
+        return self._infer_async(arr)
 
-    def _predict_async(self, arr: np.ndarray) -> np.ndarray:
+    def _infer_async(self, arr: np.ndarray) -> Outputs:
         out = np.empty((len(arr), self.num_classes), np.float32)
+        dog = np.empty(len(arr), np.float32) if self._dog_out is not None else None
         chunks = np.array_split(np.arange(len(arr)), min(self._nreq, len(arr)))
 
         def done(request, start: int) -> None:
-            res = request.get_output_tensor(0).data
+            res = request.get_output_tensor(self._probs_out).data
             out[start:start + len(res)] = res
+            if dog is not None:
+                dog[start:start + len(res)] = request.get_output_tensor(self._dog_out).data
 
         self._queue.set_callback(done)
         for idx in chunks:
             self._queue.start_async({0: arr[idx[0]:idx[-1] + 1]}, int(idx[0]))
         self._queue.wait_all()
-        return out
+        return Outputs(out, dog)
+
+
+def _ov_outputs(compiled) -> tuple[int, int | None]:
+    """(index of the probabilities, index of the dog score or None): by the signature's output
+    names where the conversion kept them, else by rank (probabilities [N,C], score [N])."""
+    outputs = list(compiled.outputs)
+    if len(outputs) == 1:
+        return 0, None
+    named = {name.split(":")[0]: i for i, out in enumerate(outputs) for name in out.get_names()}
+    if OUTPUT_NAME in named and DOG_SCORE_OUTPUT in named:
+        return named[OUTPUT_NAME], named[DOG_SCORE_OUTPUT]
+    ranks = [out.get_partial_shape().rank.get_length() for out in outputs]
+    return ranks.index(2), ranks.index(1)
 
 
 # ---------------------------------------------------------------- TensorFlow
@@ -176,14 +209,19 @@ class TensorFlowRuntime:
             raise BundleError(f"bundle {bundle.path}: signature {SIGNATURE!r} has no {OUTPUT_NAME!r} output")
         check_output_width(bundle, out.shape[-1])
         self.num_classes = bundle.num_classes
+        self._has_dog = DOG_SCORE_OUTPUT in self._fn.structured_outputs
         self._tf = tf
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(images).probs
+
+    def infer(self, images: np.ndarray) -> Outputs:
         arr = _check_batch(images, self.input_size)
         if len(arr) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
-        out = self._fn(**{INPUT_NAME: self._tf.constant(arr)})[OUTPUT_NAME]
-        return out.numpy().astype(np.float32, copy=False)
+            return _empty(self.num_classes, self._has_dog)
+        out = self._fn(**{INPUT_NAME: self._tf.constant(arr)})
+        dog = out[DOG_SCORE_OUTPUT].numpy().astype(np.float32, copy=False) if self._has_dog else None
+        return Outputs(out[OUTPUT_NAME].numpy().astype(np.float32, copy=False), dog)
 
 
 # ---------------------------------------------------------------- choice

@@ -91,11 +91,15 @@ def build_table(
     k: int = 3,
     labelled_at: _dt.datetime | None = None,
     versions: Sequence[str | None] | None = None,
+    dog_scores: np.ndarray | None = None,
+    dog_threshold: float | None = None,
 ) -> pa.Table:
     """Rows for one batch (FILE_SCHEMA), built column-wise from numpy (no Python object per prediction).
 
     `probs` is float32 [M, C] for the M rows where `labelled` (bool [N]) is true, in order;
-    the other rows get an empty `top_k` and null breed/prob. Why vectorised: this runs for
+    the other rows get an empty `top_k` and null breed/prob. `dog_scores` (float32 [M], from a
+    bundle with a dog score) fill `dog_score`, and `is_dog` = score >= `dog_threshold`; without
+    them both stay null. Why vectorised: this runs for
     every image at several hundred images per second inside the predict actor.
     """
     n = len(uris)
@@ -134,11 +138,18 @@ def build_table(
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([model_id]))
         .dictionary_decode(),
         pa.array(np.full(n, np.datetime64(when.replace(tzinfo=None), "us")), pa.timestamp("us", tz="UTC")),
-        pa.nulls(n, pa.float32()),
-        pa.nulls(n, pa.bool_()),
+        *_dog_columns(dog_scores, dog_threshold, rows_of_labelled, n),
         pa.array(versions if versions is not None else [None] * n, pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
+
+
+def _dog_columns(scores: np.ndarray | None, threshold: float | None, rows: np.ndarray, n: int) -> list[pa.Array]:
+    if scores is None or threshold is None:
+        return [pa.nulls(n, pa.float32()), pa.nulls(n, pa.bool_())]
+    scores = np.asarray(scores, np.float32)
+    return [_scatter(pa.array(scores, pa.float32()), rows, n, pa.float32()),
+            _scatter(pa.array(scores >= threshold, pa.bool_()), rows, n, pa.bool_())]
 
 
 def _scatter(values: pa.Array, rows: np.ndarray, n: int, typ: pa.DataType) -> pa.Array:

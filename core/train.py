@@ -24,13 +24,17 @@ from typing import Any, Sequence
 
 import tf_keras as keras
 
+import numpy as np
+import tensorflow as tf
+
 from core import bundle as bundles
-from core import datasets
+from core import calibration, datasets, registry
+from core.dog_score import dog_score_layer, fit_dog_score
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.feature_cache import train_head_on_features, train_on_cached_activations, uses_cached_finetune
-from core.train_data import build_datasets, named_input_errors, split_data, steps_per_epoch
+from core.train_data import build_datasets, decoded, named_input_errors, split_data, steps_per_epoch
 from core.train_model import (HISTORY_FILE, TrainRun, build_model, compile_for_phase, input_size_of,
-                              phase_callbacks, run_phase, setup_precision)
+                              phase_callbacks, predict_with_progress, run_phase, setup_precision)
 from core.tta_select import final_metrics
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class TrainResult:
     metrics: dict
     config: TrainConfig
     extras: dict = field(default_factory=dict)  # every candidate's metrics, timings
+    card: dict = field(default_factory=dict)  # the card's dog_score and calibration entries
 
 
 def training_path(cfg: TrainConfig) -> str:
@@ -95,13 +100,43 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
         else:
             train_phases(model, run, train_ds, val_ds)
         t0 = time.time()
-        export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
+        result = measure_for_export(model, cfg, train_set, val_set, val_ds)
     run.timings["final_metrics_s"] = round(time.time() - t0, 1)
-    extras["timings"] = run.timings
+    result.extras["timings"] = run.timings
+    result.history = run.history
     if checkpoint_dir:
         (Path(checkpoint_dir) / HISTORY_FILE).write_text(json.dumps(run.history, indent=1))
-    log.info("validation top-1 %.4f top-3 %.4f (%s)", metrics["top1"], metrics["top3"], extras)
-    return TrainResult(export_model, list(train_set.classes), run.history, metrics, cfg, extras)
+    log.info("validation top-1 %.4f top-3 %.4f (%s)", result.metrics["top1"], result.metrics["top3"], result.extras)
+    return result
+
+
+def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> TrainResult:
+    """The graph to export and what its card says, for a trained model (single-process or
+    distributed): the test-time average that measures best on the validation split, then the
+    temperature fitted on its validation probabilities and the dog score fitted on pooled
+    features (class means and covariance of the training photos, threshold of the validation
+    photos), both inside the graph."""
+    chosen, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
+    outputs, card = {}, {}
+    if cfg.calibrate:
+        card[bundles.CARD_CALIBRATION] = calibration.calibrate(np.asarray(val_set.labels), chosen.val_probs)
+        outputs["temperature"] = calibration.temperature_layer(card[bundles.CARD_CALIBRATION]["temperature"])
+        log.info("calibration: temperature %.3f, validation ECE %.4f -> %.4f (cross-fitted %.4f)",
+                 *(card[bundles.CARD_CALIBRATION][k] for k in ("temperature", "ece_before", "ece_after",
+                                                               "ece_after_crossfit")))
+    if cfg.dog_score:
+        extractor = registry.feature_extractor(model)
+        plain = decoded(cfg, train_set, input_size_of(cfg)).map(lambda x, y: tf.cast(x, tf.float32)).batch(64)
+        train_x = predict_with_progress(extractor, plain, len(train_set.labels),  # float32: no float16 overflow
+                                        "dog score: features of the training photos")
+        val_x = predict_with_progress(extractor, val_ds.map(lambda x, y: x), len(val_set.labels),
+                                      "dog score: features of the validation photos")
+        fit = fit_dog_score(train_x, train_set.labels, val_x, num_classes=len(train_set.classes))
+        card[bundles.CARD_DOG_SCORE] = fit.card
+        outputs["dog_score"] = dog_score_layer(fit)
+        log.info("dog score: %s, threshold %.2f (%s)", fit.card["method"], fit.card["threshold"],
+                 fit.card["threshold_rule"])
+    return TrainResult(chosen.graph(**outputs), list(train_set.classes), {}, metrics, cfg, extras, card)
 
 
 def export_trained(result: TrainResult, out: str, data, *, distributed: dict | None = None) -> bundles.Bundle:
@@ -111,7 +146,8 @@ def export_trained(result: TrainResult, out: str, data, *, distributed: dict | N
     metrics = {**result.metrics, **{k: v for k, v in result.extras.items() if k != "timings"}}
     extra = {"backbone": result.config.backbone, "train_config": result.config.to_dict(),
              "data_fingerprint": datasets.fingerprint(data), "metrics": metrics, "history": result.history,
-             "timings": result.extras.get("timings", {}), "training": {"distributed": distributed is not None}}
+             "timings": result.extras.get("timings", {}), "training": {"distributed": distributed is not None},
+             **result.card}
     if distributed is not None:
         extra["distributed"] = distributed
     log.info("exporting the bundle to %s (SavedModel, then checks)", out)  # tens of seconds on 2 cores

@@ -3,6 +3,7 @@ with its twins at other input sizes, or both; every candidate's validation figur
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,24 @@ def _resized_batch(size: int):
     return lambda x, y: (resize_view(x, size), y)
 
 
-def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Any, dict, dict]:
+@dataclass
+class Chosen:
+    """The test-time average that measured best, and its validation probabilities."""
+
+    model: Any
+    flip: bool
+    resized: list
+    val_probs: np.ndarray
+
+    def graph(self, **outputs):
+        """The export graph (registry.with_tta), with `outputs` (temperature, dog_score) added."""
+        return registry.with_tta(self.model, flip=self.flip, resized=self.resized, **outputs)
+
+
+def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Chosen, dict, dict]:
     """Metrics of the trained model and of each test-time average the config allows (its mirror
     with tta_flip, its twins at tta_sizes, both); the one that measures best is exported, on a
-    tie the first of: none, mirror, sizes, both. Returns (model_to_export, metrics, extras with every
+    tie the first of: none, mirror, sizes, both. Returns (the choice, metrics, extras with every
     candidate's figures)."""
     labels, n = np.asarray(val.labels), len(val.classes)
     twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
@@ -54,10 +69,11 @@ def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Any, dict, dict
     best = None
     for name, flip, with_sizes in candidates:
         views = [(s, f) for s in (None, *with_sizes) for f in ((False, True) if flip else (False,))]
-        m = metrics_from_probs(np.mean([probs[v] for v in views], axis=0), labels, val.classes)
+        averaged = np.mean([probs[v] for v in views], axis=0)
+        m = metrics_from_probs(averaged, labels, val.classes)
         extras.update({f"top1_{name}": m["top1"], f"top3_{name}": m["top3"]})
         if best is None or m["top1"] > best[0]["top1"]:
-            best = (m, flip, with_sizes)
-    metrics, flip, with_sizes = best
+            best = (m, flip, with_sizes, averaged)
+    metrics, flip, with_sizes, averaged = best
     extras.update(flip_tta=flip, tta_sizes=list(with_sizes))
-    return registry.with_tta(model, flip=flip, resized=[(s, twins[s]) for s in with_sizes]), metrics, extras
+    return Chosen(model, flip, [(s, twins[s]) for s in with_sizes], averaged), metrics, extras

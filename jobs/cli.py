@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("jobs.predict", "print the top-k breeds of one or more images"),
     "evaluate": ("jobs.evaluate", "measure a bundle on a folder-per-class dataset"),
     "label": ("jobs.label", "label images into Parquet with a Ray Data job"),
+    "review": ("jobs.review", "export the most uncertain rows of a label output as Label Studio tasks"),
     "ui": ("jobs.ui", "open a web page to classify photos and explore labelling runs"),
     "submit": ("jobs.submit", "submit a label/train/tune job to a Ray cluster (--address)"),
     "jobs": ("jobs.jobs_cmd", "status, logs, stop or list jobs on a Ray cluster"),

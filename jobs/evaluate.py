@@ -14,7 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import EXIT_OK
+import numpy as np
+
+from core.errors import EXIT_OK, ConfigError
 from core.predict import PredictConfig
 from jobs.predict import add_runtime_argument
 
@@ -32,6 +34,7 @@ class EvaluateConfig:
     batch_size: int = 64
     report: bool = True
     history: str | None = None
+    not_dogs: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write report.html + plots/ next to the metrics JSON (needs --out)")
     parser.add_argument("--history", default=d.history, metavar="HISTORY_JSON",
                         help="a training run's history.json, drawn as training curves in the report")
+    parser.add_argument("--not-dogs", default=d.not_dogs, metavar="DIR",
+                        help="photos without a dog (each subfolder a group, e.g. cats/ objects/): report how well "
+                             "the bundle's dog score tells them from --data's dogs")
 
 
 def _class_selection(value: str | None) -> int | list[str] | None:
@@ -60,11 +66,50 @@ def _class_selection(value: str | None) -> int | list[str] | None:
 
 def _summary(metrics: dict, classes) -> str:
     lines = [f"images: {metrics['count']}", f"top-1:  {metrics['top1']:.2%}", f"top-3:  {metrics['top3']:.2%}"]
+    nd = metrics.get("not_a_dog")
+    if nd:
+        lines.append(f"dog score (threshold {nd['threshold']:.2f}): {nd['dog_recall']:.1%} of dogs kept "
+                     f"(top-1 probability at the same recall: threshold {nd['max_softmax']['threshold']:.3f})")
+        for name, g in nd["groups"].items():
+            lines.append(f"  {name}: {g['images']} images, AUROC {g['auroc']:.4f}, called dogs {g['called_dog']:.1%}"
+                         f" | top-1 probability: AUROC {g['max_softmax']['auroc']:.4f}, called dogs "
+                         f"{g['max_softmax']['called_dog']:.1%}")
     scored = [(acc, b) for b in classes if (acc := metrics["per_class"].get(b.id)) is not None]
     worst = sorted(scored, key=lambda t: t[0])[:5]
     if worst:
         lines.append("lowest per-class accuracy: " + ", ".join(f"{b.display} {a:.0%}" for a, b in worst))
     return "\n".join(lines)
+
+
+def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
+    """Dog scores of every image under `folder` (grouped by subfolder), measured against the dogs
+    of `result`; the metrics and the report's histogram section."""
+    from core import plots
+    from core.evaluate import not_a_dog_metrics
+    from core.formats import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"--not-dogs {folder}: not a folder; give a folder of photos without a dog")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ConfigError(f"--not-dogs {folder}: no images there")
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        rel = path.relative_to(root).parts
+        groups.setdefault(rel[0] if len(rel) > 1 else root.name, []).append(path)
+    scored = {}
+    for name, paths in groups.items():
+        results = [r for r in predictor.predict_paths([str(p) for p in paths], k=1) if r.ok]
+        scored[name] = (np.array([r.dog_score for r in results]), np.array([r.predictions[0].prob for r in results]))
+    threshold = predictor.dog_threshold
+    metrics = not_a_dog_metrics(result.dog_scores, result.probs.max(axis=1), scored, threshold)
+    png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())],
+                                    threshold)
+    caption = (f"Dogs kept at the threshold: {metrics['dog_recall']:.1%}; "
+               + "; ".join(f"{k} called dogs: {g['called_dog']:.1%} (AUROC {g['auroc']:.4f})"
+                           for k, g in metrics["groups"].items()))
+    return metrics, [("dog_score.png", "Not-a-dog score", caption, png)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,9 +123,18 @@ def run(args: argparse.Namespace) -> int:
         ds = datasets.select_classes(ds, selection)
     predictor = Predictor(args.model, runtime=args.runtime, threads=args.threads, batch_size=args.batch_size)
     mapping = map_labels(ds.classes, predictor.classes)
+    if args.not_dogs and predictor.dog_threshold is None:
+        raise ConfigError(f"--not-dogs: the bundle {args.model} has no dog score (exported before it existed, or "
+                          "trained with --no-dog-score)")
     result = evaluate_paths(predictor, list(ds.paths), mapping[ds.labels])
     metrics = dict(result.metrics, model_id=predictor.bundle.model_id, runtime=predictor.runtime.name,
                    data=str(args.data), errors=result.errors)
+    calibration = predictor.bundle.card.get("calibration")
+    if calibration:
+        metrics["card_calibration"] = calibration
+    extra_sections = []
+    if args.not_dogs:
+        metrics["not_a_dog"], extra_sections = _not_dogs(predictor, result, args.not_dogs)
     print(_summary(metrics, predictor.classes))
     for path, reason in sorted(result.errors.items()):
         print(f"breedlabel evaluate: skipped {path}: {reason}", file=sys.stderr)
@@ -91,9 +145,14 @@ def run(args: argparse.Namespace) -> int:
         if args.report and result.probs is not None and len(result.labels):
             from core.report import write_report
 
+            details = {"model_id": predictor.bundle.model_id, "data": str(args.data)}
+            if calibration:
+                details["validation ECE (card)"] = (f"{calibration['ece_before']:.3f} before, "
+                                                    f"{calibration['ece_after']:.3f} after temperature "
+                                                    f"{calibration['temperature']:.3f}")
             report = write_report(Path(args.out).parent, result.labels, result.probs, predictor.classes,
-                                  image_paths=result.paths, history=args.history,
-                                  details={"model_id": predictor.bundle.model_id, "data": str(args.data)})
+                                  image_paths=result.paths, history=args.history, details=details,
+                                  extra_sections=extra_sections)
             print(f"report: {report.uri}")
     return EXIT_OK
 

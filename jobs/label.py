@@ -61,6 +61,9 @@ def label(cfg: LabelConfig) -> dict | None:
     if cfg.top_k > bundle.num_classes:
         raise ConfigError(f"--top-k {cfg.top_k}: the bundle {cfg.model} has {bundle.num_classes} classes; "
                           f"give at most {bundle.num_classes}")
+    if cfg.dog_threshold is not None and bundle.dog_threshold is None:
+        raise ConfigError(f"--dog-threshold: the bundle {cfg.model} has no dog score (exported before it existed, "
+                          "or trained with --no-dog-score); drop the option or label with a newer bundle")
     if cfg.dry_run:
         dry_run(cfg, bundle.model_id)
         return None

@@ -202,11 +202,12 @@ class LabelActor:
     """Fused stage (CPU): load the bundle once, then read + decode + predict each chunk."""
 
     def __init__(self, model: str, finished_box: list, *, runtime: str, threads: int, decode_threads: int,
-                 io_threads: int, top_k: int, s3: S3Options, max_object_bytes: int):
+                 io_threads: int, top_k: int, s3: S3Options, max_object_bytes: int, dog_threshold: float | None):
         keys = _finished_keys(finished_box)
         self.labeller = labelling.BatchLabeller(
             load_bundle(model), runtime=runtime, threads=threads, decode_threads=decode_threads,
-            io_threads=io_threads, top_k=top_k, done_keys=keys, read=labelling.reader(s3, max_object_bytes))
+            io_threads=io_threads, top_k=top_k, done_keys=keys, read=labelling.reader(s3, max_object_bytes),
+            dog_threshold=dog_threshold)
 
     @_failing
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -274,7 +275,8 @@ def build_dataset(cfg: LabelConfig, pipeline_plan: PipelinePlan, queue, finished
     finished_box = [finished_ref] if finished_ref is not None else []
     actor_kwargs = dict(model=cfg.model, finished_box=finished_box, runtime=cfg.runtime,
                         threads=pipeline_plan.runtime_threads, decode_threads=pipeline_plan.decode_threads,
-                        io_threads=cfg.io_threads, top_k=cfg.top_k, s3=cfg.s3, max_object_bytes=cfg.max_object_bytes)
+                        io_threads=cfg.io_threads, top_k=cfg.top_k, s3=cfg.s3, max_object_bytes=cfg.max_object_bytes,
+                        dog_threshold=cfg.dog_threshold)
     compute = ActorPoolStrategy(size=pipeline_plan.actors)
     if pipeline_plan.pipeline == FUSED:
         return ds.map_batches(LabelActor, fn_constructor_kwargs=actor_kwargs, compute=compute, batch_size=1,

@@ -38,11 +38,14 @@ def _as_dict(result: ImageResult) -> dict:
     preds = [{"breed_id": p.breed_id, "breed": p.breed, "prob": round(p.prob, 6)}
              for p in result.predictions or []]
     return {"image": result.source, "top_k": preds if result.ok else None, "error": result.error,
-            "width": result.width, "height": result.height}
+            "width": result.width, "height": result.height,
+            "dog_score": None if result.dog_score is None else round(result.dog_score, 6), "is_dog": result.is_dog}
 
 
 def _print_text(result: ImageResult, display: dict[str, str]) -> None:
     print(result.source)
+    if result.is_dog is False:  # the breeds below are what it would be, were it a dog
+        print(f"  no dog found (dog score {result.dog_score:.2f}); the closest breeds:")
     for rank, p in enumerate(result.predictions or [], 1):
         print(f"  {rank}. {display.get(p.breed_id, p.breed):<32} {p.prob:7.2%}")
 

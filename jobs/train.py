@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
     export_trained(result, args.out, folder)
     summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),
-               **{k: v for k, v in result.extras.items() if k != "timings"}, "timings": result.extras["timings"]}
+               **{k: v for k, v in result.extras.items() if k != "timings"}, **result.card,
+               "timings": result.extras["timings"]}
     print(json.dumps(summary))
     return 0
 

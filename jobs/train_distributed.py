@@ -275,19 +275,17 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: D
     """Load a reported checkpoint into a plain model, measure it on the validation split (the
     test-time average kept only where it measures better, as a single-process run) and export
     the bundle (core.train.export_trained); returns (bundle, metrics)."""
-    from core.train import TrainResult, export_trained  # TensorFlow: only at export
+    from core.train import export_trained, measure_for_export  # TensorFlow: only at export
     from core.train_data import build_datasets, split_data
     from core.train_model import build_model
-    from core.tta_select import final_metrics
 
     train_set, val_set = split_data(cfg, data)
     model = build_model(cfg.replace(weights=None), len(train_set.classes))
     with checkpoint.as_directory() as d:
         model.load_weights(os.path.join(d, WEIGHTS_FILE))
     _, val_ds = build_datasets(cfg, train_set, val_set)
-    export_model, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
-    result = TrainResult(export_model, list(train_set.classes), {}, metrics, cfg, extras)
-    return export_trained(result, out, train_set, distributed=asdict(dist)), metrics
+    result = measure_for_export(model, cfg, train_set, val_set, val_ds)
+    return export_trained(result, out, train_set, distributed=asdict(dist)), result.metrics
 
 
 def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: str | None = None, *,

@@ -75,7 +75,10 @@ class ClassifyPage:
                                  f"Upload a {ACCEPTED} image of a dog.", None, False)
         label = {_display(p.breed): round(p.prob, 4) for p in result.predictions}
         best = result.predictions[0]
-        if best.prob < self.min_prob:
+        if result.is_dog is False:
+            message = (f"**No dog found** (dog score {result.dog_score:.2f}, below "
+                       f"{self.predictor.dog_threshold:.2f}). Were it a dog, the closest breeds are below.")
+        elif best.prob < self.min_prob:
             message = (f"**Not sure:** the best guess, {_display(best.breed)}, has only "
                        f"{best.prob:.0%} (below {self.min_prob:.0%}). The photo may show no dog, "
                        "several dogs, or a breed this model does not know.")

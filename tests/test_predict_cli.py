@@ -77,7 +77,8 @@ def test_mixed_inputs_print_good_ones_and_fail(tiny_bundle, photos, tmp_path):
     good, bad = doc["results"]
     assert good["error"] is None and len(good["top_k"]) == 3
     assert sum(p["prob"] for p in good["top_k"]) <= 1.0 + 1e-6
-    assert bad == {"image": fake, "top_k": None, "error": "not an image", "width": None, "height": None}
+    assert bad == {"image": fake, "top_k": None, "error": "not an image", "width": None, "height": None,
+                   "dog_score": None, "is_dog": None}
     assert _error_lines(proc.stderr) == [f"breedlabel predict: error: {fake}: not an image"]
 
 

@@ -4,7 +4,7 @@
    placeholders `…`, `[…]` and CAPITALS aside): a renamed or removed flag fails here.
 2. The commands that run on one machine run, in README order, verbatim in a folder whose
    `../shared` is a small copy of the real one (12 breeds x 6 training crops, 12 sample photos,
-   the real MobileNetV2 weights) and whose `s3://bucket` is the test moto_server. The only
+   3 cats and 3 objects, the real MobileNetV2 weights) and whose `s3://bucket` is the test moto_server. The only
    change to a command is a budget: `--num-samples 2` appended to tune. Commands that need a
    cluster, GPUs, the internet (`--weights imagenet`) or a browser (`ray up`, `submit`, `jobs`,
    `ui`, `aws`, `make`), or data the README only names (`Images/`), are covered by their own tests
@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-RUNS_LOCALLY = ("train", "predict", "evaluate", "label", "tune")
+RUNS_LOCALLY = ("train", "predict", "evaluate", "label", "review", "tune")
 BUDGET = {"tune": ["--num-samples", "2"]}
 TIMEOUT_S = 1200
 
@@ -84,6 +84,11 @@ def _small_shared(root: Path, shared: Path) -> Path:
             dest.mkdir(parents=True)
             for photo in sorted(folder.iterdir())[:per_class]:
                 (dest / photo.name).symlink_to(photo)
+    for group in ("cats", "objects"):
+        dest = root / "data" / "not_dogs" / group
+        dest.mkdir(parents=True)
+        for photo in sorted((shared / "data" / "not_dogs" / group).iterdir())[:3]:
+            (dest / photo.name).symlink_to(photo)
     (root / "weights").symlink_to(shared / "weights", target_is_directory=True)
     assert dogs.exists()
     return root

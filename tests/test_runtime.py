@@ -14,6 +14,7 @@ from core.errors import ConfigError, InputError
 from core.runtime import load_runtime
 
 MAX_DPROB = 0.02
+MAX_DDOG = 0.01  # |Δdog_score|: measured 3.3e-6 on the real-weights bundle (see test_parity_on_real_photos)
 MIN_AGREEMENT = 0.995
 
 
@@ -141,5 +142,13 @@ def test_parity_on_real_photos(real_bundle, sample_bucket_dir, stanford_dogs_dir
 
     arrays = np.stack([decode_image(open(r.source, "rb").read(), size=ov.size, policy=ov.policy).array
                        for r in kept])
-    p_tf = np.concatenate([tf_rt.predict(arrays[i:i + 64]) for i in range(0, len(arrays), 64)])
+    tf_out = [tf_rt.infer(arrays[i:i + 64]) for i in range(0, len(arrays), 64)]
+    p_tf = np.concatenate([o.probs for o in tf_out])
     _assert_parity(np.stack([r.probs for r in kept]), p_tf, MIN_AGREEMENT)
+    if ov.bundle.dog_threshold is not None:  # the built bundle has one; a given one may predate it
+        dog_ov = np.array([r.dog_score for r in kept])
+        dog_tf = np.concatenate([o.dog_score for o in tf_out])
+        delta = float(np.abs(dog_ov - dog_tf).max())
+        print(f"dog_score parity: max |Δ| {delta:.2e} over {len(kept)} photos")
+        assert delta <= MAX_DDOG
+        assert np.mean((dog_ov >= ov.bundle.dog_threshold) == (dog_tf >= ov.bundle.dog_threshold)) >= MIN_AGREEMENT

@@ -32,8 +32,10 @@ def test_smoke_two_phases(dataset, tmp_path):
     # the card's top-1 is what the exported model predicts on the validation split
     _, val = train_data.split_data(cfg, str(dataset))
     _, val_ds = train_data.build_datasets(cfg, *train_data.split_data(cfg, str(dataset)))
-    probs = tta_select.predict_probs(result.model, val_ds)
+    out = tta_select.predict_probs(result.model, val_ds)
+    probs = out["probs"]
     assert m["top1"] == pytest.approx(np.mean(probs.argmax(1) == np.asarray(val.labels)))
+    assert out["dog_score"].shape == (len(val.labels),)
     assert m["top1"] <= m["top3"] <= 1.0
     assert "top1_flip_tta" in result.extras and "top1_no_tta" in result.extras
     saved = json.loads((tmp_path / "ckpt" / train_model.HISTORY_FILE).read_text())
@@ -41,7 +43,7 @@ def test_smoke_two_phases(dataset, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.weights.h5")) == [
         "finetune-epoch01.weights.h5", "finetune-epoch02.weights.h5",
         "head-epoch01.weights.h5", "head-epoch02.weights.h5"]
-    probs = result.model(np.zeros((1, 32, 32, 3), np.float32)).numpy()
+    probs = result.model(np.zeros((1, 32, 32, 3), np.float32))["probs"].numpy()
     assert probs.shape == (1, 3)
 
 
@@ -79,7 +81,7 @@ def test_feature_cached_head(dataset):
     feature_cache.train_head_on_features(model, run)
     assert len(run.history["head"]["val_top1"]) == 2
     assert not np.allclose(before, registry.head_of(model).get_weights()[0])
-    x, y = feature_cache.cache_features(cfg, feature_cache.feature_extractor(model), train, 2)
+    x, y = feature_cache.cache_features(cfg, registry.feature_extractor(model), train, 2)
     assert x.shape == (2 * len(train.paths), 256) and len(y) == len(x)
 
 
@@ -148,7 +150,7 @@ def test_undecodable_training_photo_is_named(tmp_path):
 def test_mirror_views_are_the_photo_then_its_mirror(dataset):
     cfg = smoke().replace(head_view_kind="mirror")
     train, _ = train_data.split_data(cfg, str(dataset))
-    extractor = feature_cache.feature_extractor(registry.create_model("custom_cnn", 3, weights=None, input_size=32))
+    extractor = registry.feature_extractor(registry.create_model("custom_cnn", 3, weights=None, input_size=32))
     x, y = feature_cache.cache_features(cfg, extractor, train, 2)
     n = len(train.paths)
     assert x.shape == (2 * n, 256) and list(y[:n]) == list(y[n:]) == list(train.labels)
@@ -163,12 +165,12 @@ def test_size_views_are_the_views_resized_through_a_twin(dataset):
     cfg = smoke().replace(input_size=48, tta_sizes=(32,), head_view_kind="mirror", head_feature_views=2)
     train, val = train_data.split_data(cfg, str(dataset))
     model = registry.create_model("custom_cnn", 3, weights=None, input_size=48)
-    x, y = feature_cache.cache_features(cfg, feature_cache.feature_extractor(model), train, cfg.head_feature_views)
+    x, y = feature_cache.cache_features(cfg, registry.feature_extractor(model), train, cfg.head_feature_views)
     xs, ys = feature_cache.with_size_views(model, train_model.TrainRun(cfg, train, val), x, y)
     n = len(train.paths)
     assert xs.shape == (4 * n, 256) and list(ys) == list(train.labels) * 4
     np.testing.assert_array_equal(xs[:2 * n], x)
-    twin = feature_cache.feature_extractor(train_model.model_at_size(model, cfg, 3, 32))
+    twin = registry.feature_extractor(train_model.model_at_size(model, cfg, 3, 32))
     photo = train_data.load_image(tf.constant(train.paths[1]), 48).numpy().astype(np.float32)[None]
     for row, view in ((2 * n + 1, photo), (3 * n + 1, photo[:, :, ::-1])):
         want = twin(train_data.resize_view(view, 32)).numpy()[0]
@@ -186,4 +188,5 @@ def test_final_metrics_weighs_every_tta_candidate_and_exports_the_best(dataset):
     assert ("tta_resize_32" in layers) == (e["tta_sizes"] == [32])
     assert any(name.startswith("flip_tta") for name in layers) == e["flip_tta"]
     x = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype(np.float32)
-    assert result.model(x).numpy().shape == (2, 3)
+    out = result.model(x)
+    assert out["probs"].numpy().shape == (2, 3) and out["dog_score"].numpy().shape == (2,)

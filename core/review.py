@@ -1,0 +1,101 @@
+"""A review queue from a label output: Label Studio tasks, most uncertain first.
+
+Reviewing every row of a million-image run is impossible; reviewing the few hundred the model
+was least sure of is an afternoon. A row's `uncertainty` (0..1) is the larger of two:
+
+- breed: 1 - (top-1 prob - top-2 prob), the margin between the two best breeds;
+- dog: 1 at the dog-score threshold, falling linearly to 0 at a score of 0 or 1, so rows the
+  not-a-dog flag nearly went the other way come first (a bundle without a dog score: 0).
+
+Tasks follow Label Studio's import format (labelstud.io/guide/predictions): `data.image` is the
+image URI (an `s3://` URI resolves through Label Studio's S3 storage), and `predictions` holds
+the top-k breeds, one prediction each, as `choices` of the control named `breed` with their
+probability as the score. Archive members have no URI Label Studio can open: they are skipped
+and counted. Error rows have nothing to review.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core import schema
+
+FROM_NAME = "breed"
+TO_NAME = "image"
+NOT_A_DOG = "not a dog"
+COLUMNS = (schema.URI, schema.MEMBER, schema.TOP_K, schema.ERROR, schema.DOG_SCORE, schema.IS_DOG,
+           schema.MODEL_ID, schema.RUN_ID)
+
+
+@dataclass(frozen=True)
+class Queue:
+    tasks: list[dict]
+    rows: int  # labelled rows considered
+    skipped_members: int  # archive members (no URI to open)
+
+
+def uncertainty(top_probs: np.ndarray, dog_scores: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Per row, the larger of the breed margin's and the dog flag's uncertainty (see module doc).
+    `top_probs` [N, >=2] sorted descending; `dog_scores` [N] with nan where there is none."""
+    top_probs = np.asarray(top_probs, np.float64)
+    second = top_probs[:, 1] if top_probs.shape[1] > 1 else np.zeros(len(top_probs))
+    breed = 1.0 - (top_probs[:, 0] - second)
+    dog = np.zeros(len(top_probs))
+    scores = np.asarray(dog_scores, np.float64)
+    if threshold is not None:
+        span = np.where(scores >= threshold, 1.0 - threshold, threshold)
+        dog = np.where(np.isnan(scores), 0.0, 1.0 - np.abs(scores - threshold) / np.maximum(span, 1e-9))
+    return np.clip(np.maximum(breed, dog), 0.0, 1.0)
+
+
+def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = None) -> Queue:
+    """Tasks for the labelled rows of `rows` (columns COLUMNS), most uncertain first, at most `limit`."""
+    labelled = rows.filter(pc.is_null(rows.column(schema.ERROR)))
+    members = labelled.column(schema.MEMBER).to_pylist()
+    keep = [m is None for m in members]
+    skipped = len(keep) - sum(keep)
+    labelled = labelled.filter(pa.array(keep, pa.bool_()))
+    top_k = labelled.column(schema.TOP_K).to_pylist()
+    width = max((len(t) for t in top_k), default=1)
+    probs = np.array([[c[schema.PROB] for c in t] + [0.0] * (width - len(t)) for t in top_k]).reshape(-1, width)
+    dog = np.array([np.nan if s is None else s for s in labelled.column(schema.DOG_SCORE).to_pylist()])
+    score = uncertainty(probs, dog, threshold)
+    uris = labelled.column(schema.URI).to_pylist()
+    order = sorted(range(len(uris)), key=lambda i: (-score[i], uris[i]))[:limit]
+    flags = labelled.column(schema.IS_DOG).to_pylist()
+    models = labelled.column(schema.MODEL_ID).to_pylist()
+    runs = labelled.column(schema.RUN_ID).to_pylist()
+    tasks = [_task(uris[i], top_k[i], dog[i], flags[i], models[i], runs[i], score[i]) for i in order]
+    return Queue(tasks, len(uris), skipped)
+
+
+def _task(uri: str, top_k: Sequence[dict], dog_score: float, is_dog: bool | None, model_id: str, run_id: str,
+          score: float) -> dict[str, Any]:
+    version = model_id[:12]
+    predictions = [{"model_version": f"{version} top-{rank}", "score": round(float(c[schema.PROB]), 6),
+                    "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                                "value": {"choices": [c[schema.BREED]]}}]}
+                   for rank, c in enumerate(top_k, 1)]
+    if is_dog is False:  # the flag first: what the reviewer confirms or rejects
+        predictions.insert(0, {"model_version": f"{version} dog-score", "score": round(1.0 - dog_score, 6),
+                               "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                                           "value": {"choices": [NOT_A_DOG]}}]})
+    return {"data": {TO_NAME: uri, "uncertainty": round(float(score), 6),
+                     "dog_score": None if np.isnan(dog_score) else round(float(dog_score), 6), "is_dog": is_dog,
+                     "model_id": model_id, "run_id": run_id},
+            "predictions": predictions}
+
+
+def labeling_config(breeds: Sequence[str]) -> str:
+    """The Label Studio labeling interface the tasks fit: one image, one choice among the breeds
+    and "not a dog"."""
+    from xml.sax.saxutils import quoteattr
+
+    choices = "\n".join(f"    <Choice value={quoteattr(b)}/>" for b in [*breeds, NOT_A_DOG])
+    return (f'<View>\n  <Image name="{TO_NAME}" value="${TO_NAME}"/>\n'
+            f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="false">\n'
+            f"{choices}\n  </Choices>\n</View>\n")

@@ -1,0 +1,61 @@
+"""Export a review queue of a label output for Label Studio, most uncertain rows first.
+
+    breedlabel review OUT --to review.json [--limit 500] [--labeling-config review.xml]
+
+Reads the finished runs of OUT (never a half-written one) and writes a Label Studio import file
+(core.review). Import it into a project whose labeling interface is `--labeling-config`'s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from core.errors import EXIT_OK, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from core.dog_score import THRESHOLD
+
+    parser.add_argument("out", metavar="OUTPUT", help="a label output folder or s3:// prefix")
+    parser.add_argument("--to", required=True, metavar="REVIEW_JSON", help="the Label Studio import file to write")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N tasks (default: every row)")
+    parser.add_argument("--dog-threshold", type=float, default=THRESHOLD, metavar="SCORE",
+                        help="the dog-score threshold the rows were flagged with (the bundle card's)")
+    parser.add_argument("--labeling-config", default=None, metavar="XML",
+                        help="also write the Label Studio labeling interface the tasks fit")
+    parser.add_argument("--model", default=None, metavar="BUNDLE",
+                        help="take the breed list of --labeling-config from this bundle (default: the 120 "
+                             "Stanford Dogs breeds)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from core import review, storage
+    from core.breeds import STANFORD_DOGS
+    from core.output import Output
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    out = Output(args.out)
+    runs = out.finished_runs()
+    if not runs:
+        raise ConfigError(f"{args.out}: no finished labelling run there; run `breedlabel label ... --out "
+                          f"{args.out}` first")
+    queue = review.build_queue(out.read_finished(columns=list(review.COLUMNS)), threshold=args.dog_threshold,
+                               limit=args.limit)
+    storage.write_bytes(args.to, (json.dumps(queue.tasks, indent=1) + "\n").encode())
+    if args.labeling_config:
+        if args.model:
+            from core.bundle import load_bundle
+
+            names = [b.name for b in load_bundle(args.model).classes]
+        else:
+            names = [b.name for b in STANFORD_DOGS]
+        storage.write_bytes(args.labeling_config, review.labeling_config(names).encode())
+    skipped = f"; {queue.skipped_members} archive members skipped (no URI to open)" if queue.skipped_members else ""
+    print(f"{len(queue.tasks)} tasks of {queue.rows} labelled rows from {len(runs)} run(s), most uncertain first, "
+          f"written to {args.to}{skipped}", file=sys.stderr)
+    return EXIT_OK

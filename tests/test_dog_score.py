@@ -1,0 +1,116 @@
+"""The not-a-dog score and calibrated probabilities: fitted from the training photos alone,
+inside the exported graph, the same on every runtime; a bundle without them still labels."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core import calibration
+from core.dog_score import KEEP, THRESHOLD, fit_dog_score
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative) (Mann-Whitney)."""
+    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+
+
+def _clusters(rng, n_per, centres, spread=0.3):
+    x = np.concatenate([c + spread * rng.standard_normal((n_per, centres.shape[1])) for c in centres])
+    return x, np.repeat(np.arange(len(centres)), n_per)
+
+
+def test_score_separates_in_from_out_of_distribution_and_keeps_the_stated_share():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((5, 32)) * 3
+    train_x, train_y = _clusters(rng, 80, centres)
+    val_x, _ = _clusters(rng, 40, centres)
+    fit = fit_dog_score(train_x, train_y, val_x, num_classes=5)
+    outside = rng.standard_normal((200, 32)) * 3  # not near any class
+    inside, _ = _clusters(rng, 40, centres)
+    assert _auroc(fit.score(inside), fit.score(outside)) > 0.99
+    # the threshold rule: the card's threshold keeps KEEP of the validation photos
+    assert np.mean(fit.score(val_x) >= THRESHOLD) == pytest.approx(KEEP, abs=1 / len(val_x) + 1e-9)
+    assert np.median(fit.score(val_x)) == pytest.approx(0.9, abs=0.01)
+    assert fit.card["threshold"] == THRESHOLD and "97.5%" in fit.card["threshold_rule"]
+
+
+def test_score_layer_computes_what_the_fit_says():
+    from core.dog_score import dog_score_layer
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((3, 16)) * 2
+    x, y = _clusters(rng, 30, centres)
+    fit = fit_dog_score(x, y, x[::3], num_classes=3)
+    probe = rng.standard_normal((10, 16)).astype(np.float32)
+    got = dog_score_layer(fit)(probe).numpy()
+    np.testing.assert_allclose(got, fit.score(probe), atol=1e-4)
+
+
+def test_temperature_recovers_overconfidence_and_lowers_the_ece():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((4000, 10)) * 2
+    truth = np.array([rng.choice(10, p=np.exp(r) / np.exp(r).sum()) for r in logits])
+    overconfident = np.exp(3 * logits) / np.exp(3 * logits).sum(axis=1, keepdims=True)
+    t = calibration.fit_temperature(truth, overconfident)
+    assert t == pytest.approx(3.0, rel=0.1)
+    report = calibration.calibrate(truth, overconfident)
+    assert report["ece_after"] < report["ece_before"] and report["ece_after_crossfit"] < report["ece_before"]
+    scaled = calibration.apply_temperature(overconfident, t)
+    assert np.array_equal(scaled.argmax(1), overconfident.argmax(1))  # rankings never change
+
+
+@pytest.fixture(scope="module")
+def trained_bundles(tmp_path_factory):
+    """One tiny trained bundle with the dog score and temperature, one without (as older bundles)."""
+    from core import train as core_train
+    from core.config import smoke
+    from core.datasets import discover
+    from tests.fixtures.images import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("dog")
+    data = make_synthetic_dataset(root / "ds", num_classes=3, images_per_class=10, size=40)
+    cfg = smoke().replace(head_epochs=2, finetune_layers=0)
+    with_score = core_train.train(cfg, str(data))
+    core_train.export_trained(with_score, str(root / "with"), discover(str(data)))
+    without = core_train.train(cfg.replace(dog_score=False, calibrate=False), str(data))
+    core_train.export_trained(without, str(root / "without"), discover(str(data)))
+    return root / "with", root / "without", data
+
+
+def test_bundle_card_and_both_runtimes_agree_on_the_score(trained_bundles):
+    from core.bundle import load_bundle
+    from core.runtime import load_runtime
+
+    path, _, _ = trained_bundles
+    bundle = load_bundle(str(path))
+    card = json.loads((path / "card.json").read_text())
+    assert card["dog_score"]["method"] == "mahalanobis++" and bundle.dog_threshold == THRESHOLD
+    assert card["calibration"]["temperature"] > 0 and "ece_before" in card["calibration"]
+    images = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    ov = load_runtime(bundle, "openvino").infer(images)
+    tf_out = load_runtime(bundle, "tensorflow").infer(images)
+    assert ov.dog_score.shape == (16,) and tf_out.dog_score.shape == (16,)
+    assert np.abs(ov.dog_score - tf_out.dog_score).max() <= 1e-3
+    assert np.abs(ov.probs - tf_out.probs).max() <= 0.02
+
+
+def test_labelling_fills_the_dog_columns_and_an_old_bundle_leaves_them_null(trained_bundles, tmp_path):
+    import pyarrow as pa
+
+    from core.bundle import load_bundle
+    from core.labelling import BatchLabeller
+
+    with_path, without_path, data = trained_bundles
+    photos = sorted(str(p) for p in data.rglob("*.jpg"))[:6]
+    chunk = pa.table({"uri": photos, "member": [None] * len(photos), "data": [None] * len(photos),
+                      "error": [None] * len(photos)})
+    rows = BatchLabeller(load_bundle(str(with_path)), runtime="openvino").label(chunk)
+    scores, flags = rows.column("dog_score").to_pylist(), rows.column("is_dog").to_pylist()
+    assert all(s is not None for s in scores) and all((s >= THRESHOLD) == f for s, f in zip(scores, flags))
+    strict = BatchLabeller(load_bundle(str(with_path)), runtime="openvino", dog_threshold=1.0).label(chunk)
+    assert strict.column("is_dog").to_pylist() == [s >= 1.0 for s in scores]
+    old = BatchLabeller(load_bundle(str(without_path)), runtime="openvino").label(chunk)
+    assert old.column("dog_score").null_count == len(photos) and old.column("is_dog").null_count == len(photos)
+    assert old.column("breed").null_count == 0

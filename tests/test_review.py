@@ -1,0 +1,70 @@
+"""`breedlabel review`: a Label Studio import file of a label output, most uncertain rows first."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from core import review
+from tests.fixtures.label_output import write_label_output
+
+
+def test_uncertainty_weighs_the_breed_margin_and_the_dog_flag():
+    probs = np.array([[0.9, 0.05], [0.5, 0.45], [0.9, 0.05], [0.9, 0.05]])
+    dog = np.array([0.95, 0.95, 0.52, 0.02])
+    u = review.uncertainty(probs, dog, threshold=0.5)
+    assert u[1] > u[0] and u[2] > u[0] and u[2] > u[3]  # close margin, near the threshold
+    assert u[2] == pytest.approx(1 - 0.02 / 0.5)
+    no_score = review.uncertainty(probs, np.full(4, np.nan), threshold=0.5)
+    assert np.allclose(no_score, 1 - (probs[:, 0] - probs[:, 1]))
+
+
+@pytest.fixture
+def output(tmp_path):
+    images = [(f"s3://bucket/photos/{i}.jpg", None, None) for i in range(6)]
+    images += [("s3://bucket/a.zip", "in/0.jpg", None), ("s3://bucket/bad.jpg", None, "not an image")]
+    scores = [0.9, 0.1, 0.55, 0.97, 0.3, 0.8, 0.9]  # one per labelled row (the member's last)
+    return write_label_output(tmp_path / "out", images, dog_scores=scores)
+
+
+def test_queue_is_ordered_most_uncertain_first_in_label_studio_format(output, tmp_path):
+    to, config = tmp_path / "review.json", tmp_path / "review.xml"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", output, "--to", str(to),
+                           "--labeling-config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 tasks of 6 labelled rows" in proc.stderr and "1 archive members skipped" in proc.stderr
+    tasks = json.loads(to.read_text())
+    scores = [t["data"]["uncertainty"] for t in tasks]
+    assert scores == sorted(scores, reverse=True)
+    assert all(t["data"]["image"].startswith("s3://bucket/photos/") for t in tasks)  # no member, no error row
+    choices = {c.get("value") for c in ET.fromstring(config.read_text()).iter("Choice")}
+    for task in tasks:  # Label Studio's import format: data + predictions of `choices` results
+        assert set(task) == {"data", "predictions"}
+        for pred in task["predictions"]:
+            assert {"model_version", "score", "result"} <= set(pred)
+            (result,) = pred["result"]
+            assert result["from_name"] == review.FROM_NAME and result["to_name"] == review.TO_NAME
+            assert result["type"] == "choices" and set(result["value"]["choices"]) <= choices
+        breeds = [p for p in task["predictions"] if p["result"][0]["value"]["choices"] != [review.NOT_A_DOG]]
+        assert len(breeds) == 3 and [p["score"] for p in breeds] == sorted((p["score"] for p in breeds), reverse=True)
+        flagged = task["data"]["is_dog"] is False
+        assert flagged == (task["predictions"][0]["result"][0]["value"]["choices"] == [review.NOT_A_DOG])
+        assert flagged == (task["data"]["dog_score"] < 0.5)
+
+
+def test_limit_keeps_the_most_uncertain(output, tmp_path):
+    full, top = tmp_path / "all.json", tmp_path / "top.json"
+    for path, extra in ((full, []), (top, ["--limit", "2"])):
+        subprocess.run([sys.executable, "-m", "jobs.cli", "review", output, "--to", str(path), *extra], check=True,
+                       capture_output=True)
+    assert json.loads(top.read_text()) == json.loads(full.read_text())[:2]
+
+
+def test_an_output_without_runs_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", str(tmp_path / "nothing"), "--to",
+                           str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no finished labelling run" in proc.stderr
