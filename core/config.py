@@ -97,6 +97,8 @@ class TrainConfig:
                                         "that measures better; no value = none", type=int, metavar="PX")
     dog_score: bool = option(True, "fit a not-a-dog score (Mahalanobis++ on the pooled features) and export it as "
                              "the graph's dog_score output", negatable=True)
+    not_dogs: str | None = option(None, "a folder of photos without a dog (any layout): the dog score becomes a "
+                                  "dog-vs-not logistic regression trained on them", metavar="DIR")
     calibrate: bool = option(True, "fit a temperature on the validation split so the exported probabilities are "
                              "calibrated", negatable=True)
     mixed_precision: bool = True  # only ever used when a GPU is present
@@ -122,6 +124,7 @@ class TrainConfig:
         _check(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
         _check(self.head_view_kind in VIEW_KINDS, f"head_view_kind must be one of {', '.join(VIEW_KINDS)}")
         _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
+        _check(not self.not_dogs or self.dog_score, "--not-dogs needs the dog score: drop --no-dog-score")
         _check(all(t >= 32 for t in self.tta_sizes) and len(set(self.tta_sizes)) == len(self.tta_sizes)
                and self.input_size not in self.tta_sizes,
                f"tta_sizes must be distinct sizes >= 32 px other than input_size, got {list(self.tta_sizes)}")

@@ -13,6 +13,10 @@ The raw score's scale means nothing to a user, so the graph maps it through a lo
 fixed by the validation photos: 0.5 at the card's threshold (by default the score that keeps
 `KEEP` of the validation dog photos) and 0.9 at their median. `dog_score >= threshold` is
 `is_dog`; the card says how the threshold was chosen.
+
+With a folder of non-dog photos (`train --not-dogs DIR`) the score is instead a dog-vs-not
+logistic regression on the same normalised features (`fit_dog_vs_not`): supervised, so only as
+good as that folder is like the non-dogs the bundle will meet; the threshold rule is the same.
 """
 from __future__ import annotations
 
@@ -34,14 +38,18 @@ _MEDIAN_SCORE = 0.9
 class DogScoreFit:
     """Everything the graph needs (means, precision, the logistic map) and the card says."""
 
-    means: np.ndarray  # [C, D] float32, of l2-normalised features
-    precision: np.ndarray  # [D, D] float32, inverse of the shrunk shared covariance
+    means: np.ndarray | None  # [C, D] float32, of l2-normalised features (Mahalanobis)
+    precision: np.ndarray | None  # [D, D] float32, inverse of the shrunk shared covariance (Mahalanobis)
     offset: float  # raw score at the threshold
     scale: float  # raw-score units per logit
     card: dict
+    weights: np.ndarray | None = None  # [D] float32 (logistic): raw = z . weights + bias
+    bias: float = 0.0
 
     def raw(self, features: np.ndarray) -> np.ndarray:
         z = l2_normalise(features).astype(np.float64)
+        if self.weights is not None:
+            return z @ self.weights.astype(np.float64) + self.bias
         p = self.precision.astype(np.float64)
         pmu = p @ self.means.astype(np.float64).T
         dist = np.sum((z @ p) * z, axis=1, keepdims=True) - 2 * z @ pmu + np.sum(self.means * pmu.T, axis=1)
@@ -62,9 +70,6 @@ def fit_dog_score(train_features: np.ndarray, train_labels: np.ndarray, val_feat
     """Class means and the shared covariance from the training photos; the threshold and the
     logistic map from the validation photos (never seen by the fit)."""
     labels = np.asarray(train_labels, np.int64)
-    if not (np.isfinite(train_features).all() and np.isfinite(val_features).all()):
-        raise ConfigError("dog score: the backbone's features are not finite (a diverged model?); retrain, or "
-                          "train with --no-dog-score")
     if not 0.0 <= shrinkage <= 1.0:
         raise ConfigError(f"dog score shrinkage must be in [0, 1], got {shrinkage}")
     if not 0.5 <= keep < 1.0:
@@ -73,6 +78,7 @@ def fit_dog_score(train_features: np.ndarray, train_labels: np.ndarray, val_feat
     if len(present) != num_classes or len(val_features) == 0:
         raise ConfigError(f"dog score: every class needs training photos ({len(present)} of {num_classes} have) "
                           "and the validation split must not be empty")
+    _check_finite(train_features, val_features)
     z = l2_normalise(train_features)
     means = np.stack([z[labels == c].mean(axis=0) for c in range(num_classes)])
     centred = z - means[labels]
@@ -82,17 +88,53 @@ def fit_dog_score(train_features: np.ndarray, train_labels: np.ndarray, val_feat
     cov += 1e-9 * np.eye(dim)  # one photo per class leaves no spread to estimate: then a Euclidean distance
     precision = np.linalg.inv(cov)
     fit = DogScoreFit(means.astype(np.float32), precision.astype(np.float32), 0.0, 1.0, {})
+    card = {"method": METHOD, "shrinkage": shrinkage,
+            "fitted_on": f"{len(z)} training photos (class means, shared covariance)"}
+    return _with_threshold(fit, val_features, keep, card)
+
+
+def fit_dog_vs_not(train_features: np.ndarray, not_dog_features: np.ndarray, val_features: np.ndarray, *,
+                   keep: float = KEEP, l2: float = 1e-3, steps: int = 500, seed: int = 0) -> DogScoreFit:
+    """A dog-vs-not logistic regression on l2-normalised features (classes weighted equally,
+    ridge `l2`, full-batch Adam), thresholded on the validation dogs like the Mahalanobis score."""
+    _check_finite(train_features, not_dog_features, val_features)
+    if len(not_dog_features) == 0:
+        raise ConfigError("dog score: the --not-dogs folder gave no photos")
+    x = np.concatenate([l2_normalise(train_features), l2_normalise(not_dog_features)])
+    y = np.concatenate([np.ones(len(train_features)), np.zeros(len(not_dog_features))])
+    weight = np.where(y == 1, 0.5 / len(train_features), 0.5 / len(not_dog_features))
+    w, b = np.random.default_rng(seed).normal(0, 1e-3, x.shape[1]), 0.0
+    m, v = np.zeros(x.shape[1] + 1), np.zeros(x.shape[1] + 1)
+    for t in range(1, steps + 1):
+        p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        g = weight * (p - y)
+        grad = np.concatenate([x.T @ g + l2 * w, [g.sum()]])
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad ** 2
+        step = 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        w, b = w - step[:-1], b - step[-1]
+    fit = DogScoreFit(None, None, 0.0, 1.0, {}, weights=w.astype(np.float32), bias=float(b))
+    card = {"method": "logistic", "l2": l2,
+            "fitted_on": f"{len(train_features)} training dog photos and {len(not_dog_features)} non-dog photos"}
+    return _with_threshold(fit, val_features, keep, card)
+
+
+def _check_finite(*arrays: np.ndarray) -> None:
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ConfigError("dog score: the backbone's features are not finite (a diverged model?); retrain, or "
+                          "train with --no-dog-score")
+
+
+def _with_threshold(fit: DogScoreFit, val_features: np.ndarray, keep: float, card: dict) -> DogScoreFit:
+    """The logistic map of the raw score: 0.5 at the score keeping `keep` of the validation dogs, 0.9
+    at their median."""
     raw_val = fit.raw(val_features)
     offset = float(np.quantile(raw_val, 1.0 - keep))
-    median = float(np.median(raw_val))
-    scale = max(median - offset, 1e-6) / math.log(_MEDIAN_SCORE / (1 - _MEDIAN_SCORE))
-    card = {
-        "method": METHOD, "threshold": THRESHOLD, "shrinkage": shrinkage,
-        "threshold_rule": f"keeps {keep:.1%} of the {len(raw_val)} validation dog photos",
-        "fitted_on": f"{len(z)} training photos (class means, shared covariance)",
-        "raw_offset": offset, "raw_scale": scale,
-    }
-    return DogScoreFit(fit.means, fit.precision, offset, scale, card)
+    scale = max(float(np.median(raw_val)) - offset, 1e-6) / math.log(_MEDIAN_SCORE / (1 - _MEDIAN_SCORE))
+    card = {**card, "threshold": THRESHOLD,
+            "threshold_rule": f"keeps {keep:.1%} of the {len(raw_val)} validation dog photos",
+            "raw_offset": offset, "raw_scale": scale}
+    return DogScoreFit(fit.means, fit.precision, offset, scale, card, fit.weights, fit.bias)
 
 
 def dog_score_layer(fit: DogScoreFit, name: str = "dog_score"):
@@ -101,25 +143,27 @@ def dog_score_layer(fit: DogScoreFit, name: str = "dog_score"):
     import tensorflow as tf
     import tf_keras as keras
 
-    precision = fit.precision.astype(np.float32)
-    pmu = (fit.precision.astype(np.float64) @ fit.means.astype(np.float64).T).astype(np.float32)
-    const = np.sum(fit.means.astype(np.float64) * pmu.T, axis=1).astype(np.float32)
+    if fit.weights is not None:
+        constants = {"weights": fit.weights.astype(np.float32)[:, None], "bias": np.float32([fit.bias])}
+    else:
+        pmu = fit.precision.astype(np.float64) @ fit.means.astype(np.float64).T
+        constants = {"precision": fit.precision.astype(np.float32), "precision_means": pmu.astype(np.float32),
+                     "means_precision_means": np.sum(fit.means * pmu.T, axis=1).astype(np.float32)}
 
     class DogScore(keras.layers.Layer):
         def build(self, input_shape):
-            def weight(name, value):
-                return self.add_weight(name=name, shape=value.shape, trainable=False,
-                                       initializer=keras.initializers.Constant(value))
-
-            self.precision = weight("precision", precision)
-            self.pmu = weight("precision_means", pmu)
-            self.const = weight("means_precision_means", const)
+            self.c = {name: self.add_weight(name=name, shape=value.shape, trainable=False,
+                                            initializer=keras.initializers.Constant(value))
+                      for name, value in constants.items()}
 
         def call(self, features):
             z = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1, epsilon=1e-24)
-            dist = (tf.reduce_sum(tf.matmul(z, self.precision) * z, axis=-1, keepdims=True)
-                    - 2.0 * tf.matmul(z, self.pmu) + self.const)
-            raw = -tf.reduce_min(dist, axis=-1)
+            if "weights" in self.c:
+                raw = tf.squeeze(tf.matmul(z, self.c["weights"]), axis=-1) + self.c["bias"]
+            else:
+                dist = (tf.reduce_sum(tf.matmul(z, self.c["precision"]) * z, axis=-1, keepdims=True)
+                        - 2.0 * tf.matmul(z, self.c["precision_means"]) + self.c["means_precision_means"])
+                raw = -tf.reduce_min(dist, axis=-1)
             return tf.sigmoid((raw - fit.offset) / fit.scale)
 
     return DogScore(name=name, dtype="float32")

@@ -22,19 +22,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import tf_keras as keras
-
 import numpy as np
 import tensorflow as tf
+import tf_keras as keras
 
 from core import bundle as bundles
 from core import calibration, datasets, registry
-from core.dog_score import dog_score_layer, fit_dog_score
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
+from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not
+from core.errors import ConfigError
 from core.feature_cache import train_head_on_features, train_on_cached_activations, uses_cached_finetune
 from core.train_data import build_datasets, decoded, named_input_errors, split_data, steps_per_epoch
-from core.train_model import (HISTORY_FILE, TrainRun, build_model, compile_for_phase, input_size_of,
-                              phase_callbacks, predict_with_progress, run_phase, setup_precision)
+from core.train_model import (
+    HISTORY_FILE,
+    TrainRun,
+    build_model,
+    compile_for_phase,
+    input_size_of,
+    phase_callbacks,
+    predict_with_progress,
+    run_phase,
+    setup_precision,
+)
 from core.tta_select import final_metrics
 
 log = logging.getLogger(__name__)
@@ -110,6 +119,18 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
     return result
 
 
+def not_dog_folder(folder: str) -> datasets.ImageFolder:
+    """Every image under `folder` (any layout) as one class: the negatives of `--not-dogs`."""
+    from core.breeds import Breed
+    from core.formats import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ConfigError(f"--not-dogs {folder}: no images there; give a folder of photos without a dog")
+    return datasets.ImageFolder(paths, np.zeros(len(paths), np.int64), [Breed("not_a_dog", "not_a_dog")], str(root))
+
+
 def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> TrainResult:
     """The graph to export and what its card says, for a trained model (single-process or
     distributed): the test-time average that measures best on the validation split, then the
@@ -131,7 +152,14 @@ def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> T
                                         "dog score: features of the training photos")
         val_x = predict_with_progress(extractor, val_ds.map(lambda x, y: x), len(val_set.labels),
                                       "dog score: features of the validation photos")
-        fit = fit_dog_score(train_x, train_set.labels, val_x, num_classes=len(train_set.classes))
+        if cfg.not_dogs:
+            others = not_dog_folder(cfg.not_dogs)
+            ds = decoded(cfg, others, input_size_of(cfg)).map(lambda x, y: tf.cast(x, tf.float32)).batch(64)
+            other_x = predict_with_progress(extractor, ds, len(others.paths), "dog score: features of --not-dogs")
+            fit = fit_dog_vs_not(train_x, other_x, val_x)
+            fit.card["not_dogs_fingerprint"] = datasets.fingerprint(others)
+        else:
+            fit = fit_dog_score(train_x, train_set.labels, val_x, num_classes=len(train_set.classes))
         card[bundles.CARD_DOG_SCORE] = fit.card
         outputs["dog_score"] = dog_score_layer(fit)
         log.info("dog score: %s, threshold %.2f (%s)", fit.card["method"], fit.card["threshold"],

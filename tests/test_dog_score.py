@@ -114,3 +114,50 @@ def test_labelling_fills_the_dog_columns_and_an_old_bundle_leaves_them_null(trai
     old = BatchLabeller(load_bundle(str(without_path)), runtime="openvino").label(chunk)
     assert old.column("dog_score").null_count == len(photos) and old.column("is_dog").null_count == len(photos)
     assert old.column("breed").null_count == 0
+
+
+def test_with_non_dog_photos_the_score_is_a_logistic_regression_on_them():
+    from core.dog_score import dog_score_layer, fit_dog_vs_not
+
+    rng = np.random.default_rng(4)
+    dogs = rng.standard_normal((300, 16)) + 2.0
+    others = rng.standard_normal((300, 16)) - 2.0
+    fit = fit_dog_vs_not(dogs[:200], others[:200], dogs[200:250])
+    assert fit.card["method"] == "logistic"
+    assert _auroc(fit.score(dogs[250:]), fit.score(others[200:])) > 0.99
+    np.testing.assert_allclose(dog_score_layer(fit)(others[:8].astype(np.float32)).numpy(), fit.score(others[:8]),
+                               atol=1e-4)
+
+
+def test_not_dogs_needs_the_dog_score():
+    from core.config import smoke
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--not-dogs needs the dog score"):
+        smoke().replace(not_dogs="somewhere", dog_score=False)
+
+
+def test_train_with_not_dogs_exports_the_logistic_score(tmp_path):
+    from core import train as core_train
+    from core.bundle import load_bundle
+    from core.config import smoke
+    from core.datasets import discover
+    from core.runtime import load_runtime
+    from PIL import Image
+
+    from tests.fixtures.images import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=3, images_per_class=8, size=40)
+    others = tmp_path / "not_dogs" / "things"
+    others.mkdir(parents=True)
+    for i in range(6):
+        noise = np.random.default_rng(100 + i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(others / f"{i}.jpg")
+    cfg = smoke().replace(head_epochs=1, finetune_layers=0, not_dogs=str(tmp_path / "not_dogs"))
+    result = core_train.train(cfg, str(data))
+    core_train.export_trained(result, str(tmp_path / "b"), discover(str(data)))
+    bundle = load_bundle(str(tmp_path / "b"))
+    card = bundle.card["dog_score"]
+    assert card["method"] == "logistic" and "6 non-dog photos" in card["fitted_on"]
+    out = load_runtime(bundle, "openvino").infer(np.zeros((2, 32, 32, 3), np.uint8))
+    assert out.dog_score.shape == (2,) and np.isfinite(out.dog_score).all()
