@@ -40,7 +40,9 @@ class EvaluateConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvaluateConfig()
     parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle path or URI")
-    parser.add_argument("--data", required=True, metavar="DIR", help="folder-per-class dataset")
+    parser.add_argument("--data", required=True, metavar="DIR", action="append",
+                        help="folder-per-class dataset; repeat it to compare sources (e.g. crops and full scenes) "
+                             "side by side: each gets its own line, the report covers them all")
     parser.add_argument("--out", default=d.out, metavar="METRICS_JSON",
                         help="write the metrics (with per-class accuracy and confusion counts) here")
     parser.add_argument("--classes", default=d.classes,
@@ -66,6 +68,11 @@ def _class_selection(value: str | None) -> int | list[str] | None:
 
 def _summary(metrics: dict, classes) -> str:
     lines = [f"images: {metrics['count']}", f"top-1:  {metrics['top1']:.2%}", f"top-3:  {metrics['top3']:.2%}"]
+    by_source = metrics.get("by_source")
+    if by_source:
+        width = max(len(s) for s in by_source)
+        lines.append(f"{'source':<{width}}  images   top-1   top-3")
+        lines += [f"{s:<{width}}  {m['count']:6d}  {m['top1']:6.2%}  {m['top3']:6.2%}" for s, m in by_source.items()]
     nd = metrics.get("not_a_dog")
     if nd:
         lines.append(f"dog score (threshold {nd['threshold']:.2f}): {nd['dog_recall']:.1%} of dogs kept "
@@ -79,6 +86,17 @@ def _summary(metrics: dict, classes) -> str:
     if worst:
         lines.append("lowest per-class accuracy: " + ", ".join(f"{b.display} {a:.0%}" for a, b in worst))
     return "\n".join(lines)
+
+
+def _by_source(result, sources: list[str], order: list[str], classes) -> dict:
+    from core.evaluate import classification_metrics
+
+    out = {}
+    for source in order:
+        rows = np.array([s == source for s in sources], bool)
+        m = classification_metrics(result.probs[rows], result.labels[rows], classes)
+        out[source] = {k: m[k] for k in ("count", "top1", "top3")}
+    return out
 
 
 def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
@@ -117,18 +135,25 @@ def run(args: argparse.Namespace) -> int:
     from core.evaluate import evaluate_paths, map_labels
     from core.predict import Predictor
 
-    ds = datasets.discover(args.data)
-    selection = _class_selection(args.classes)
-    if selection is not None:
-        ds = datasets.select_classes(ds, selection)
     predictor = Predictor(args.model, runtime=args.runtime, threads=args.threads, batch_size=args.batch_size)
-    mapping = map_labels(ds.classes, predictor.classes)
     if args.not_dogs and predictor.dog_threshold is None:
         raise ConfigError(f"--not-dogs: the bundle {args.model} has no dog score (exported before it existed, or "
                           "trained with --no-dog-score)")
-    result = evaluate_paths(predictor, list(ds.paths), mapping[ds.labels])
+    selection = _class_selection(args.classes)
+    paths, labels, source_of = [], [], {}
+    for source in args.data:
+        ds = datasets.discover(source)
+        if selection is not None:
+            ds = datasets.select_classes(ds, selection)
+        paths += [str(p) for p in ds.paths]
+        labels += list(map_labels(ds.classes, predictor.classes)[ds.labels])
+        source_of.update({str(p): source for p in ds.paths})
+    result = evaluate_paths(predictor, paths, np.asarray(labels, np.int64))
+    data = args.data[0] if len(args.data) == 1 else args.data
     metrics = dict(result.metrics, model_id=predictor.bundle.model_id, runtime=predictor.runtime.name,
-                   data=str(args.data), errors=result.errors)
+                   data=data, errors=result.errors)
+    if len(args.data) > 1:
+        metrics["by_source"] = _by_source(result, [source_of[p] for p in result.paths], args.data, predictor.classes)
     calibration = predictor.bundle.card.get("calibration")
     if calibration:
         metrics["card_calibration"] = calibration
@@ -145,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
         if args.report and result.probs is not None and len(result.labels):
             from core.report import write_report
 
-            details = {"model_id": predictor.bundle.model_id, "data": str(args.data)}
+            details = {"model_id": predictor.bundle.model_id, "data": ", ".join(args.data)}
+            for source, m in metrics.get("by_source", {}).items():
+                details[f"top-1 / top-3 on {source}"] = f"{m['top1']:.2%} / {m['top3']:.2%} ({m['count']} images)"
             if calibration:
                 details["validation ECE (card)"] = (f"{calibration['ece_before']:.3f} before, "
                                                     f"{calibration['ece_after']:.3f} after temperature "

@@ -102,3 +102,24 @@ def test_evaluate_writes_metrics(tiny_bundle, photos, tmp_path):
     assert set(metrics["per_class"]) == {b.id for b in STANFORD_DOGS[:4]}
     assert metrics["per_class"][STANFORD_DOGS[3].id] is None  # no samples
     assert np.asarray(metrics["confusion"]).sum() == 6
+
+
+def test_evaluate_compares_sources_side_by_side(tiny_bundle, photos, tmp_path):
+    """Several --data folders (crops, full scenes): one line each, and the whole in the metrics."""
+    import shutil
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(photos / "data" / STANFORD_DOGS[1].folder, scenes / STANFORD_DOGS[1].folder)
+    out = tmp_path / "metrics.json"
+    proc = breedlabel("evaluate", "--model", str(tiny_bundle), "--data", str(photos / "data"), "--data", str(scenes),
+                      "--out", str(out), "--no-report", cache=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(out.read_text())
+    by_source = metrics["by_source"]
+    assert list(by_source) == [str(photos / "data"), str(scenes)]
+    assert by_source[str(photos / "data")]["count"] == 6 and by_source[str(scenes)]["count"] == 3
+    assert metrics["count"] == 9
+    # the whole is the count-weighted mean of its sources
+    assert metrics["top1"] == pytest.approx((6 * by_source[str(photos / "data")]["top1"]
+                                             + 3 * by_source[str(scenes)]["top1"]) / 9)
+    assert str(scenes) in proc.stdout and "source" in proc.stdout
