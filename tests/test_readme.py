@@ -4,7 +4,8 @@
    placeholders `…`, `[…]` and CAPITALS aside): a renamed or removed flag fails here.
 2. The commands that run on one machine run, in README order, verbatim in a folder whose
    `../shared` is a small copy of the real one (12 breeds x 6 training crops, 12 sample photos,
-   3 cats and 3 objects, the real MobileNetV2 weights) and whose `s3://bucket` is the test moto_server. The only
+   a full scene of each of those breeds that has some, 3 cats and 3 objects, the real MobileNetV2
+   weights) and whose `s3://bucket` is the test moto_server. The only
    change to a command is a budget: `--num-samples 2` appended to tune. Commands that need a
    cluster, GPUs, the internet (`--weights imagenet`) or a browser (`ray up`, `submit`, `jobs`,
    `ui`, `aws`, `make`), or data the README only names (`Images/`), are covered by their own tests
@@ -77,9 +78,10 @@ def test_every_readme_command_parses(command):
 def _small_shared(root: Path, shared: Path) -> Path:
     """../shared with the real weights and a few real photos (symlinks)."""
     dogs = shared / "data" / "stanford_dogs_train"
-    for kind, per_class in (("stanford_dogs_train", 6), ("sample_bucket", 1)):
+    breeds = sorted(p.name for p in dogs.iterdir() if p.is_dir())[:12]
+    for kind, per_class in (("stanford_dogs_train", 6), ("sample_bucket", 1), ("full_scenes", 1)):
         src_root = shared / "data" / kind
-        for folder in sorted(p for p in src_root.iterdir() if p.is_dir())[:12]:
+        for folder in sorted(p for p in src_root.iterdir() if p.is_dir() and p.name in breeds):
             dest = root / "data" / kind / folder.name
             dest.mkdir(parents=True)
             for photo in sorted(folder.iterdir())[:per_class]:
