@@ -8,7 +8,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install system-deps test demo clean
+.PHONY: install system-deps test test-fast demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ system-deps:
 
 test: install system-deps
 	BREEDLABEL_SHARED=$(SHARED) $(BIN)/python -m pytest
+
+# The inner loop while editing: every test not marked slow (the slow ones start Ray jobs, kill
+# processes, train over Ray Train or run the README end to end; `make test` and CI run them all).
+test-fast: install
+	BREEDLABEL_SHARED=$(SHARED) $(BIN)/python -m pytest -m "not slow" -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -87,6 +87,7 @@ def test_runtimes_agree_on_rows(tiny_bundle):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_runtime_parity_on_real_photos(real_bundle, sample_bucket_dir):
     """Real weights labelling real photos (the `real_bundle` fixture: BREEDLABEL_TEST_BUNDLE, or
     built from ../shared/weights): top-1 agreement >= 99.5 %, max |dprob| <= 0.02."""

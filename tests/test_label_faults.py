@@ -83,6 +83,7 @@ def _rows(out: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("outage", ["dead", "frozen"])
+@pytest.mark.slow
 def test_an_endpoint_outage_fails_the_run_and_a_rerun_recovers(outage, s3, tiny_bundle, tmp_path):
     """The run pauses after staging its first rows; the endpoint dies (connections refused) or
     freezes (SIGSTOP: accepted, never answered); the run goes on and must fail within its
@@ -117,6 +118,7 @@ def test_an_endpoint_outage_fails_the_run_and_a_rerun_recovers(outage, s3, tiny_
     assert df.error.isna().all()  # no "cannot read" row for an object that exists
 
 
+@pytest.mark.slow
 def test_an_outage_of_an_s3_output_is_one_line_too(s3, tiny_bundle, tmp_path):
     _, proxy, client = s3
     client.create_bucket(Bucket="faults-out")
@@ -141,6 +143,7 @@ def test_an_outage_of_an_s3_output_is_one_line_too(s3, tiny_bundle, tmp_path):
     assert sorted(_rows(out).uri) == sorted(str(p) for p in photos.iterdir())
 
 
+@pytest.mark.slow
 def test_a_name_that_is_not_utf8_is_labelled_and_kept_losslessly(tiny_bundle, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -182,6 +185,7 @@ def _peak_tree_memory(cmd: list[str]) -> tuple[int, subprocess.CompletedProcess]
     return peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_a_zip_of_big_members_keeps_memory_bounded(tiny_bundle, tmp_path):
     """1.4 MB of zip: 30 members of 48 MiB of zeros (read, one chunk at a time: not images) and
     2 of 100 MiB (over --max-object-mb 64: error rows, never read). The job tree's peak memory
@@ -215,6 +219,7 @@ def _tar_with_links(path: Path) -> None:
             tf.addfile(info)
 
 
+@pytest.mark.slow
 def test_every_member_and_object_gets_its_row(ray_local, tiny_bundle, tmp_path):
     """Links and nested archives in a tar, an archive with no image, duplicate manifest lines,
     the same folder twice, an http:// line: rows out = objects in, each once."""

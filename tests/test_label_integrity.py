@@ -99,6 +99,7 @@ def test_plain_rerun_adds_no_row(photos, tiny_bundle, out, address):
     assert not storage.exists(lease.lease_uri(out))
 
 
+@pytest.mark.slow
 def test_relabel_is_explicit_and_adds_a_row_per_input(photos, tiny_bundle, out, address):
     assert _run(label_command(_args(photos, tiny_bundle, out, address))).returncode == EXIT_OK
     assert _run(label_command(_args(photos, tiny_bundle, out, address, "--relabel"))).returncode == EXIT_OK
@@ -107,6 +108,7 @@ def test_relabel_is_explicit_and_adds_a_row_per_input(photos, tiny_bundle, out, 
 
 
 @pytest.mark.parametrize("out", ["local", "s3"], indirect=True)
+@pytest.mark.slow
 def test_a_second_run_while_one_writes_is_skipped(photos, tiny_bundle, out, address, tmp_path):
     """Run A pauses after staging its first part; B (same output) exits 75 naming A; A finishes."""
     marker, release = tmp_path / "paused", tmp_path / "go"
@@ -146,6 +148,7 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("phase", list(KILL_POINTS))
+@pytest.mark.slow
 def test_sigkill_at_each_phase_then_rerun(phase, photos, tiny_bundle, out, address):
     point, published = KILL_POINTS[phase]
     killed = _run(label_command(_args(photos, tiny_bundle, out, address), point))
@@ -161,6 +164,7 @@ def test_sigkill_at_each_phase_then_rerun(phase, photos, tiny_bundle, out, addre
     assert not output.Output(out).staged_runs()  # resumed or published: nothing left behind
 
 
+@pytest.mark.slow
 def test_sigkill_mid_publish_on_s3_is_rolled_forward(photos, tiny_bundle, moto_s3, address, tmp_path):
     """S3 publishes part by part: killed after copying the parts, before the run's manifest."""
     out = moto_s3.make_bucket(f"publish-{os.getpid()}") + "/labels"
@@ -177,6 +181,7 @@ def test_sigkill_mid_publish_on_s3_is_rolled_forward(photos, tiny_bundle, moto_s
 
 
 @pytest.mark.parametrize("sig", ["term", "int"])
+@pytest.mark.slow
 def test_stop_signal_stages_releases_and_resumes(sig, photos, tiny_bundle, out, address):
     stopped = _run(label_command(_args(photos, tiny_bundle, out, address),
                                  Point("core.output:Output.write_part", nth=2, action=sig)))
@@ -197,6 +202,7 @@ def test_stop_signal_stages_releases_and_resumes(sig, photos, tiny_bundle, out, 
     assert_one_row_per_input(out, photos)
 
 
+@pytest.mark.slow
 def test_runtime_in_the_manifest_is_what_the_actors_ran(photos, tiny_bundle, out, address, tmp_path):
     """An actor whose OpenVINO cannot load falls back to TensorFlow: the driver says so once, and
     the manifest records TensorFlow, not the planned OpenVINO."""

@@ -59,6 +59,7 @@ def inputs(tmp_path, image_factory):
     return (str(folder), str(tmp_path / "upload.zip"), str(tmp_path / "broken.tar.gz")), str(manifest), expected
 
 
+@pytest.mark.slow
 def test_every_input_kind_gives_exactly_one_row(ray_local, inputs, tmp_path, tiny_bundle):
     paths, manifest, expected = inputs
     out = tmp_path / "out"
@@ -83,6 +84,7 @@ def test_every_input_kind_gives_exactly_one_row(ray_local, inputs, tmp_path, tin
     assert duckdb.sql(q).fetchall()[0][0] == expected
 
 
+@pytest.mark.slow
 def test_incremental_rerun_labels_only_new_images(ray_local, tmp_path, tiny_bundle, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -103,6 +105,7 @@ def test_incremental_rerun_labels_only_new_images(ray_local, tmp_path, tiny_bund
     assert len(df) == 8 and df.groupby("run_id", observed=True).size().sort_values().tolist() == [2, 6]
 
 
+@pytest.mark.slow
 def test_error_budget_exit_code_3_with_every_row_written(ray_local, tmp_path, tiny_bundle, image_factory):
     folder = tmp_path / "photos"
     image_factory.folder(["jpeg", "png", "empty", "text_as_jpg"], folder=folder)
@@ -117,6 +120,7 @@ def test_error_budget_exit_code_3_with_every_row_written(ray_local, tmp_path, ti
     assert label_cmd.run(parser.parse_args(argv)) == EXIT_OK
 
 
+@pytest.mark.slow
 def test_two_stage_pipeline_gives_the_same_rows(ray_local, tmp_path, tiny_bundle, image_factory):
     folder = tmp_path / "photos"
     image_factory.folder(["jpeg", "png", "truncated_jpeg", "webp", "cmyk_jpeg"], folder=folder)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.dataset as ds
+import pytest
 
 from core import output
 from tests.fixtures.images import jpeg_bytes
@@ -27,6 +28,7 @@ ROWS_PER_FILE = 8
 # The real job, SIGKILLed by its own writer once it has staged KILL_AFTER_PARTS parts.
 _DIE_AFTER_PARTS = f"""
 import itertools, os, signal, sys
+import pytest
 from core import output
 write, written = output.Output.write_part, itertools.count(1)
 def write_then_die(self, *args, **kwargs):
@@ -53,6 +55,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_labels_each_input_once(ray_local, tmp_path, tiny_bundle):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -34,6 +34,7 @@ def buckets(moto_s3):
     return src, dst
 
 
+@pytest.mark.slow
 def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
     src, dst = buckets
     out = f"{dst}/labels"

@@ -13,6 +13,7 @@ from tests.fixtures.images import jpeg_bytes
 SMALL = dict(actors=1, cpus_per_actor=1, batch_size=4, rows_per_file=50, io_threads=2, progress=False)
 
 
+@pytest.mark.slow
 def test_nothing_to_do_ends_before_ray_starts(tmp_path, tiny_bundle, monkeypatch):
     """No ray_local here: the second run must not start Ray at all. Paths given relative are
     recorded absolute in the manifest."""

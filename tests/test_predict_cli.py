@@ -67,6 +67,7 @@ def test_text_file_named_jpg_is_one_line_error(tiny_bundle, photos, tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_mixed_inputs_print_good_ones_and_fail(tiny_bundle, photos, tmp_path):
     fake = str(photos / "fake.jpg")
     proc = breedlabel("predict", _good(photos), fake, "--model", str(tiny_bundle), "--json",

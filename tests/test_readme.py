@@ -119,6 +119,7 @@ def _upload(local: Path, prefix: str) -> None:
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_readme_commands_run_as_written(shared_dir, moto_s3, tmp_path):
     root = tmp_path / "checkout"
     work = root / "repo"

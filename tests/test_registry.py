@@ -18,6 +18,7 @@ def _params():
 
 
 @pytest.mark.parametrize("name", list(_params()))
+@pytest.mark.slow
 def test_build_and_forward(name):
     spec = registry.get_spec(name)
     size = max(32, spec.min_input_size)

@@ -46,6 +46,7 @@ def tf_runtime(bundle):
 
 
 @pytest.mark.parametrize("options", [{"mode": "sync"}, {"mode": "async", "threads": 1}])
+@pytest.mark.slow
 def test_openvino_matches_tensorflow(bundle, tf_runtime, options):
     x = _images(33)
     ov_rt = load_runtime(bundle, "openvino", **options)
@@ -55,6 +56,7 @@ def test_openvino_matches_tensorflow(bundle, tf_runtime, options):
     assert ov_rt.predict(x[:0]).shape == (0, 4)
 
 
+@pytest.mark.slow
 def test_openvino_runs_a_size_and_flip_averaged_graph(tmp_path):
     """registry.with_tta's bilinear resize and mirrors convert to OpenVINO and agree with TensorFlow."""
     import tf_keras as keras
@@ -75,6 +77,7 @@ def test_openvino_runs_a_size_and_flip_averaged_graph(tmp_path):
     _assert_parity(load_runtime(tta_bundle, "openvino").predict(x), p_tf)
 
 
+@pytest.mark.slow
 def test_converted_model_cache_is_used(bundle, tmp_path):
     first = load_runtime(bundle, "openvino")
     assert (tmp_path / "cache" / "openvino" / bundle.model_id / "model.xml").is_file()
@@ -83,6 +86,7 @@ def test_converted_model_cache_is_used(bundle, tmp_path):
     np.testing.assert_allclose(first.predict(x), second.predict(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_is_openvino_on_cpu(bundle, monkeypatch):
     monkeypatch.setattr("core.runtime.gpu_visible", lambda: False)
     assert load_runtime(bundle, "auto").name == "openvino"
@@ -109,6 +113,7 @@ def test_explicit_openvino_failure_is_an_error(bundle, monkeypatch):
         load_runtime(bundle, "openvino")
 
 
+@pytest.mark.slow
 def test_bad_names_and_inputs(bundle):
     with pytest.raises(ConfigError, match="runtime 'onnx'"):
         load_runtime(bundle, "onnx")
@@ -125,6 +130,7 @@ def test_bad_names_and_inputs(bundle):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_parity_on_real_photos(real_bundle, sample_bucket_dir, stanford_dogs_dir):
     """Real weights on real photos: ≥ 99.5 % top-1 agreement, max |Δprob| ≤ 0.02."""
     from core.predict import Predictor

@@ -21,6 +21,7 @@ def dataset(tmp_path_factory):
                                   size=40)
 
 
+@pytest.mark.slow
 def test_smoke_two_phases(dataset, tmp_path):
     cfg = smoke().replace(head_epochs=2, finetune_epochs=2, tta_flip=True)
     result = core_train.train(cfg, str(dataset), checkpoint_dir=str(tmp_path / "ckpt"))

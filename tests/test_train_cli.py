@@ -8,10 +8,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from core.bundle import load_bundle
 from tests.fixtures.images import make_synthetic_dataset
 from tests.test_predict_cli import REPO, breedlabel
-
 
 # what a default `breedlabel train` may print: our log lines and Keras' epoch progress
 OURS = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) (core|jobs|cluster)\.|\d+/\d+ - |Epoch \d+/\d+$"
@@ -23,6 +24,7 @@ def foreign_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not OURS.match(line)]
 
 
+@pytest.mark.slow
 def test_train_cli_exports_a_bundle_that_predicts(tmp_path):
     data = make_synthetic_dataset(tmp_path / "ds", num_classes=3, images_per_class=8, size=56)
     out = tmp_path / "bundle"

@@ -49,6 +49,7 @@ def _kill_once(rank: int, *, marker: str, at_epoch: int, victim: int, run_dir: s
     return [Kill()]
 
 
+@pytest.mark.slow
 def test_two_workers_train_and_export(ray_local, tiny_dogs, tmp_path):
     from core.bundle import load_bundle
     from jobs.train_distributed import DistributedConfig, run_distributed
@@ -66,6 +67,7 @@ def test_two_workers_train_and_export(ray_local, tiny_dogs, tmp_path):
     assert 0.0 <= bundle.card["metrics"]["top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_dogs, tmp_path):
     from jobs.train_distributed import DistributedConfig, run_distributed
 
@@ -84,6 +86,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_dogs, tmp_path):
     assert state["phase"] == "head"
 
 
+@pytest.mark.slow
 def test_cli_prints_our_progress_not_the_workers_output(tiny_dogs, tmp_path):
     """`breedlabel train --workers 2` as a user runs it: one line per epoch from the driver and the
     summary; the workers' TensorFlow start-up, per-step "Collective all_reduce" and Ray Train
