@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--label-args", default="", help="extra `breedlabel label` options, e.g. '--batch-size 32'")
     ap.add_argument("--baseline", default=None, help="a second bundle: compare (b) and (d) of --bundle against it")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --baseline comparison")
+    ap.add_argument("--forward-only", action="store_true", help="--baseline comparison of (b) only (no label runs)")
     args = ap.parse_args()
     if args.baseline:
         compare(args)
@@ -223,11 +224,14 @@ def compare(args) -> None:
     extra = args.label_args.split()
     for r in range(args.rounds):
         for name in (("new", "baseline") if r % 2 == 0 else ("baseline", "new")):
-            forward[name].append(forward_rate(runtimes[name], images))
+            forward[name].append(forward_rate(runtimes[name], images, seconds=5.0))
             uri = args.bundle if name == "new" else args.baseline
-            t_small, _ = run_label(small, uri, extra)
-            t_large, _ = run_label(large, uri, extra)
-            label[name].append((args.large - args.small) / (t_large - t_small))
+            if args.forward_only:
+                label[name].append(float("nan"))
+            else:
+                t_small, _ = run_label(small, uri, extra)
+                t_large, _ = run_label(large, uri, extra)
+                label[name].append((args.large - args.small) / (t_large - t_small))
             print(f"round {r + 1} {name:8s}: (b) {forward[name][-1]:7.1f} img/s  (d) {label[name][-1]:7.1f} img/s "
                   f"(load {os.getloadavg()[0]:.2f})", flush=True)
     med = {k: (float(np.median(forward[k])), float(np.median(label[k]))) for k in bundles}
