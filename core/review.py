@@ -3,9 +3,10 @@
 Reviewing every row of a million-image run is impossible; reviewing the few hundred the model
 was least sure of is an afternoon. A row's `uncertainty` (0..1) is the larger of two:
 
-- breed: 1 - (top-1 prob - top-2 prob), the margin between the two best breeds;
 - dog: 1 at the dog-score threshold, falling linearly to 0 at a score of 0 or 1, so rows the
-  not-a-dog flag nearly went the other way come first (a bundle without a dog score: 0).
+  not-a-dog flag nearly went the other way come first (a bundle without a dog score: 0);
+- breed, for rows taken for dogs: 1 - (top-1 prob - top-2 prob), the margin between the two best
+  breeds. A row flagged "not a dog" has no breed to doubt: a clear cat is not worth a look.
 
 Tasks follow Label Studio's import format (labelstud.io/guide/predictions): `data.image` is the
 image URI (an `s3://` URI resolves through Label Studio's S3 storage), and `predictions` holds
@@ -39,8 +40,9 @@ class Queue:
 
 
 def uncertainty(top_probs: np.ndarray, dog_scores: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Per row, the larger of the breed margin's and the dog flag's uncertainty (see module doc).
-    `top_probs` [N, >=2] sorted descending; `dog_scores` [N] with nan where there is none."""
+    """Per row, the larger of the dog flag's and (for rows taken for dogs) the breed margin's
+    uncertainty (see module doc). `top_probs` [N, >=2] sorted descending; `dog_scores` [N] with
+    nan where there is none."""
     top_probs = np.asarray(top_probs, np.float64)
     second = top_probs[:, 1] if top_probs.shape[1] > 1 else np.zeros(len(top_probs))
     breed = 1.0 - (top_probs[:, 0] - second)
@@ -49,6 +51,7 @@ def uncertainty(top_probs: np.ndarray, dog_scores: np.ndarray, threshold: float 
     if threshold is not None:
         span = np.where(scores >= threshold, 1.0 - threshold, threshold)
         dog = np.where(np.isnan(scores), 0.0, 1.0 - np.abs(scores - threshold) / np.maximum(span, 1e-9))
+        breed = np.where(scores < threshold, 0.0, breed)  # nan compares False: a breed to doubt
     return np.clip(np.maximum(breed, dog), 0.0, 1.0)
 
 

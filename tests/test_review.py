@@ -19,6 +19,7 @@ def test_uncertainty_weighs_the_breed_margin_and_the_dog_flag():
     u = review.uncertainty(probs, dog, threshold=0.5)
     assert u[1] > u[0] and u[2] > u[0] and u[2] > u[3]  # close margin, near the threshold
     assert u[2] == pytest.approx(1 - 0.02 / 0.5)
+    assert u[3] == pytest.approx(1 - 0.48 / 0.5)  # a clear non-dog: its breed margin does not count
     no_score = review.uncertainty(probs, np.full(4, np.nan), threshold=0.5)
     assert np.allclose(no_score, 1 - (probs[:, 0] - probs[:, 1]))
 
