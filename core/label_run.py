@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from dataclasses import asdict
 from typing import Sequence
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -71,7 +69,6 @@ class LabelRun:
         self.resumed_rows = 0
         self.skipset = SkipSet()  # what finished runs (and earlier attempts of this one) hold
         self.keys = KeyLog()      # the keys of this run's rows: its `_keys.npz`
-        self.first_rows_at: float | None = None  # epoch time of the first labelled rows
 
     @property
     def done_keys(self) -> np.ndarray | None:
@@ -163,8 +160,6 @@ class LabelRun:
         self.keys.add_rows(fresh)
         if fresh.num_rows < rows.num_rows:  # read again (changed version, same content): next time skip unread
             self.keys.add_rows(rows.filter(skip), content=False)
-        if fresh.num_rows and self.first_rows_at is None:
-            self.first_rows_at = time.time()
         self.seen += rows.num_rows
         self.stats.busy_s += float(meta.get(SECONDS_META, b"0"))
         labelled = int(pc.sum(pc.is_null(fresh.column(schema.ERROR))).as_py() or 0)
@@ -186,7 +181,7 @@ class LabelRun:
         self.writer.flush()
         if self.lease is not None:
             self.lease.renew(self.cfg.lease_ttl_s)  # LeaseLostError: someone else may write; publish nothing
-        startup = None if self.first_rows_at is None else self.first_rows_at - psutil.Process().create_time()
+        startup = None if self.stats.first_row_at is None else self.stats.first_row_at - self.stats.started
         manifest = build_manifest(
             self.stats, run_id=self.run_id, model_id=self.model_id, runtime=self._runtime(plan),
             inputs=[storage.normalize_uri(u) for u in (*self.cfg.inputs, *self.cfg.manifests)],

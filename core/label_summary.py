@@ -18,6 +18,9 @@ from core.errors import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK
 
 
 
+MIN_TIMED_S = 5.0  # below this, the arrival times of the rows say more about buffering than speed
+
+
 @dataclass
 class RunStats:
     """Accumulates per-batch figures on the driver; memory is O(classes + error kinds)."""
@@ -71,10 +74,11 @@ class RunStats:
 
     def img_per_s(self, fresh: int) -> float:
         """The labelling rate, start-up excluded: rows after the first batch over the time since it
-        came (Ray start, actor start and model load are not labelling); for a run of one batch,
-        its rows over the time the actor spent on them."""
+        came (Ray start, actor start and model load are not labelling); for a run too short to
+        time that way (one batch, or the rest within a few seconds), its rows over the time the
+        actors spent on them."""
         since = time.monotonic() - self.first_row_at if self.first_row_at is not None else 0.0
-        if fresh > self.first_rows and since > 0:
+        if fresh > self.first_rows and since >= MIN_TIMED_S:
             return (fresh - self.first_rows) / since
         return fresh / self.busy_s if self.busy_s > 0 else 0.0
 
@@ -132,7 +136,7 @@ def summary_text(manifest: dict, min_prob: float, breeds: int = 5) -> str:
     if not m[output.M_IMAGES] and not m.get(output.M_RESUMED):
         return f"{head}: nothing new to label; {m[output.M_WALL_S]:.1f} s"
     lines = [head, f"  {m[output.M_IMG_PER_S]:.1f} img/s, wall {m[output.M_WALL_S]:.1f} s"
-             + (f" (start-up {m[output.M_STARTUP_S]:.1f} s)" if m.get(output.M_STARTUP_S) is not None else "")
+             + (f" (first rows after {m[output.M_STARTUP_S]:.1f} s)" if m.get(output.M_STARTUP_S) is not None else "")
              + f", runtime {m[output.M_RUNTIME]}, model {m[output.M_MODEL_ID][:12]}"]
     if m[output.M_ERRORS_BY_KIND]:
         kinds = ", ".join(f"{k}: {v}" for k, v in m[output.M_ERRORS_BY_KIND].items())

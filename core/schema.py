@@ -99,7 +99,7 @@ def build_table(
     `probs` is float32 [M, C] for the M rows where `labelled` (bool [N]) is true, in order;
     the other rows get an empty `top_k` and null breed/prob. `dog_scores` (float32 [M], from a
     bundle with a dog score) fill `dog_score`, and `is_dog` = score >= `dog_threshold`; without
-    them both stay null. Why vectorised: this runs for
+    them both stay null. A row with `is_dog` false keeps its `top_k` but gets no `breed`/`prob`. Why vectorised: this runs for
     every image at several hundred images per second inside the predict actor.
     """
     n = len(uris)
@@ -119,10 +119,13 @@ def build_table(
     np.cumsum(counts, out=offsets[1:])
     top_k = pa.ListArray.from_arrays(pa.array(offsets), struct, type=TOP_K_TYPE)
     rows_of_labelled = np.flatnonzero(labelled)
-    breed = _scatter(names_arr.take(order[:, 0]) if len(order) else pa.array([], pa.string()),
-                     rows_of_labelled, n, pa.string())
-    prob = _scatter(pa.array(top_p[:, 0], pa.float32()) if len(order) else pa.array([], pa.float32()),
-                    rows_of_labelled, n, pa.float32())
+    # a row flagged not-a-dog gets no breed: `breed`/`prob` stay null, `top_k` keeps the closest breeds
+    named = np.ones(len(order), bool) if dog_scores is None or dog_threshold is None else \
+        np.asarray(dog_scores, np.float32) >= dog_threshold
+    breed = _scatter(names_arr.take(order[named, 0]) if named.any() else pa.array([], pa.string()),
+                     rows_of_labelled[named], n, pa.string())
+    prob = _scatter(pa.array(top_p[named, 0], pa.float32()) if named.any() else pa.array([], pa.float32()),
+                    rows_of_labelled[named], n, pa.float32())
     when = labelled_at or _dt.datetime.now(_dt.timezone.utc)
     columns = [
         pa.array(uris, pa.string()),

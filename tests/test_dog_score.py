@@ -109,8 +109,11 @@ def test_labelling_fills_the_dog_columns_and_an_old_bundle_leaves_them_null(trai
     rows = BatchLabeller(load_bundle(str(with_path)), runtime="openvino").label(chunk)
     scores, flags = rows.column("dog_score").to_pylist(), rows.column("is_dog").to_pylist()
     assert all(s is not None for s in scores) and all((s >= THRESHOLD) == f for s, f in zip(scores, flags))
+    breeds, top_k = rows.column("breed").to_pylist(), rows.column("top_k").to_pylist()
+    assert all((b is None) == (not f) and len(t) == 3 for b, f, t in zip(breeds, flags, top_k))  # no breed for a non-dog
     strict = BatchLabeller(load_bundle(str(with_path)), runtime="openvino", dog_threshold=1.0).label(chunk)
     assert strict.column("is_dog").to_pylist() == [s >= 1.0 for s in scores]
+    assert strict.column("breed").null_count == sum(s < 1.0 for s in scores)
     old = BatchLabeller(load_bundle(str(without_path)), runtime="openvino").label(chunk)
     assert old.column("dog_score").null_count == len(photos) and old.column("is_dog").null_count == len(photos)
     assert old.column("breed").null_count == 0

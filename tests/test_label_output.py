@@ -127,6 +127,16 @@ def test_done_keys_from_finished_runs_of_the_same_model(tmp_path):
     assert not skipset.contains(keys, skipset.content_key("/data/img1.jpg", None, "shaimg1", "OTHER2"))
 
 
+def test_img_per_s_of_a_short_run_is_the_actors_rate_not_the_arrival_gap():
+    """Two batches that reach the driver milliseconds apart once said 2,806 img/s for 120 photos:
+    a run too short to time by arrival uses the time the actors spent on its rows."""
+    stats = RunStats()
+    stats.add(rows(64))
+    stats.add(rows(56, prefix="b"))
+    stats.busy_s = 2.0
+    assert stats.img_per_s(120) == pytest.approx(60.0)
+
+
 def test_manifest_exit_codes():
     stats = RunStats(min_prob=0.75)
     stats.add(rows(10, errors_every=5))  # 2 errors of 10
