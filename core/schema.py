@@ -99,8 +99,9 @@ def build_table(
     `probs` is float32 [M, C] for the M rows where `labelled` (bool [N]) is true, in order;
     the other rows get an empty `top_k` and null breed/prob. `dog_scores` (float32 [M], from a
     bundle with a dog score) fill `dog_score`, and `is_dog` = score >= `dog_threshold`; without
-    them both stay null. A row with `is_dog` false keeps its `top_k` but gets no `breed`/`prob`. Why vectorised: this runs for
-    every image at several hundred images per second inside the predict actor.
+    them both stay null. A row with `is_dog` false keeps its `top_k` but gets no `breed`/`prob`.
+    Why vectorised: this runs for every image at several hundred images per second inside the
+    predict actor.
     """
     n = len(uris)
     labelled = np.asarray(labelled, dtype=bool)

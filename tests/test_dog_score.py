@@ -110,7 +110,7 @@ def test_labelling_fills_the_dog_columns_and_an_old_bundle_leaves_them_null(trai
     scores, flags = rows.column("dog_score").to_pylist(), rows.column("is_dog").to_pylist()
     assert all(s is not None for s in scores) and all((s >= THRESHOLD) == f for s, f in zip(scores, flags))
     breeds, top_k = rows.column("breed").to_pylist(), rows.column("top_k").to_pylist()
-    assert all((b is None) == (not f) and len(t) == 3 for b, f, t in zip(breeds, flags, top_k))  # no breed for a non-dog
+    assert all((b is None) == (not f) and len(t) == 3 for b, f, t in zip(breeds, flags, top_k))  # non-dogs: no breed
     strict = BatchLabeller(load_bundle(str(with_path)), runtime="openvino", dog_threshold=1.0).label(chunk)
     assert strict.column("is_dog").to_pylist() == [s >= 1.0 for s in scores]
     assert strict.column("breed").null_count == sum(s < 1.0 for s in scores)
