@@ -57,7 +57,7 @@ class DogScoreFit:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The mapped score in [0, 1], as the exported graph computes it."""
-        return 1.0 / (1.0 + np.exp(-(self.raw(features) - self.offset) / self.scale))
+        return 0.5 * (1.0 + np.tanh((self.raw(features) - self.offset) / (2.0 * self.scale)))  # no exp overflow
 
 
 def l2_normalise(features: np.ndarray) -> np.ndarray:
@@ -130,7 +130,8 @@ def _with_threshold(fit: DogScoreFit, val_features: np.ndarray, keep: float, car
     at their median."""
     raw_val = fit.raw(val_features)
     offset = float(np.quantile(raw_val, 1.0 - keep))
-    scale = max(float(np.median(raw_val)) - offset, 1e-6) / math.log(_MEDIAN_SCORE / (1 - _MEDIAN_SCORE))
+    spread = max(float(np.median(raw_val)) - offset, 1e-3 * abs(offset), 1e-6)  # a floor for tiny validation sets
+    scale = spread / math.log(_MEDIAN_SCORE / (1 - _MEDIAN_SCORE))
     card = {**card, "threshold": THRESHOLD,
             "threshold_rule": f"keeps {keep:.1%} of the {len(raw_val)} validation dog photos",
             "raw_offset": offset, "raw_scale": scale}
@@ -146,9 +147,12 @@ def dog_score_layer(fit: DogScoreFit, name: str = "dog_score"):
     if fit.weights is not None:
         constants = {"weights": fit.weights.astype(np.float32)[:, None], "bias": np.float32([fit.bias])}
     else:
-        pmu = fit.precision.astype(np.float64) @ fit.means.astype(np.float64).T
-        constants = {"precision": fit.precision.astype(np.float32), "precision_means": pmu.astype(np.float32),
-                     "means_precision_means": np.sum(fit.means * pmu.T, axis=1).astype(np.float32)}
+        # distances as squared norms of whitened differences, (z - mu) W with P = W W^T: the expanded
+        # form z'Pz - 2 z'P mu + mu'P mu cancels catastrophically in float32 when P is large
+        values, vectors = np.linalg.eigh(fit.precision.astype(np.float64))  # P = W W^T, W = V sqrt(L)
+        whiten = vectors * np.sqrt(np.clip(values, 0.0, None))
+        constants = {"whiten": whiten.astype(np.float32),
+                     "white_means": (fit.means.astype(np.float64) @ whiten).astype(np.float32)}
 
     class DogScore(keras.layers.Layer):
         def build(self, input_shape):
@@ -161,9 +165,8 @@ def dog_score_layer(fit: DogScoreFit, name: str = "dog_score"):
             if "weights" in self.c:
                 raw = tf.squeeze(tf.matmul(z, self.c["weights"]), axis=-1) + self.c["bias"]
             else:
-                dist = (tf.reduce_sum(tf.matmul(z, self.c["precision"]) * z, axis=-1, keepdims=True)
-                        - 2.0 * tf.matmul(z, self.c["precision_means"]) + self.c["means_precision_means"])
-                raw = -tf.reduce_min(dist, axis=-1)
+                diff = tf.matmul(z, self.c["whiten"])[:, None, :] - self.c["white_means"][None, :, :]
+                raw = -tf.reduce_min(tf.reduce_sum(tf.square(diff), axis=-1), axis=-1)
             return tf.sigmoid((raw - fit.offset) / fit.scale)
 
     return DogScore(name=name, dtype="float32")

@@ -48,6 +48,19 @@ def test_score_layer_computes_what_the_fit_says():
     np.testing.assert_allclose(got, fit.score(probe), atol=1e-4)
 
 
+def test_score_layer_stays_exact_in_float32_when_the_classes_are_tight():
+    """Tight classes make the precision matrix large: the expanded distance z'Pz - 2z'P mu + mu'P mu
+    then cancels in float32; the layer's whitened differences must not."""
+    from core.dog_score import dog_score_layer
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((4, 24)) * 2
+    x, y = _clusters(rng, 10, centres, spread=1e-3)
+    fit = fit_dog_score(x, y, _clusters(rng, 3, centres, spread=1e-3)[0], num_classes=4)
+    probe = np.concatenate([_clusters(rng, 3, centres, spread=1e-3)[0], rng.standard_normal((4, 24))])
+    np.testing.assert_allclose(dog_score_layer(fit)(probe.astype(np.float32)).numpy(), fit.score(probe), atol=2e-3)
+
+
 def test_temperature_recovers_overconfidence_and_lowers_the_ece():
     rng = np.random.default_rng(2)
     logits = rng.standard_normal((4000, 10)) * 2
