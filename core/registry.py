@@ -254,8 +254,15 @@ def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = 
     if not flip and not resized and temperature is None and dog_score is None:
         return model
     inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
-    features = feature_extractor(model)(inp)
-    probs = [head_of(model)(features)]
+    named = {layer.name for layer in model.layers}
+    if HEAD_LAYER in named:  # create_model's structure: the features are a tensor of their own
+        features = feature_extractor(model)(inp)
+        probs = [head_of(model)(features)]
+    elif dog_score is None:  # any other classifier: averaged as a whole
+        probs = [model(inp)]
+    else:
+        raise ConfigError(f"with_tta: a dog score needs the {BACKBONE_LAYER!r}/{HEAD_LAYER!r} structure of "
+                          f"create_model; {model.name} has neither")
     if flip:
         probs.append(model(FlipLeftRight(name="flip_tta_0")(inp)))
     for i, (size, twin) in enumerate(resized, start=1):
