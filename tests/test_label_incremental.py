@@ -52,6 +52,7 @@ def _one_row_per_key(out: str) -> pd.DataFrame:
     return df
 
 
+@pytest.mark.slow
 def test_no_op_over_a_prefix_and_a_tar_on_s3_reads_no_body(ray_local, moto_s3, bucket, tiny_bundle):
     out = f"s3://{bucket}/labels"
     cfg = LabelConfig(inputs=(f"s3://{bucket}/photos/", f"s3://{bucket}/packs/pack.tar"), model=str(tiny_bundle),

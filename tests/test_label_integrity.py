@@ -87,6 +87,7 @@ def address(ray_local) -> str:
     return ray_local.address_info["address"]
 
 
+@pytest.mark.slow
 def test_plain_rerun_adds_no_row(photos, tiny_bundle, out, address):
     first = _run(label_command(_args(photos, tiny_bundle, out, address)))
     assert first.returncode == EXIT_OK, first.stderr[-3000:]

@@ -29,6 +29,7 @@ from core.config import TrainConfig, smoke
 from core.errors import ConfigError
 from tests.fixtures.images import make_synthetic_dataset
 
+pytestmark = pytest.mark.slow  # one Ray Tune search for the module: ~2 min on 2 cores
 NUM_SAMPLES = 3
 REPO = Path(__file__).resolve().parents[1]
 
