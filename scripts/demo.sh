@@ -51,6 +51,7 @@ con = duckdb.connect()
 q = f"""
 SELECT count(*) AS images,
        count(*) FILTER (WHERE error IS NOT NULL) AS errors,
+       count(*) FILTER (WHERE NOT is_dog) AS no_dog_found,
        round(avg(CASE WHEN split_part(split_part(uri, '/', -2), '-', 1) = top_k[1].breed_id
                  THEN 1.0 ELSE 0.0 END) * 100, 1) AS top1_vs_folder_pct
 FROM read_parquet('{out}/run_id=*/*.parquet', hive_partitioning = true)
