@@ -70,6 +70,7 @@ def test_no_op_over_a_prefix_and_a_tar_on_s3_reads_no_body(ray_local, moto_s3, b
     assert len(_one_row_per_key(out)) == 10
 
 
+@pytest.mark.slow
 def test_overwritten_objects_are_relabelled_and_only_they_are_read(ray_local, moto_s3, bucket, tiny_bundle):
     out = f"s3://{bucket}/labels"
     cfg = LabelConfig(inputs=(f"s3://{bucket}/photos/",), model=str(tiny_bundle), out=out, **SMALL)
@@ -86,6 +87,7 @@ def test_overwritten_objects_are_relabelled_and_only_they_are_read(ray_local, mo
     assert len(df) == 11 and df.groupby("uri").size().max() == 2
 
 
+@pytest.mark.slow
 def test_a_new_version_in_a_versioned_bucket_is_relabelled(ray_local, moto_s3, bucket, tiny_bundle):
     client = moto_s3.client()
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -134,6 +136,7 @@ def test_s3_inventory_manifests_as_s3_writes_them(ray_local, moto_s3, bucket, ti
     assert f"s3://{bucket}/photos/with space.jpg" in set(_one_row_per_key(out).uri)
 
 
+@pytest.mark.slow
 def test_touched_file_is_read_once_then_skipped_unread(ray_local, tmp_path, tiny_bundle):
     """Same bytes, new mtime: read and hashed once (no new row: its content is labelled), and the
     new version is remembered, so the run after that does not read it again."""

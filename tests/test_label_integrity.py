@@ -130,6 +130,7 @@ def test_a_second_run_while_one_writes_is_skipped(photos, tiny_bundle, out, addr
     assert_one_row_per_input(out, photos)
 
 
+@pytest.mark.slow
 def test_simultaneous_starts_never_duplicate(photos, tiny_bundle, out, address):
     """No pause: whichever order the two runs take the lease in, the folder holds each input once."""
     procs = [subprocess.Popen(label_command(_args(photos, tiny_bundle, out, address)), cwd=REPO, env=job_env(),
