@@ -24,7 +24,8 @@ from core.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from tests.fixtures.crash import REPO, Point, job_env, label_command
 from tests.fixtures.images import jpeg_bytes
 from tests.fixtures.proxy import TcpProxy
-from tests.fixtures.s3 import aws_test_env, start_moto_server, stop_process
+from tests.fixtures.s3 import aws_test_env, start_moto_server
+from tests.fixtures.waiting import stop_process
 
 N = 24
 RUN_TIMEOUT_S = 300

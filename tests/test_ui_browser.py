@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.fixtures.waiting import url_answers, wait_until
+from tests.fixtures.waiting import stop_process, url_answers, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -66,12 +66,7 @@ def site(tiny_bundle, tmp_path_factory):
         _wait_until_up(url, proc, log_path)
         yield {"url": url, "photos": photos, "notes": notes, "labels": labels}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=20)
 
 
 @pytest.fixture(scope="module")
