@@ -70,7 +70,7 @@ def discover(root: str | os.PathLike) -> ImageFolder:
     paths: list[str] = []
     labels: list[int] = []
     for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _image_files(folder)
+        files = image_files(folder)
         if not files:
             log.warning("%s: no images (%s), class skipped", folder, ", ".join(IMAGE_EXTENSIONS))
             continue
@@ -83,7 +83,8 @@ def discover(root: str | os.PathLike) -> ImageFolder:
     return ImageFolder(paths, np.asarray(labels, dtype=np.int64), classes, os.path.abspath(base))
 
 
-def _image_files(folder: Path) -> list[str]:
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Every image under `folder` (any depth; hidden files and folders skipped), absolute, sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

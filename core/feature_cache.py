@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_features(cfg: TrainConfig, extractor, folder, views: int, view_size: int | None = None,
-                   desc: str = "caching features") -> tuple[np.ndarray, np.ndarray]:
-    """float16 outputs of `extractor` on `views` passes over `folder` (0 = one plain pass),
+                   desc: str = "caching features", dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs of `extractor` (float16 unless `dtype` says) on `views` passes over `folder` (0 = one plain pass),
     view-major: row v * len(folder) + i is view v of image i. Views are augmented, or with
     head_view_kind "mirror" the photo (even v) and its mirror image (odd v): the distribution
     a flip-averaged bundle sees at inference. With `view_size`, each view is then resized to
@@ -51,7 +51,7 @@ def cache_features(cfg: TrainConfig, extractor, folder, views: int, view_size: i
     if view_size is not None and view_size != size:
         ds = ds.map(lambda x: resize_view(x, view_size))
     total = len(folder.paths) * max(views, 1)
-    out = np.empty((total, *extractor.output_shape[1:]), np.float16)
+    out = np.empty((total, *extractor.output_shape[1:]), dtype)
     forward = tf.function(lambda batch: extractor(batch, training=False))
     done = 0
     with console.Progress(total, desc) as progress:

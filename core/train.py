@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import tensorflow as tf
 import tf_keras as keras
 
 from core import bundle as bundles
@@ -31,8 +31,9 @@ from core import calibration, datasets, registry
 from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not
 from core.errors import ConfigError
-from core.feature_cache import train_head_on_features, train_on_cached_activations, uses_cached_finetune
-from core.train_data import build_datasets, decoded, named_input_errors, split_data, steps_per_epoch
+from core.feature_cache import (cache_features, train_head_on_features, train_on_cached_activations,
+                                uses_cached_finetune)
+from core.train_data import build_datasets, named_input_errors, split_data, steps_per_epoch
 from core.train_model import (
     HISTORY_FILE,
     TrainRun,
@@ -122,13 +123,12 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
 def not_dog_folder(folder: str) -> datasets.ImageFolder:
     """Every image under `folder` (any layout) as one class: the negatives of `--not-dogs`."""
     from core.breeds import Breed
-    from core.formats import IMAGE_EXTENSIONS
 
-    root = Path(folder)
-    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = datasets.image_files(folder)
     if not paths:
         raise ConfigError(f"--not-dogs {folder}: no images there; give a folder of photos without a dog")
-    return datasets.ImageFolder(paths, np.zeros(len(paths), np.int64), [Breed("not_a_dog", "not_a_dog")], str(root))
+    return datasets.ImageFolder(paths, np.zeros(len(paths), np.int64), [Breed("not_a_dog", "not_a_dog")],
+                                os.path.abspath(folder))
 
 
 def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> TrainResult:
@@ -147,15 +147,14 @@ def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> T
                                                                "ece_after_crossfit")))
     if cfg.dog_score:
         extractor = registry.feature_extractor(model)
-        plain = decoded(cfg, train_set, input_size_of(cfg)).map(lambda x, y: tf.cast(x, tf.float32)).batch(64)
-        train_x = predict_with_progress(extractor, plain, len(train_set.labels),  # float32: no float16 overflow
-                                        "dog score: features of the training photos")
+        train_x, _ = cache_features(cfg, extractor, train_set, 0, desc="dog score: features of the training photos",
+                                    dtype=np.float32)  # float32: features of an untrained CNN overflow float16
         val_x = predict_with_progress(extractor, val_ds.map(lambda x, y: x), len(val_set.labels),
                                       "dog score: features of the validation photos")
         if cfg.not_dogs:
             others = not_dog_folder(cfg.not_dogs)
-            ds = decoded(cfg, others, input_size_of(cfg)).map(lambda x, y: tf.cast(x, tf.float32)).batch(64)
-            other_x = predict_with_progress(extractor, ds, len(others.paths), "dog score: features of --not-dogs")
+            other_x, _ = cache_features(cfg, extractor, others, 0, desc="dog score: features of --not-dogs",
+                                        dtype=np.float32)
             fit = fit_dog_vs_not(train_x, other_x, val_x)
             fit.card["not_dogs_fingerprint"] = datasets.fingerprint(others)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +104,13 @@ def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
     """Dog scores of every image under `folder` (grouped by subfolder), measured against the dogs
     of `result`; the metrics and the report's histogram section."""
     from core import plots
+    from core.datasets import image_files
     from core.evaluate import not_a_dog_metrics
-    from core.formats import IMAGE_EXTENSIONS
 
-    root = Path(folder)
+    root = Path(os.path.abspath(folder))  # as image_files makes its paths absolute
     if not root.is_dir():
         raise ConfigError(f"--not-dogs {folder}: not a folder; give a folder of photos without a dog")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = [Path(p) for p in image_files(root)]
     if not files:
         raise ConfigError(f"--not-dogs {folder}: no images there")
     groups: dict[str, list[Path]] = {}
