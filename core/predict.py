@@ -90,12 +90,9 @@ class Predictor:
     def dog_threshold(self) -> float | None:
         return self.bundle.dog_threshold
 
-    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N,H,W,3] at the bundle's input size -> float32 probs [N,C], in batches."""
-        return self.infer_arrays(images).probs
-
     def infer_arrays(self, images: np.ndarray) -> Outputs:
-        """Like predict_arrays, with the dog scores [N] where the bundle has them."""
+        """uint8 [N,H,W,3] at the bundle's input size -> float32 probs [N,C] and, where the bundle
+        has them, dog scores [N]; in batches."""
         parts = [self.runtime.infer(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         if not parts:
             return Outputs(np.zeros((0, len(self.classes)), np.float32), None)

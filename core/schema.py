@@ -121,8 +121,9 @@ def build_table(
     top_k = pa.ListArray.from_arrays(pa.array(offsets), struct, type=TOP_K_TYPE)
     rows_of_labelled = np.flatnonzero(labelled)
     # a row flagged not-a-dog gets no breed: `breed`/`prob` stay null, `top_k` keeps the closest breeds
-    named = np.ones(len(order), bool) if dog_scores is None or dog_threshold is None else \
-        np.asarray(dog_scores, np.float32) >= dog_threshold
+    scored = dog_scores is not None and dog_threshold is not None
+    is_dog = np.asarray(dog_scores, np.float32) >= dog_threshold if scored else None
+    named = is_dog if scored else np.ones(len(order), bool)
     breed = _scatter(names_arr.take(order[named, 0]) if named.any() else pa.array([], pa.string()),
                      rows_of_labelled[named], n, pa.string())
     prob = _scatter(pa.array(top_p[named, 0], pa.float32()) if named.any() else pa.array([], pa.float32()),
@@ -142,18 +143,17 @@ def build_table(
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([model_id]))
         .dictionary_decode(),
         pa.array(np.full(n, np.datetime64(when.replace(tzinfo=None), "us")), pa.timestamp("us", tz="UTC")),
-        *_dog_columns(dog_scores, dog_threshold, rows_of_labelled, n),
+        *_dog_columns(dog_scores if scored else None, is_dog, rows_of_labelled, n),
         pa.array(versions if versions is not None else [None] * n, pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
 
 
-def _dog_columns(scores: np.ndarray | None, threshold: float | None, rows: np.ndarray, n: int) -> list[pa.Array]:
-    if scores is None or threshold is None:
+def _dog_columns(scores: np.ndarray | None, is_dog: np.ndarray | None, rows: np.ndarray, n: int) -> list[pa.Array]:
+    if scores is None:
         return [pa.nulls(n, pa.float32()), pa.nulls(n, pa.bool_())]
-    scores = np.asarray(scores, np.float32)
-    return [_scatter(pa.array(scores, pa.float32()), rows, n, pa.float32()),
-            _scatter(pa.array(scores >= threshold, pa.bool_()), rows, n, pa.bool_())]
+    return [_scatter(pa.array(np.asarray(scores, np.float32), pa.float32()), rows, n, pa.float32()),
+            _scatter(pa.array(is_dog, pa.bool_()), rows, n, pa.bool_())]
 
 
 def _scatter(values: pa.Array, rows: np.ndarray, n: int, typ: pa.DataType) -> pa.Array:
