@@ -220,7 +220,7 @@ def create_model(
     return keras.Model(inp, out, name=f"breedlabel_{name}{name_suffix}")
 
 
-def feature_extractor(model, backbone_part=None):
+def feature_extractor(model, backbone_part=None, name: str = "features"):
     """preprocessing -> backbone of `model` (or `backbone_part`, e.g. its frozen prefix) as
     its own model; the layers are shared, not copied."""
     import tf_keras as keras
@@ -234,7 +234,7 @@ def feature_extractor(model, backbone_part=None):
             x = backbone_part(x)
             break
         x = layer(x)
-    return keras.Model(inp, x, name="features")
+    return keras.Model(inp, x, name=name)
 
 
 def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = (), temperature=None,
@@ -244,38 +244,85 @@ def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = 
     with `flip`, the mirror image of each. Bilinear resize, the op both TensorFlow and OpenVINO run.
 
     `temperature` (a layer, core.calibration) rescales the averaged probabilities; `dog_score`
-    (a layer, core.dog_score) reads the image's pooled features, the same tensor its own
-    probabilities come from (no second backbone pass). With either, the graph's output is
+    (a layer, core.dog_score) reads the pooled features averaged over the same views, the tensors
+    their probabilities come from (no second backbone pass). With either, the graph's output is
     {"probs", "dog_score"?}; without, a bare probability tensor as before."""
     import tf_keras as keras
-
-    from core.preprocess import FlipLeftRight
 
     if not flip and not resized and temperature is None and dog_score is None:
         return model
     inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
-    named = {layer.name for layer in model.layers}
-    if HEAD_LAYER in named:  # create_model's structure: the features are a tensor of their own
-        features = feature_extractor(model)(inp)
-        probs = [head_of(model)(features)]
+    if HEAD_LAYER in {layer.name for layer in model.layers}:  # create_model's structure: features of their own
+        views = _view_features(model, inp, flip, resized)
+        heads: dict = {}  # one per network; a twin's own head layer has the same name as the model's
+        probs = [heads.setdefault(id(net), _named_head(net))(features) for net, features in views]
+        features = _average([features for _, features in views], "features_mean")
     elif dog_score is None:  # any other classifier: averaged as a whole
-        probs = [model(inp)]
+        probs = [net(x) for net, x in _views(model, inp, flip, resized)]
     else:
         raise ConfigError(f"with_tta: a dog score needs the {BACKBONE_LAYER!r}/{HEAD_LAYER!r} structure of "
                           f"create_model; {model.name} has neither")
-    if flip:
-        probs.append(model(FlipLeftRight(name="flip_tta_0")(inp)))
-    for i, (size, twin) in enumerate(resized, start=1):
-        x = keras.layers.Resizing(size, size, name=f"tta_resize_{size}")(inp)
-        probs.append(twin(x))
-        if flip:
-            probs.append(twin(FlipLeftRight(name=f"flip_tta_{i}")(x)))
-    out = keras.layers.Average(name="tta_mean", dtype="float32")(probs) if len(probs) > 1 else probs[0]
+    out = _average(probs, "tta_mean")
     if temperature is not None:
         out = temperature(out)
     if dog_score is None:
         return keras.Model(inp, out, name=f"{model.name}_tta")
     return keras.Model(inp, {"probs": out, "dog_score": dog_score(features)}, name=f"{model.name}_served")
+
+
+def view_features(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = ()):
+    """The graph from an image to its pooled features averaged over with_tta's views: what the
+    exported dog score reads (its threshold is fitted on these)."""
+    import tf_keras as keras
+
+    inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
+    views = _view_features(model, inp, flip, resized)
+    return keras.Model(inp, _average([features for _, features in views], "features_mean"), name="view_features")
+
+
+def _views(model, inp, flip: bool, resized: Sequence[tuple[int, Any]]):
+    """[(network, its input)]: the image, each resized copy through its twin, and their mirrors."""
+    from core.preprocess import FlipLeftRight
+
+    views = [(model, inp)] + ([(model, FlipLeftRight(name="flip_tta_0")(inp))] if flip else [])
+    for i, (size, twin) in enumerate(resized, start=1):
+        x = _resizing(size)(inp)
+        views.append((twin, x))
+        if flip:
+            views.append((twin, FlipLeftRight(name=f"flip_tta_{i}")(x)))
+    return views
+
+
+def _view_features(model, inp, flip: bool, resized: Sequence[tuple[int, Any]]):
+    """[(network, pooled features of its view)], one feature extractor per network."""
+    extractors = {}
+    out = []
+    for net, x in _views(model, inp, flip, resized):
+        if id(net) not in extractors:
+            extractors[id(net)] = feature_extractor(net, name=f"{net.name}_features")
+        out.append((net, extractors[id(net)](x)))
+    return out
+
+
+def _named_head(model):
+    """The head of `model` wrapped under a name of the model's own (graph layer names are unique)."""
+    import tf_keras as keras
+
+    head = head_of(model)
+    inp = keras.Input(head.input_shape[1:], dtype="float32")
+    return keras.Model(inp, head(inp), name=f"{model.name}_head")
+
+
+def _resizing(size: int):
+    import tf_keras as keras
+
+    return keras.layers.Resizing(size, size, name=f"tta_resize_{size}")
+
+
+def _average(tensors: list, name: str):
+    import tf_keras as keras
+
+    return keras.layers.Average(name=name, dtype="float32")(tensors) if len(tensors) > 1 else tensors[0]
 
 
 def backbone_of(model):

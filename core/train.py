@@ -135,8 +135,9 @@ def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> T
     """The graph to export and what its card says, for a trained model (single-process or
     distributed): the test-time average that measures best on the validation split, then the
     temperature fitted on its validation probabilities and the dog score fitted on pooled
-    features (class means and covariance of the training photos, threshold of the validation
-    photos), both inside the graph."""
+    features (class means and covariances of the training photos; threshold of the validation
+    photos' features averaged over the exported views, as the graph computes them), both inside
+    the graph."""
     chosen, metrics, extras = final_metrics(model, cfg, val_set, val_ds)
     outputs, card = {}, {}
     if cfg.calibrate:
@@ -149,8 +150,8 @@ def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> T
         extractor = registry.feature_extractor(model)
         train_x, _ = cache_features(cfg, extractor, train_set, 0, desc="dog score: features of the training photos",
                                     dtype=np.float32)  # float32: features of an untrained CNN overflow float16
-        val_x = predict_with_progress(extractor, val_ds.map(lambda x, y: x), len(val_set.labels),
-                                      "dog score: features of the validation photos")
+        val_x = predict_with_progress(chosen.features_graph(), val_ds.map(lambda x, y: x), len(val_set.labels),
+                                      "dog score: features of the validation photos (as the graph averages them)")
         if cfg.not_dogs:
             others = not_dog_folder(cfg.not_dogs)
             other_x, _ = cache_features(cfg, extractor, others, 0, desc="dog score: features of --not-dogs",

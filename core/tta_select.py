@@ -43,6 +43,10 @@ class Chosen:
         """The export graph (registry.with_tta), with `outputs` (temperature, dog_score) added."""
         return registry.with_tta(self.model, flip=self.flip, resized=self.resized, **outputs)
 
+    def features_graph(self):
+        """Image -> pooled features averaged over the same views: what the graph's dog score reads."""
+        return registry.view_features(self.model, flip=self.flip, resized=self.resized)
+
 
 def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Chosen, dict, dict]:
     """Metrics of the trained model and of each test-time average the config allows (its mirror

@@ -36,6 +36,30 @@ def test_score_separates_in_from_out_of_distribution_and_keeps_the_stated_share(
     assert fit.card["threshold"] == THRESHOLD and "97.5%" in fit.card["threshold_rule"]
 
 
+def test_score_is_the_nearest_breed_distance_relative_to_the_background():
+    """raw = -(min over breeds of the Mahalanobis distance - the distance to one Gaussian of all the
+    training photos), both covariances shrunk: checked against a direct computation."""
+    from core.dog_score import SHRINKAGE, l2_normalise
+
+    rng = np.random.default_rng(6)
+    centres = rng.standard_normal((4, 12)) * 2
+    x, y = _clusters(rng, 30, centres)
+    fit = fit_dog_score(x, y, x[::2], num_classes=4)
+    z = l2_normalise(x)
+
+    def precision(centred):
+        cov = centred.T @ centred / len(centred)
+        return np.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * np.trace(cov) / 12 * np.eye(12))
+
+    means = np.stack([z[y == c].mean(0) for c in range(4)])
+    p_class, p_all = precision(z - means[y]), precision(z - z.mean(0))
+    probe = l2_normalise(rng.standard_normal((7, 12)))
+    nearest = np.min([np.einsum("nd,de,ne->n", probe - m, p_class, probe - m) for m in means], axis=0)
+    background = np.einsum("nd,de,ne->n", probe - z.mean(0), p_all, probe - z.mean(0))
+    np.testing.assert_allclose(fit.raw(probe), -(nearest - background), rtol=1e-4, atol=1e-6)
+    assert fit.card["method"] == "relative-mahalanobis++"
+
+
 def test_score_layer_computes_what_the_fit_says():
     from core.dog_score import dog_score_layer
 
@@ -99,7 +123,7 @@ def test_bundle_card_and_both_runtimes_agree_on_the_score(trained_bundles):
     path, _, _ = trained_bundles
     bundle = load_bundle(str(path))
     card = json.loads((path / "card.json").read_text())
-    assert card["dog_score"]["method"] == "mahalanobis++" and bundle.dog_threshold == THRESHOLD
+    assert card["dog_score"]["method"] == "relative-mahalanobis++" and bundle.dog_threshold == THRESHOLD
     assert card["calibration"]["temperature"] > 0 and "ece_before" in card["calibration"]
     images = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     ov = load_runtime(bundle, "openvino").infer(images)

@@ -90,6 +90,30 @@ def test_size_tta_averages_twins_on_resized_images():
     assert not np.allclose(views[0].numpy(), views[2].numpy(), atol=1e-4)  # the sizes are different views
 
 
+def test_dog_score_reads_the_features_averaged_over_the_same_views():
+    """The served graph's dog score is the fit's score of the mean pooled features of every view it
+    averages (no second backbone pass), and view_features is that mean: the threshold is fitted on it."""
+    import tensorflow as tf
+
+    from core.dog_score import dog_score_layer, fit_dog_score
+
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=40)
+    twin = registry.create_model("custom_cnn", 3, weights=None, input_size=32, name_suffix="_32px")
+    twin.set_weights(model.get_weights())
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, (6, 40, 40, 3)).astype("float32")
+    small = tf.image.resize(x, (32, 32), method="bilinear").numpy()
+    features, features_small = registry.feature_extractor(model), registry.feature_extractor(twin)
+    views = [features(x), features(x[:, :, ::-1]), features_small(small), features_small(small[:, :, ::-1])]
+    mean = np.mean([v.numpy() for v in views], axis=0)
+    fit = fit_dog_score(mean, np.arange(6) % 3, mean, num_classes=3)
+    graph = registry.with_tta(model, flip=True, resized=[(32, twin)], dog_score=dog_score_layer(fit))
+    np.testing.assert_allclose(graph(x)["dog_score"].numpy(), fit.score(mean), atol=1e-4)
+    np.testing.assert_allclose(registry.view_features(model, flip=True, resized=[(32, twin)])(x).numpy(), mean,
+                               rtol=1e-4, atol=1e-5)
+    assert not np.allclose(views[0].numpy(), mean, atol=1e-4)  # the views do differ
+
+
 @pytest.mark.shared_data
 def test_shared_mobilenet_weights_load(mobilenet_weights):
     model = registry.create_model("mobilenet_v2", 5, weights=str(mobilenet_weights), input_size=224)
