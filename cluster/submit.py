@@ -13,7 +13,6 @@ stopped, no manifest).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shlex
 import sys
@@ -22,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
+from core import console
 from core.errors import (EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, ConfigError, JobError,
                          StorageError)
 from core.output import (M_ERROR_RATE, M_EXIT_CODE, M_FINISHED_AT, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED,
@@ -110,18 +110,12 @@ def _enable_token_auth_if_available() -> None:
     is sent in a header, never logged. $RAY_AUTH_MODE, when set, wins.
     """
     try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # older/newer Ray without this helper: RAY_AUTH_MODE=token still works
         return
-    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its "enabled for this Ray cluster" notice is meant for `ray start`
-    try:
+    # its "enabled for this Ray cluster" notice is meant for `ray start`
+    with console.quiet_logger(maybe_enable_token_auth_if_token_available.__module__):
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
 
 
 def _call(what: str, fn, *args, **kwargs):
