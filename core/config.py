@@ -49,8 +49,7 @@ class TrainConfig:
 
     # model
     backbone: str = option("mobilenet_v2", "backbone model, one of core.registry's names")
-    weights: str | None = option("imagenet", "'imagenet' (the Keras download), a local .h5 file, or 'none'",
-                                 type=str)
+    weights: str | None = option("imagenet", "'imagenet' (the Keras download), a local .h5 file, or 'none'", type=str)
     input_size: int | None = option(None, "backbone input size in px (none = the backbone's native size)", type=int)
     dense_units: int = option(0, "hidden units in the head (0 = a linear head)")
     dropout: float = option(0.3, "dropout before the head's output layer")

@@ -62,8 +62,7 @@ class LabelConfig:
     dry_run: bool = option(False, "list what would be labelled, label nothing")
     lease_ttl_s: float = option(DEFAULT_TTL_S, "the output's lease lifetime, renewed every S/3 while the run works",
                                 flag="--lease-ttl", metavar="S")
-    address: str | None = option(None, "Ray cluster address ('auto'); default: RAY_ADDRESS, else a local Ray",
-                                 type=str)
+    address: str | None = option(None, "Ray cluster address ('auto'); default: RAY_ADDRESS, else a local Ray", type=str)
     queue_chunks: int = 8             # units of work listed ahead of the pipeline
     progress: bool = option(True, "no progress bar")
 

@@ -65,10 +65,7 @@ def top_k(probs: np.ndarray, classes: Sequence[Breed], k: int = 3) -> list[list[
                           f"{len(classes)} classes")
     k = max(1, min(int(k), len(classes)))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [
-        [Prediction(classes[j].id, classes[j].name, float(row[j])) for j in idx]
-        for row, idx in zip(probs, order)
-    ]
+    return [[Prediction(classes[j].id, classes[j].name, float(row[j])) for j in idx] for row, idx in zip(probs, order)]
 
 
 class Predictor:

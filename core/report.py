@@ -120,8 +120,7 @@ def load_history(history: str | os.PathLike | Mapping | Sequence | None):
             boundaries.append(done)
         for key in set(merged) | set(part_series):
             values = part_series.get(key, [])
-            merged.setdefault(key, [float("nan")] * done).extend(
-                values + [float("nan")] * (length - len(values)))
+            merged.setdefault(key, [float("nan")] * done).extend(values + [float("nan")] * (length - len(values)))
         done += length
     return merged, boundaries
 
@@ -159,8 +158,7 @@ def _pair_thumbs(pair, y_true, y_pred, probs, paths) -> list[tuple[np.ndarray | 
     wrong = np.flatnonzero(((y_true == a) & (y_pred == b)) | ((y_true == b) & (y_pred == a)))
     wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:THUMBS_PER_PAIR]
     arrow = {a: "A→B", b: "B→A"}
-    return [(_thumbnail(paths[i]), f"{arrow[int(y_true[i])]} {probs[i, y_pred[i]]:.0%}")
-            for i in wrong]
+    return [(_thumbnail(paths[i]), f"{arrow[int(y_true[i])]} {probs[i, y_pred[i]]:.0%}") for i in wrong]
 
 
 def _check_inputs(y_true, probs, classes, image_paths) -> tuple[np.ndarray, np.ndarray]:

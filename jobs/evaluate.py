@@ -123,8 +123,7 @@ def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
         scored[name] = (np.array([r.dog_score for r in results]), np.array([r.predictions[0].prob for r in results]))
     threshold = predictor.dog_threshold
     metrics = not_a_dog_metrics(result.dog_scores, result.probs.max(axis=1), scored, threshold)
-    png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())],
-                                    threshold)
+    png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())], threshold)
     caption = (f"Dogs kept at the threshold: {metrics['dog_recall']:.1%}; "
                + "; ".join(f"{k} called dogs: {g['called_dog']:.1%} (AUROC {g['auroc']:.4f})"
                            for k, g in metrics["groups"].items()))

@@ -51,10 +51,8 @@ def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -
     parser.add_argument("--env", action="append", default=d([]), metavar="NAME=VALUE",
                         help="extra environment variable for the job (never credentials)")
     parser.add_argument("--submission-id", default=d(None), help="job id to use (default: generated)")
-    parser.add_argument("--entrypoint-num-cpus", type=float, default=d(None),
-                        help="CPUs reserved for the job's driver")
-    parser.add_argument("--entrypoint-num-gpus", type=float, default=d(None),
-                        help="GPUs reserved for the job's driver")
+    parser.add_argument("--entrypoint-num-cpus", type=float, default=d(None), help="CPUs reserved for the job's driver")
+    parser.add_argument("--entrypoint-num-gpus", type=float, default=d(None), help="GPUs reserved for the job's driver")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +86,7 @@ def _job_namespace(kind: str, job_args: list[str]) -> argparse.Namespace:
 
 def _check_paths(job_args: Sequence[str]) -> None:
     for value in job_args:
-        if not value.startswith("-") and "://" not in value and not os.path.isabs(value) \
-                and os.path.exists(value):
+        if not value.startswith("-") and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
             raise ConfigError(f"{value}: relative path; the job runs in its own working directory on "
                               f"the cluster. Give {os.path.abspath(value)} or an s3:// URI")
 
@@ -99,8 +96,7 @@ def _lease_skip(output: str) -> int | None:
     try:
         holder = leases.read_lease(output)
     except (BreedlabelError, OSError) as exc:  # no access from here: the job decides
-        print(f"breedlabel submit: note: cannot read the lease of {output} from here ({exc})",
-              file=sys.stderr)
+        print(f"breedlabel submit: note: cannot read the lease of {output} from here ({exc})", file=sys.stderr)
         return None
     now = time.time()
     if leases.is_live(holder, now):

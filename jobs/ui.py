@@ -135,8 +135,7 @@ def _runs_tab(gr, explorer, runs_uri: str, min_prob: float) -> None:
                                fit_columns=False, elem_id="error-gallery")
     error_rows = gr.Dataframe(headers=ERROR_HEADERS, label="Error rows", interactive=False, wrap=True)
 
-    outputs = [status, manifests, run_id, breed, histogram, unsure_gallery, unsure_rows,
-               error_gallery, error_rows]
+    outputs = [status, manifests, run_id, breed, histogram, unsure_gallery, unsure_rows, error_gallery, error_rows]
 
     def show(uri_value, run_value, breed_value, threshold_value, reload=False):
         import pandas as pd

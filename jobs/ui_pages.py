@@ -64,8 +64,7 @@ class ClassifyPage:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            return Verdict(None, f"**{name}** could not be read ({exc.strerror or exc}). Upload it again.",
-                           None, False)
+            return Verdict(None, f"**{name}** could not be read ({exc.strerror or exc}). Upload it again.", None, False)
         return self.classify_bytes(data, name, preview=path)
 
     def classify_bytes(self, data: bytes, name: str, preview: str | None = None) -> Verdict:
