@@ -132,7 +132,6 @@ def matches_extensions(name: str, extensions: Iterable[str] | None) -> bool:
     return any(lower.endswith(ext if ext.startswith(".") else "." + ext) for ext in (e.lower() for e in extensions))
 
 
-
 @contextmanager
 def _local_errors(uri: str, action: str) -> Iterator[None]:
     try:
@@ -403,5 +402,3 @@ def get_filesystem(uri: str, *, s3: S3Options | None = None):
     fs = arrow_s3(opts.endpoint_url, opts.region or bucket_region(p.bucket, opts), opts.read_timeout_s,
                   opts.max_attempts)
     return fs, posixpath.join(p.bucket, p.path)
-
-

@@ -184,7 +184,6 @@ class ExplorerPage:
         )
 
 
-
 def _tiles(rows: list[dict], captions: list[str]) -> list[tuple[np.ndarray, str]]:
     """Gallery items: a thumbnail (or a grey tile naming the error) and a caption per row."""
     arrays = explore.thumbnails(rows)
