@@ -54,8 +54,7 @@ def _stop(client, job_id: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.job_id:
-        raise ConfigError(f"jobs {args.action}: give the job's submission id "
-                          "(`breedlabel jobs list` shows them)")
+        raise ConfigError(f"jobs {args.action}: give the job's submission id (`breedlabel jobs list` shows them)")
     client = cluster_submit.connect(args.address)
     if args.action == "list":
         print(cluster_submit.describe(cluster_submit.list_rows(client)))
