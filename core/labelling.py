@@ -68,13 +68,9 @@ def reader(s3: S3Options | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> Re
 
 def chunk_table(items: Sequence[ItemData]) -> pa.Table:
     """Listed items (with bytes where the listing read them) -> the chunk an actor labels."""
-    return pa.table({
-        COL_URI: [it.item.uri for it in items],
-        COL_MEMBER: [it.item.member for it in items],
-        COL_DATA: [it.data for it in items],
-        COL_ERROR: [it.error for it in items],
-        COL_VERSION: [it.item.version for it in items],
-    }, schema=CHUNK_SCHEMA)
+    return pa.table({COL_URI: [it.item.uri for it in items], COL_MEMBER: [it.item.member for it in items],
+                     COL_DATA: [it.data for it in items], COL_ERROR: [it.error for it in items],
+                     COL_VERSION: [it.item.version for it in items]}, schema=CHUNK_SCHEMA)
 
 
 @dataclass

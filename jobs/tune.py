@@ -281,14 +281,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_options(p, TuneConfig)
 
 
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.from_file(args.config) if args.config else get_preset(args.preset)
-    return cfg.replace(**options.values(args, TrainConfig, unset=False))
-
-
 def run(args: argparse.Namespace) -> int:
+    from jobs.train import config_from_args  # the base config: --preset or --config, then the options given
+
     tc = TuneConfig(**options.values(args, TuneConfig))
-    best = run_tune(tc, base_config(args).with_absolute_paths(), storage_uri.normalize_uri(args.data), args.out,
+    best = run_tune(tc, config_from_args(args).with_absolute_paths(), storage_uri.normalize_uri(args.data), args.out,
                     restore=args.restore)
     print(json.dumps(best, default=str))
     return 0
