@@ -171,17 +171,9 @@ def fingerprint(ds: ImageFolder) -> str:
     return digest.hexdigest()
 
 
-def fetch_stanford_dogs(
-    dest: str | os.PathLike,
-    url: str = OFFICIAL_URL,
-    sha256: str | None = OFFICIAL_SHA256,
-    resume: bool = True,
-    *,
-    retries: int = 3,
-    timeout: float = 60.0,
-    keep_archive: bool = False,
-    progress: Callable[[int, int | None], None] | None = None,
-) -> Path:
+def fetch_stanford_dogs(dest: str | os.PathLike, url: str = OFFICIAL_URL, sha256: str | None = OFFICIAL_SHA256,
+                        resume: bool = True, *, retries: int = 3, timeout: float = 60.0, keep_archive: bool = False,
+                        progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Download, verify and extract Stanford Dogs' images.tar into `dest`; return `dest/Images`.
 
     Idempotent: an already extracted dataset is returned at once. The download goes to
