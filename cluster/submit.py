@@ -183,15 +183,15 @@ def wait(client, job_id: str, *, timeout_s: float | None = None, poll_s: float =
                 raise
             time.sleep(poll_s)
             continue
-        if _status(info) in TERMINAL:
+        if status_of(info) in TERMINAL:
             return info
         if deadline is not None and time.monotonic() >= deadline:
-            raise JobError(f"job {job_id} is still {_status(info)} after {timeout_s:.0f} s; it keeps "
+            raise JobError(f"job {job_id} is still {status_of(info)} after {timeout_s:.0f} s; it keeps "
                            f"running: `breedlabel jobs status {job_id}` or `breedlabel jobs stop {job_id}`")
         time.sleep(poll_s)
 
 
-def _status(info) -> str:
+def status_of(info) -> str:
     return getattr(info.status, "value", str(info.status))
 
 
@@ -225,7 +225,7 @@ def _epoch(value: Any) -> float:
 
 def outcome(info) -> Outcome:
     """Judge a finished job: the label run's manifest decides; Ray's status only for other jobs."""
-    status, code = _status(info), info.driver_exit_code
+    status, code = status_of(info), info.driver_exit_code
     meta = info.metadata or {}
     if code == EXIT_LEASE_HELD:
         return Outcome(EXIT_LEASE_HELD, status, f"skipped: another run holds the lease of "
@@ -280,7 +280,7 @@ def list_rows(client) -> list[dict[str, str]]:
         start = job.start_time or 0
         rows.append({
             "id": job.submission_id or job.job_id or "-",
-            "status": getattr(job.status, "value", str(job.status)),
+            "status": status_of(job),
             "kind": meta.get(META_KIND, "-"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "-",
             "entrypoint": shown_entrypoint(job.entrypoint),
