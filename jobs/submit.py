@@ -120,12 +120,10 @@ def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_subm
     ns = _job_namespace(args.job, job_args)
     _check_paths(job_args)
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
-    return cluster_submit.JobRequest(
-        kind=args.job, job_args=tuple(job_args),
-        runtime_env=runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir,
-                                           env_vars=_env_vars(args.env)),
-        output=output, submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
-        entrypoint_num_gpus=args.entrypoint_num_gpus)
+    env = runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir, env_vars=_env_vars(args.env))
+    return cluster_submit.JobRequest(kind=args.job, job_args=tuple(job_args), runtime_env=env, output=output,
+                                     submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                     entrypoint_num_gpus=args.entrypoint_num_gpus)
 
 
 def run(args: argparse.Namespace) -> int:

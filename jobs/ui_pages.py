@@ -91,9 +91,7 @@ def _display(name: str) -> str:
 
 
 def _pair_pct(a: Any, b: Any) -> str | None:
-    if a is None or b is None:
-        return None
-    return f"{float(a):.1%} / {float(b):.1%}"
+    return None if a is None or b is None else f"{float(a):.1%} / {float(b):.1%}"
 
 
 def find_examples(folder: str | None, limit: int) -> list[str]:
