@@ -36,11 +36,7 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
 )
 
 # Set in every job's processes (driver, tasks, actors): the contracts of DESIGN.md.
-JOB_ENV_VARS: Mapping[str, str] = {
-    "TF_USE_LEGACY_KERAS": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "PYTHONUNBUFFERED": "1",
-}
+JOB_ENV_VARS: Mapping[str, str] = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY", re.I)
 

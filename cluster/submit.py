@@ -13,7 +13,6 @@ stopped, no manifest).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shlex
 import sys
@@ -22,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
+from core import console
 from core.errors import (EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, ConfigError, JobError,
                          StorageError)
 from core.output import (M_ERROR_RATE, M_EXIT_CODE, M_FINISHED_AT, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED,
@@ -110,18 +110,12 @@ def _enable_token_auth_if_available() -> None:
     is sent in a header, never logged. $RAY_AUTH_MODE, when set, wins.
     """
     try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # older/newer Ray without this helper: RAY_AUTH_MODE=token still works
         return
-    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its "enabled for this Ray cluster" notice is meant for `ray start`
-    try:
+    # its "enabled for this Ray cluster" notice is meant for `ray start`
+    with console.quiet_logger(maybe_enable_token_auth_if_token_available.__module__):
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
 
 
 def _call(what: str, fn, *args, **kwargs):
@@ -189,15 +183,15 @@ def wait(client, job_id: str, *, timeout_s: float | None = None, poll_s: float =
                 raise
             time.sleep(poll_s)
             continue
-        if _status(info) in TERMINAL:
+        if status_of(info) in TERMINAL:
             return info
         if deadline is not None and time.monotonic() >= deadline:
-            raise JobError(f"job {job_id} is still {_status(info)} after {timeout_s:.0f} s; it keeps "
+            raise JobError(f"job {job_id} is still {status_of(info)} after {timeout_s:.0f} s; it keeps "
                            f"running: `breedlabel jobs status {job_id}` or `breedlabel jobs stop {job_id}`")
         time.sleep(poll_s)
 
 
-def _status(info) -> str:
+def status_of(info) -> str:
     return getattr(info.status, "value", str(info.status))
 
 
@@ -231,7 +225,7 @@ def _epoch(value: Any) -> float:
 
 def outcome(info) -> Outcome:
     """Judge a finished job: the label run's manifest decides; Ray's status only for other jobs."""
-    status, code = _status(info), info.driver_exit_code
+    status, code = status_of(info), info.driver_exit_code
     meta = info.metadata or {}
     if code == EXIT_LEASE_HELD:
         return Outcome(EXIT_LEASE_HELD, status, f"skipped: another run holds the lease of "
@@ -286,7 +280,7 @@ def list_rows(client) -> list[dict[str, str]]:
         start = job.start_time or 0
         rows.append({
             "id": job.submission_id or job.job_id or "-",
-            "status": getattr(job.status, "value", str(job.status)),
+            "status": status_of(job),
             "kind": meta.get(META_KIND, "-"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "-",
             "entrypoint": shown_entrypoint(job.entrypoint),

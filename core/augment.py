@@ -117,8 +117,7 @@ def random_contrast(image: tf.Tensor, strength: float = 0.2) -> tf.Tensor:
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def color_jitter(image: tf.Tensor, brightness: float = 0.2, saturation: float = 0.2,
-                 hue: float = 0.02) -> tf.Tensor:
+def color_jitter(image: tf.Tensor, brightness: float = 0.2, saturation: float = 0.2, hue: float = 0.02) -> tf.Tensor:
     """Brightness (fraction of full scale), saturation and hue jitter; clipped to [0,255]."""
     x = _f32(image) / 255.0
     if brightness > 0:

@@ -49,8 +49,7 @@ class TrainConfig:
 
     # model
     backbone: str = option("mobilenet_v2", "backbone model, one of core.registry's names")
-    weights: str | None = option("imagenet", "'imagenet' (the Keras download), a local .h5 file, or 'none'",
-                                 type=str)
+    weights: str | None = option("imagenet", "'imagenet' (the Keras download), a local .h5 file, or 'none'", type=str)
     input_size: int | None = option(None, "backbone input size in px (none = the backbone's native size)", type=int)
     dense_units: int = option(0, "hidden units in the head (0 = a linear head)")
     dropout: float = option(0.3, "dropout before the head's output layer")
@@ -206,8 +205,7 @@ def smoke() -> TrainConfig:
         backbone="custom_cnn", weights=None, input_size=32, batch_size=8, dropout=0.1,
         head_epochs=1, head_lr=1e-2, finetune_epochs=1, finetune_lr=1e-3, finetune_layers=ALL_LAYERS,
         warmup_epochs=0.0, freeze_bn=False, early_stopping_patience=2,
-        augment=AugmentConfig(zoom_out_prob=0.0, contrast=0.0, brightness=0.0, saturation=0.0),
-    )
+        augment=AugmentConfig(zoom_out_prob=0.0, contrast=0.0, brightness=0.0, saturation=0.0))
 
 
 def mobilenet_v2() -> TrainConfig:
@@ -231,8 +229,7 @@ def mobilenet_v2() -> TrainConfig:
         head_epochs=8, head_lr=1e-3, head_feature_views=2, head_view_kind=VIEWS_MIRROR, head_batch_size=128,
         finetune_epochs=6, finetune_lr=3e-5, finetune_layers=39, finetune_cached=True, warmup_epochs=0.3,
         label_smoothing=0.1, early_stopping_patience=3, tta_flip=True, tta_sizes=(192,),
-        augment=AugmentConfig(crop_scale_min=0.35, zoom_out_prob=0.1, zoom_out_max=1.8),
-    )
+        augment=AugmentConfig(crop_scale_min=0.35, zoom_out_prob=0.1, zoom_out_max=1.8))
 
 
 def demo() -> TrainConfig:
@@ -250,16 +247,11 @@ def custom_cnn() -> TrainConfig:
     return TrainConfig(
         backbone="custom_cnn", weights=None, input_size=128, dense_units=256, dropout=0.4,
         batch_size=32, head_epochs=40, head_lr=1e-3, finetune_layers=0, finetune_epochs=0,
-        freeze_bn=False, early_stopping_patience=6,
-    )
+        freeze_bn=False, early_stopping_patience=6)
 
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {
-    "smoke": smoke,
-    "mobilenet_v2": mobilenet_v2,
-    "demo": demo,
-    "custom_cnn": custom_cnn,
-}
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"smoke": smoke, "mobilenet_v2": mobilenet_v2, "demo": demo,
+                                                  "custom_cnn": custom_cnn}
 
 
 def get_preset(name: str) -> TrainConfig:

@@ -50,6 +50,19 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str, enabled: bool = True) -> Iterator[None]:
+    """A logger shows only errors while the block runs."""
+    quiet = logging.getLogger(name)
+    level = quiet.level
+    if enabled:
+        quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
 def default_log_dir() -> Path:
     """Where start-up chatter goes when a run has no folder of its own."""
     return Path(tempfile.gettempdir()) / "breedlabel-logs"

@@ -109,8 +109,7 @@ def select_classes(ds: ImageFolder, classes: int | Sequence[str] | None) -> Imag
     remap[keep] = np.arange(len(keep))
     mask = remap[ds.labels] >= 0
     idx = np.flatnonzero(mask)
-    return ImageFolder([ds.paths[i] for i in idx], remap[ds.labels[idx]],
-                       [ds.classes[i] for i in keep], ds.root)
+    return ImageFolder([ds.paths[i] for i in idx], remap[ds.labels[idx]], [ds.classes[i] for i in keep], ds.root)
 
 
 def limit_per_class(ds: ImageFolder, per_class: int | None) -> ImageFolder:
@@ -172,17 +171,9 @@ def fingerprint(ds: ImageFolder) -> str:
     return digest.hexdigest()
 
 
-def fetch_stanford_dogs(
-    dest: str | os.PathLike,
-    url: str = OFFICIAL_URL,
-    sha256: str | None = OFFICIAL_SHA256,
-    resume: bool = True,
-    *,
-    retries: int = 3,
-    timeout: float = 60.0,
-    keep_archive: bool = False,
-    progress: Callable[[int, int | None], None] | None = None,
-) -> Path:
+def fetch_stanford_dogs(dest: str | os.PathLike, url: str = OFFICIAL_URL, sha256: str | None = OFFICIAL_SHA256,
+                        resume: bool = True, *, retries: int = 3, timeout: float = 60.0, keep_archive: bool = False,
+                        progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Download, verify and extract Stanford Dogs' images.tar into `dest`; return `dest/Images`.
 
     Idempotent: an already extracted dataset is returned at once. The download goes to
@@ -229,8 +220,7 @@ class _Interrupted(Exception):
     """The server closed the connection before Content-Length bytes arrived."""
 
 
-def _download_once(url: str, part: Path, timeout: float,
-                   progress: Callable[[int, int | None], None] | None) -> None:
+def _download_once(url: str, part: Path, timeout: float, progress: Callable[[int, int | None], None] | None) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:

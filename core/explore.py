@@ -86,8 +86,7 @@ def error_rows(table: pa.Table, limit: int = 200) -> list[dict]:
 
 def describe_top_k(row: dict) -> str:
     """"Beagle 41% · English foxhound 33% · Walker hound 12%" for a row's top_k."""
-    return " · ".join(f"{p[schema.BREED].replace('_', ' ')} {p[schema.PROB]:.0%}"
-                      for p in row.get(schema.TOP_K) or [])
+    return " · ".join(f"{p[schema.BREED].replace('_', ' ')} {p[schema.PROB]:.0%}" for p in row.get(schema.TOP_K) or [])
 
 
 def where(row: dict) -> str:

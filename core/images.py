@@ -47,15 +47,9 @@ RESIZE_POLICIES = (RESIZE_CROP, SQUASH)
 
 _RESAMPLE = Image.Resampling.BILINEAR
 # EXIF orientation -> PIL transpose (same table as PIL.ImageOps.exif_transpose).
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 _SWAPS_AXES = (5, 6, 7, 8)
 
 
@@ -70,14 +64,8 @@ class DecodedImage:
     height: int
 
 
-def decode_image(
-    data: bytes,
-    *,
-    size: tuple[int, int] | None = None,
-    policy: str = RESIZE_CROP,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    source: str | None = None,
-) -> DecodedImage:
+def decode_image(data: bytes, *, size: tuple[int, int] | None = None, policy: str = RESIZE_CROP,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, source: str | None = None) -> DecodedImage:
     """Decode image bytes to RGB uint8, optionally resized to `size` = (height, width)."""
     _check_policy(policy)
     if not data:
@@ -202,9 +190,8 @@ def _open_pil(data: bytes, source: str | None) -> Image.Image:
 
 def _looks_like_truncated_header(data: bytes) -> bool:
     """A file that starts like a supported image but whose header PIL could not even parse."""
-    return data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")) or (
-        data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-    )
+    return (data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a"))
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
 
 
 def _load(im: Image.Image, source: str | None) -> None:

@@ -20,9 +20,8 @@ PIPELINES = ("auto", "fused", "two-stage")
 class LabelConfig:
     """One `breedlabel label` run."""
 
-    inputs: tuple[str, ...] = option(
-        (), "folders, file:// or s3:// prefixes, images, .tar/.tar.gz/.tgz/.zip archives", action="positional",
-        metavar="INPUT")
+    inputs: tuple[str, ...] = option((), "folders, file:// or s3:// prefixes, images, .tar/.tar.gz/.tgz/.zip archives",
+                                     action="positional", metavar="INPUT")
     model: str = option("", "bundle directory or URI", flag="--model", metavar="BUNDLE", required=True)
     out: str = option("", "output folder or s3:// prefix", metavar="OUTPUT")
     manifests: tuple[str, ...] = option(
@@ -57,13 +56,11 @@ class LabelConfig:
     max_error_rate: float = option(1.0, "exit code 3 when the share of rows with an error exceeds this")
     relabel: bool = option(False, "label again inputs a finished run already labelled with this model (readers then "
                            "see one row per run for them; by default they are skipped)")
-    resume: bool = option(True, "start a new run instead of resuming an interrupted one with the same inputs and "
-                          "model")
+    resume: bool = option(True, "start a new run instead of resuming an interrupted one with the same inputs and model")
     dry_run: bool = option(False, "list what would be labelled, label nothing")
     lease_ttl_s: float = option(DEFAULT_TTL_S, "the output's lease lifetime, renewed every S/3 while the run works",
                                 flag="--lease-ttl", metavar="S")
-    address: str | None = option(None, "Ray cluster address ('auto'); default: RAY_ADDRESS, else a local Ray",
-                                 type=str)
+    address: str | None = option(None, "Ray cluster address ('auto'); default: RAY_ADDRESS, else a local Ray", type=str)
     queue_chunks: int = 8             # units of work listed ahead of the pipeline
     progress: bool = option(True, "no progress bar")
 
@@ -94,7 +91,6 @@ class LabelConfig:
             raise ConfigError(f"--runtime {self.runtime!r} is not one of {list(RUNTIMES)}")
         if self.pipeline not in PIPELINES:
             raise ConfigError(f"--pipeline {self.pipeline!r} is not one of {list(PIPELINES)}")
-
 
     @property
     def s3(self) -> S3Options:

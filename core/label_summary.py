@@ -17,7 +17,6 @@ from core import output, schema
 from core.errors import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK
 
 
-
 MIN_TIMED_S = 5.0  # below this, the arrival times of the rows say more about buffering than speed
 
 

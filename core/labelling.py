@@ -55,8 +55,7 @@ SECONDS_META = b"breedlabel.seconds"     # ... and how long the chunk took it (r
 Reader = Callable[[str, "str | None"], bytes]
 
 
-def read_object(uri: str, member: str | None, s3: S3Options | None = None,
-                max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
+def read_object(uri: str, member: str | None, s3: S3Options | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
     """Bytes of a plain object, or of one archive member named by a manifest (rare: listed
     archives arrive with their members' bytes, read in one pass by the listing)."""
     return read_item(InputItem(uri, member), s3=s3, max_bytes=max_bytes)
@@ -69,13 +68,9 @@ def reader(s3: S3Options | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> Re
 
 def chunk_table(items: Sequence[ItemData]) -> pa.Table:
     """Listed items (with bytes where the listing read them) -> the chunk an actor labels."""
-    return pa.table({
-        COL_URI: [it.item.uri for it in items],
-        COL_MEMBER: [it.item.member for it in items],
-        COL_DATA: [it.data for it in items],
-        COL_ERROR: [it.error for it in items],
-        COL_VERSION: [it.item.version for it in items],
-    }, schema=CHUNK_SCHEMA)
+    return pa.table({COL_URI: [it.item.uri for it in items], COL_MEMBER: [it.item.member for it in items],
+                     COL_DATA: [it.data for it in items], COL_ERROR: [it.error for it in items],
+                     COL_VERSION: [it.item.version for it in items]}, schema=CHUNK_SCHEMA)
 
 
 @dataclass
@@ -190,8 +185,7 @@ def decode_chunk(chunk: pa.Table, *, size: tuple[int, int], policy: str, model_i
     """CPU decode stage of the two-stage pipeline (GPU actors): the input of `label_decoded`."""
     uris, members = _columns(chunk)
     with ThreadPoolExecutor(max(1, io_threads)) as pool:
-        got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(),
-                    pool, read)
+        got = fetch(uris, members, chunk.column(COL_DATA).to_pylist(), chunk.column(COL_ERROR).to_pylist(), pool, read)
     skipped = skip_mask(uris, members, got.shas, model_id, done_keys)
     datas = [None if s else d for d, s in zip(got.datas, skipped)]
     images, ok, widths, heights, reasons = decode_into(datas, _sources(uris, members), size, policy, None)

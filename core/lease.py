@@ -256,8 +256,7 @@ class _S3Backend:
                                f"to {action} the lease; check the endpoint and network") from exc
 
     def create(self, data: bytes) -> str | None:
-        resp = self._call("create", self.client.put_object, Body=data, IfNoneMatch="*",
-                          ContentType="application/json")
+        resp = self._call("create", self.client.put_object, Body=data, IfNoneMatch="*", ContentType="application/json")
         return resp["ETag"] if resp else None
 
     def read(self) -> tuple[bytes, str] | None:
@@ -265,8 +264,7 @@ class _S3Backend:
         return (resp["Body"].read(), resp["ETag"]) if resp else None
 
     def replace(self, data: bytes, token: str) -> str | None:
-        resp = self._call("replace", self.client.put_object, Body=data, IfMatch=token,
-                          ContentType="application/json")
+        resp = self._call("replace", self.client.put_object, Body=data, IfMatch=token, ContentType="application/json")
         return resp["ETag"] if resp else None
 
     def delete(self, token: str) -> bool:

@@ -48,8 +48,7 @@ def per_class_accuracy_png(accuracy: np.ndarray, counts: np.ndarray, names: Sequ
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, len(order) - 0.4)
     ax.set_xlabel("top-1 accuracy (validation images per breed in brackets)")
-    ax.axvline(float(np.average(accuracy[keep], weights=counts[keep])), color="k", ls="--", lw=1,
-               label="overall")
+    ax.axvline(float(np.average(accuracy[keep], weights=counts[keep])), color="k", ls="--", lw=1, label="overall")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Per-breed accuracy, worst first")
     return _png(fig)
@@ -85,8 +84,7 @@ def topk_png(accuracy_at_k: np.ndarray) -> bytes:
     ax.plot(ks, accuracy_at_k, marker="o")
     for k, a in zip(ks, accuracy_at_k):
         if k in (1, 3, 5, len(ks)):
-            ax.annotate(f"{a:.1%}", (k, a), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8)
+            ax.annotate(f"{a:.1%}", (k, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xticks(ks)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("k")
@@ -106,8 +104,7 @@ def reliability_png(confidence: np.ndarray, accuracy: np.ndarray, counts: np.nda
     filled = counts > 0
     top.bar(centres[filled], accuracy[filled], width=width * 0.95, color="#3498db",
             edgecolor="k", lw=0.5, label="accuracy")
-    top.plot(centres[filled], confidence[filled], "o", color="#c0392b", ms=5,
-             label="mean top-1 probability in the bin")
+    top.plot(centres[filled], confidence[filled], "o", color="#c0392b", ms=5, label="mean top-1 probability in the bin")
     top.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")

@@ -61,14 +61,10 @@ def top_k(probs: np.ndarray, classes: Sequence[Breed], k: int = 3) -> list[list[
     """Per row, the k most probable classes, sorted by probability (desc; ties by class order)."""
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 2 or probs.shape[1] != len(classes):
-        raise ConfigError(f"top_k: probabilities of shape {list(probs.shape)} do not match "
-                          f"{len(classes)} classes")
+        raise ConfigError(f"top_k: probabilities of shape {list(probs.shape)} do not match {len(classes)} classes")
     k = max(1, min(int(k), len(classes)))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [
-        [Prediction(classes[j].id, classes[j].name, float(row[j])) for j in idx]
-        for row, idx in zip(probs, order)
-    ]
+    return [[Prediction(classes[j].id, classes[j].name, float(row[j])) for j in idx] for row, idx in zip(probs, order)]
 
 
 class Predictor:

@@ -102,9 +102,4 @@ class FlipLeftRight(keras.layers.Layer):
         return tf.reverse(inputs, axis=[2])
 
 
-CUSTOM_OBJECTS = {
-    "Normalize": Normalize,
-    "Grayscale": Grayscale,
-    "Equalize": Equalize,
-    "FlipLeftRight": FlipLeftRight,
-}
+CUSTOM_OBJECTS = {"Normalize": Normalize, "Grayscale": Grayscale, "Equalize": Equalize, "FlipLeftRight": FlipLeftRight}

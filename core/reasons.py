@@ -27,4 +27,3 @@ REASON_CORRUPT = "corrupt image"
 REASON_TOO_MANY_PIXELS = "too many pixels"
 # anything else: a bug costs one row, not the run
 REASON_INTERNAL = "internal error"
-

@@ -105,14 +105,14 @@ def load_history(history: str | os.PathLike | Mapping | Sequence | None):
         history = json.loads(_read_bytes(str(history)))
     if isinstance(history, Mapping) and "history" in history:
         history = history["history"]
-    series, _ = _series(history)
+    series = _series(history)
     if series or not isinstance(history, Mapping):
         return series, []
     merged: dict[str, list[float]] = {}
     boundaries: list[int] = []
     done = 0
     for part in history.values():
-        part_series, _ = _series(part)
+        part_series = _series(part)
         length = max((len(v) for v in part_series.values()), default=0)
         if not length:
             continue
@@ -120,22 +120,20 @@ def load_history(history: str | os.PathLike | Mapping | Sequence | None):
             boundaries.append(done)
         for key in set(merged) | set(part_series):
             values = part_series.get(key, [])
-            merged.setdefault(key, [float("nan")] * done).extend(
-                values + [float("nan")] * (length - len(values)))
+            merged.setdefault(key, [float("nan")] * done).extend(values + [float("nan")] * (length - len(values)))
         done += length
     return merged, boundaries
 
 
-def _series(obj: Any) -> tuple[dict[str, list[float]], list[int]]:
+def _series(obj: Any) -> dict[str, list[float]]:
     numeric = (int, float)
     if isinstance(obj, Mapping) and obj and all(
-            isinstance(v, list) and all(isinstance(x, numeric) or x is None for x in v)
-            for v in obj.values()):
-        return {k: [np.nan if x is None else float(x) for x in v] for k, v in obj.items()}, []
+            isinstance(v, list) and all(isinstance(x, numeric) or x is None for x in v) for v in obj.values()):
+        return {k: [np.nan if x is None else float(x) for x in v] for k, v in obj.items()}
     if isinstance(obj, list) and obj and all(isinstance(r, Mapping) for r in obj):
         keys = [k for k in obj[0] if isinstance(obj[0][k], numeric) and k != "epoch"]
-        return {k: [float(r.get(k, np.nan)) for r in obj] for k in keys}, []
-    return {}, []
+        return {k: [float(r.get(k, np.nan)) for r in obj] for k in keys}
+    return {}
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -159,8 +157,7 @@ def _pair_thumbs(pair, y_true, y_pred, probs, paths) -> list[tuple[np.ndarray | 
     wrong = np.flatnonzero(((y_true == a) & (y_pred == b)) | ((y_true == b) & (y_pred == a)))
     wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:THUMBS_PER_PAIR]
     arrow = {a: "A→B", b: "B→A"}
-    return [(_thumbnail(paths[i]), f"{arrow[int(y_true[i])]} {probs[i, y_pred[i]]:.0%}")
-            for i in wrong]
+    return [(_thumbnail(paths[i]), f"{arrow[int(y_true[i])]} {probs[i, y_pred[i]]:.0%}") for i in wrong]
 
 
 def _check_inputs(y_true, probs, classes, image_paths) -> tuple[np.ndarray, np.ndarray]:
@@ -186,13 +183,11 @@ class Report:
     summary: Summary
 
 
-def write_report(out_dir: str | os.PathLike, y_true: Sequence[int] | np.ndarray,
-                 probs: np.ndarray, classes: Sequence[Any], *,
-                 image_paths: Sequence[str] | None = None,
+def write_report(out_dir: str | os.PathLike, y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+                 classes: Sequence[Any], *, image_paths: Sequence[str] | None = None,
                  history: str | os.PathLike | Mapping | Sequence | None = None,
-                 title: str = "breedlabel evaluation report",
-                 extra_sections: Sequence[tuple[str, str, str, bytes]] = (),
-                 details: Mapping[str, Any] | None = None) -> Report:
+                 title: str = "breedlabel evaluation report", details: Mapping[str, Any] | None = None,
+                 extra_sections: Sequence[tuple[str, str, str, bytes]] = ()) -> Report:
     """Draw every plot and write `report.html` + `plots/*.png` under `out_dir` (path or URI).
 
     `image_paths` (one URI per row) give the confused pairs their thumbnails; `history` (a
@@ -225,14 +220,12 @@ def _draw(y_true, y_pred, probs, matrix, names, image_paths, history):
     summary = Summary(
         n=len(y_true), top1=float(topk[0]), top3=float(topk[min(2, len(topk) - 1)]), ece=ece,
         topk=[float(x) for x in topk],
-        confused_pairs=[{"a": names[a], "b": names[b], "a_as_b": ab, "b_as_a": ba}
-                        for a, b, ab, ba in pairs])
+        confused_pairs=[{"a": names[a], "b": names[b], "a_as_b": ab, "b_as_a": ba} for a, b, ab, ba in pairs])
     sections = [
         (PER_CLASS_PNG, "Per-breed accuracy", "Sorted, worst breed first.",
          plots.per_class_accuracy_png(accuracy, support, names)),
         (TOPK_PNG, "Top-k accuracy", f"k = 1..{len(topk)}.", plots.topk_png(topk)),
-        (RELIABILITY_PNG, "Calibration",
-         f"Expected calibration error {ece:.3f} over {CALIBRATION_BINS} bins.",
+        (RELIABILITY_PNG, "Calibration", f"Expected calibration error {ece:.3f} over {CALIBRATION_BINS} bins.",
          plots.reliability_png(conf, acc, counts, edges, ece)),
         (CONFUSION_PNG, "Confusion matrix of the worst classes",
          "The least accurate breeds and the breeds they are mistaken for.",

@@ -74,26 +74,11 @@ LABEL_SCHEMA = FILE_SCHEMA.insert(FILE_SCHEMA.get_field_index(MODEL_ID) + 1,
                                   pa.field(RUN_ID, pa.string(), nullable=False))
 
 
-def build_table(
-    *,
-    uris: Sequence[str],
-    members: Sequence[str | None],
-    sizes: Sequence[int],
-    sha256s: Sequence[str],
-    widths: Sequence[int | None],
-    heights: Sequence[int | None],
-    probs: np.ndarray,
-    labelled: np.ndarray,
-    errors: Sequence[str | None],
-    class_ids: Sequence[str],
-    class_names: Sequence[str],
-    model_id: str,
-    k: int = 3,
-    labelled_at: _dt.datetime | None = None,
-    versions: Sequence[str | None] | None = None,
-    dog_scores: np.ndarray | None = None,
-    dog_threshold: float | None = None,
-) -> pa.Table:
+def build_table(*, uris: Sequence[str], members: Sequence[str | None], sizes: Sequence[int], sha256s: Sequence[str],
+                widths: Sequence[int | None], heights: Sequence[int | None], probs: np.ndarray, labelled: np.ndarray,
+                errors: Sequence[str | None], class_ids: Sequence[str], class_names: Sequence[str], model_id: str,
+                k: int = 3, labelled_at: _dt.datetime | None = None, versions: Sequence[str | None] | None = None,
+                dog_scores: np.ndarray | None = None, dog_threshold: float | None = None) -> pa.Table:
     """Rows for one batch (FILE_SCHEMA), built column-wise from numpy (no Python object per prediction).
 
     `probs` is float32 [M, C] for the M rows where `labelled` (bool [N]) is true, in order;

@@ -127,8 +127,7 @@ def check_space(space: Mapping[str, Dim], base: TrainConfig) -> None:
         name = key[len(AUGMENT_PREFIX):] if key.startswith(AUGMENT_PREFIX) else key
         known = aug_fields if key.startswith(AUGMENT_PREFIX) else fields - {"augment"}
         if name not in known:
-            raise ConfigError(f"search space key {key!r} is not a TrainConfig field; valid: "
-                              f"{', '.join(sorted(known))}")
+            raise ConfigError(f"search space key {key!r} is not a TrainConfig field; valid: {', '.join(sorted(known))}")
 
 
 def apply(base: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:

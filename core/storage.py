@@ -36,11 +36,10 @@ from core.s3 import (READ_BUFFER_BYTES, ObjectForbiddenError, ObjectNotFoundErro
                      S3RangeReader, arrow_s3, bucket_region, s3_client, s3_errors)
 
 __all__ = [
-    "FileInfo", "ObjectForbiddenError", "ObjectNotFoundError", "ObjectTooLargeError", "ParsedURI",
-    "S3Options", "copy",
+    "FileInfo", "ObjectForbiddenError", "ObjectNotFoundError", "ObjectTooLargeError", "ParsedURI", "S3Options", "copy",
     "delete", "delete_tree", "object_version", "exists", "get_filesystem", "is_dir", "is_s3", "join", "list_files",
-    "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri", "read_bytes",
-    "read_range", "rename", "s3_client", "stat", "write_bytes",
+    "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri", "read_bytes", "read_range",
+    "rename", "s3_client", "stat", "write_bytes",
 ]
 
 DEFAULT_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
@@ -130,7 +129,6 @@ def matches_extensions(name: str, extensions: Iterable[str] | None) -> bool:
         return True
     lower = name.lower()
     return any(lower.endswith(ext if ext.startswith(".") else "." + ext) for ext in (e.lower() for e in extensions))
-
 
 
 @contextmanager
@@ -403,5 +401,3 @@ def get_filesystem(uri: str, *, s3: S3Options | None = None):
     fs = arrow_s3(opts.endpoint_url, opts.region or bucket_region(p.bucket, opts), opts.read_timeout_s,
                   opts.max_attempts)
     return fs, posixpath.join(p.bucket, p.path)
-
-

@@ -137,14 +137,10 @@ def compile_for_phase(model, cfg: TrainConfig, phase: str, steps: int) -> None:
     """Set trainability and (re)compile: AdamW + warm-up/cosine, smoothed CE, top-1/top-3."""
     if registry.BACKBONE_LAYER in [layer.name for layer in model.layers]:
         set_trainable(model, cfg, phase)
-    optimizer = keras.optimizers.AdamW(learning_rate=phase_schedule(cfg, phase, steps),
-                                       weight_decay=cfg.weight_decay)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name=TOP1),
-                 keras.metrics.TopKCategoricalAccuracy(k=3, name=TOP3)],
-    )
+    optimizer = keras.optimizers.AdamW(learning_rate=phase_schedule(cfg, phase, steps), weight_decay=cfg.weight_decay)
+    model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name=TOP1),
+                           keras.metrics.TopKCategoricalAccuracy(k=3, name=TOP3)])
 
 
 class HistoryWriter(keras.callbacks.Callback):

@@ -50,20 +50,14 @@ def _is_flag(action: argparse.Action) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="breedlabel",
-        description="Train dog-breed classifiers and label large image archives with Ray.",
-    )
+        prog="breedlabel", description="Train dog-breed classifiers and label large image archives with Ray.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and every library's own output (TensorFlow, Ray workers)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        cmd = sub.add_parser(
-            name,
-            help=help_text,
-            description=(module.__doc__ or help_text).strip().splitlines()[0],
-            formatter_class=_HelpFormatter,
-        )
+        cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
+                             formatter_class=_HelpFormatter)
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core import options
 from core.errors import EXIT_OK, ConfigError
+from core.options import option
 from core.predict import PredictConfig
 from jobs.predict import add_runtime_argument
 
@@ -26,38 +28,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Defaults for evaluate (shown by `breedlabel evaluate --help`)."""
+    """evaluate's options (`breedlabel evaluate --help`), besides --model, --data and --runtime."""
 
-    out: str | None = None
-    classes: str | None = None
-    runtime: str = PredictConfig.runtime
-    threads: int | None = PredictConfig.threads
-    batch_size: int = 64
-    report: bool = True
-    history: str | None = None
-    not_dogs: str | None = None
+    out: str | None = option(None, "write the metrics (with per-class accuracy and confusion counts) here",
+                             metavar="METRICS_JSON")
+    classes: str | None = option(None, "a number N (first N classes) or comma-separated class ids/names/folders")
+    threads: int | None = option(PredictConfig.threads, "inference threads (default: all cores)", type=int)
+    batch_size: int = option(64, "images per inference call")
+    report: bool = option(True, "write report.html + plots/ next to the metrics JSON (needs --out)", negatable=True)
+    history: str | None = option(None, "a training run's history.json, drawn as training curves in the report",
+                                 metavar="HISTORY_JSON")
+    not_dogs: str | None = option(None, "photos without a dog (each subfolder a group, e.g. cats/ objects/): report "
+                                  "how well the bundle's dog score tells them from --data's dogs", metavar="DIR")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EvaluateConfig()
     parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle path or URI")
     parser.add_argument("--data", required=True, metavar="DIR", action="append",
                         help="folder-per-class dataset; repeat it to compare sources (e.g. crops and full scenes) "
                              "side by side: each gets its own line, the report covers them all")
-    parser.add_argument("--out", default=d.out, metavar="METRICS_JSON",
-                        help="write the metrics (with per-class accuracy and confusion counts) here")
-    parser.add_argument("--classes", default=d.classes,
-                        help="a number N (first N classes) or comma-separated class ids/names/folders")
-    add_runtime_argument(parser, d.runtime)
-    parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference call")
-    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=d.report,
-                        help="write report.html + plots/ next to the metrics JSON (needs --out)")
-    parser.add_argument("--history", default=d.history, metavar="HISTORY_JSON",
-                        help="a training run's history.json, drawn as training curves in the report")
-    parser.add_argument("--not-dogs", default=d.not_dogs, metavar="DIR",
-                        help="photos without a dog (each subfolder a group, e.g. cats/ objects/): report how well "
-                             "the bundle's dog score tells them from --data's dogs")
+    options.add_options(parser, EvaluateConfig)
+    add_runtime_argument(parser, PredictConfig.runtime)
 
 
 def _class_selection(value: str | None) -> int | list[str] | None:
@@ -123,8 +114,7 @@ def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
         scored[name] = (np.array([r.dog_score for r in results]), np.array([r.predictions[0].prob for r in results]))
     threshold = predictor.dog_threshold
     metrics = not_a_dog_metrics(result.dog_scores, result.probs.max(axis=1), scored, threshold)
-    png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())],
-                                    threshold)
+    png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())], threshold)
     caption = (f"Dogs kept at the threshold: {metrics['dog_recall']:.1%}; "
                + "; ".join(f"{k} called dogs: {g['called_dog']:.1%} (AUROC {g['auroc']:.4f})"
                            for k, g in metrics["groups"].items()))

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(client, args: argparse.Namespace) -> int:
     info = cluster_submit.wait(client, args.job_id, timeout_s=args.wait_timeout) if args.wait \
         else cluster_submit.job_info(client, args.job_id)
-    status = getattr(info.status, "value", str(info.status))
+    status = cluster_submit.status_of(info)
     if status not in cluster_submit.TERMINAL:
         print(f"{args.job_id} {status}")
         return EXIT_OK
@@ -46,7 +46,7 @@ def _status(client, args: argparse.Namespace) -> int:
 def _stop(client, job_id: str) -> int:
     if cluster_submit.stop(client, job_id):
         info = cluster_submit.wait(client, job_id, timeout_s=60)
-        print(f"{job_id} {getattr(info.status, 'value', info.status)}")
+        print(f"{job_id} {cluster_submit.status_of(info)}")
         return EXIT_OK
     print(f"{job_id} was not running", file=sys.stderr)
     return EXIT_FAILED
@@ -54,8 +54,7 @@ def _stop(client, job_id: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.job_id:
-        raise ConfigError(f"jobs {args.action}: give the job's submission id "
-                          "(`breedlabel jobs list` shows them)")
+        raise ConfigError(f"jobs {args.action}: give the job's submission id (`breedlabel jobs list` shows them)")
     client = cluster_submit.connect(args.address)
     if args.action == "list":
         print(cluster_submit.describe(cluster_submit.list_rows(client)))

@@ -42,12 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(--relabel turns it off)")
 
 
-def config_from_args(args: argparse.Namespace) -> LabelConfig:
-    return LabelConfig(**options.values(args, LabelConfig))
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = LabelConfig(**options.values(args, LabelConfig))
     manifest = label(cfg)
     return 0 if cfg.dry_run else exit_code(manifest)
 

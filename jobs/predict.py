@@ -35,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _as_dict(result: ImageResult) -> dict:
-    preds = [{"breed_id": p.breed_id, "breed": p.breed, "prob": round(p.prob, 6)}
-             for p in result.predictions or []]
+    preds = [{"breed_id": p.breed_id, "breed": p.breed, "prob": round(p.prob, 6)} for p in result.predictions or []]
     return {"image": result.source, "top_k": preds if result.ok else None, "error": result.error,
             "width": result.width, "height": result.height,
             "dog_score": None if result.dog_score is None else round(result.dog_score, 6), "is_dog": result.is_dog}

@@ -6,7 +6,6 @@ instance happens to run on this machine.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -28,7 +27,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     local = address == "local"
     extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet \
         else dict(logging_level=logging.INFO if console.is_verbose() else logging.WARNING)
-    with _quiet_logger(_TOKEN_NOTICE, enabled=local and not console.is_verbose()):
+    with console.quiet_logger(_TOKEN_NOTICE, enabled=local and not console.is_verbose()):
         ray.init(address=address, num_cpus=num_cpus if local else None,
                  include_dashboard=dashboard if local else None, **extra)
     return True
@@ -37,19 +36,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
 # Its "token authentication is enabled for this Ray cluster" notice is about a cluster someone
 # else could reach; a private local Ray of one command is not that.
 _TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str, enabled: bool):
-    """A logger shows only errors while the block runs."""
-    quiet = logging.getLogger(name)
-    level = quiet.level
-    if enabled:
-        quiet.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        quiet.setLevel(level)
 
 
 def driver_node_label() -> dict[str, str]:

@@ -51,10 +51,8 @@ def add_submit_options(parser: argparse.ArgumentParser, defaults: bool = True) -
     parser.add_argument("--env", action="append", default=d([]), metavar="NAME=VALUE",
                         help="extra environment variable for the job (never credentials)")
     parser.add_argument("--submission-id", default=d(None), help="job id to use (default: generated)")
-    parser.add_argument("--entrypoint-num-cpus", type=float, default=d(None),
-                        help="CPUs reserved for the job's driver")
-    parser.add_argument("--entrypoint-num-gpus", type=float, default=d(None),
-                        help="GPUs reserved for the job's driver")
+    parser.add_argument("--entrypoint-num-cpus", type=float, default=d(None), help="CPUs reserved for the job's driver")
+    parser.add_argument("--entrypoint-num-gpus", type=float, default=d(None), help="GPUs reserved for the job's driver")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +86,7 @@ def _job_namespace(kind: str, job_args: list[str]) -> argparse.Namespace:
 
 def _check_paths(job_args: Sequence[str]) -> None:
     for value in job_args:
-        if not value.startswith("-") and "://" not in value and not os.path.isabs(value) \
-                and os.path.exists(value):
+        if not value.startswith("-") and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
             raise ConfigError(f"{value}: relative path; the job runs in its own working directory on "
                               f"the cluster. Give {os.path.abspath(value)} or an s3:// URI")
 
@@ -99,8 +96,7 @@ def _lease_skip(output: str) -> int | None:
     try:
         holder = leases.read_lease(output)
     except (BreedlabelError, OSError) as exc:  # no access from here: the job decides
-        print(f"breedlabel submit: note: cannot read the lease of {output} from here ({exc})",
-              file=sys.stderr)
+        print(f"breedlabel submit: note: cannot read the lease of {output} from here ({exc})", file=sys.stderr)
         return None
     now = time.time()
     if leases.is_live(holder, now):
@@ -124,12 +120,10 @@ def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_subm
     ns = _job_namespace(args.job, job_args)
     _check_paths(job_args)
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
-    return cluster_submit.JobRequest(
-        kind=args.job, job_args=tuple(job_args),
-        runtime_env=runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir,
-                                           env_vars=_env_vars(args.env)),
-        output=output, submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
-        entrypoint_num_gpus=args.entrypoint_num_gpus)
+    env = runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir, env_vars=_env_vars(args.env))
+    return cluster_submit.JobRequest(kind=args.job, job_args=tuple(job_args), runtime_env=env, output=output,
+                                     submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                     entrypoint_num_gpus=args.entrypoint_num_gpus)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -112,8 +112,7 @@ def _resume_plan(cfg: TrainConfig, state: dict | None) -> list[tuple[str, int]]:
     return plan[i + 1:] if done else [(state["phase"], nxt)] + plan[i + 1:]
 
 
-def _make_reporter(model, phase: str, offset: int, first_global: int, rank: int, resumed_at: int,
-                   global_batch: int):
+def _make_reporter(model, phase: str, offset: int, first_global: int, rank: int, resumed_at: int, global_batch: int):
     """Keras callback: every worker saves the weights, rank 0 reports them as the checkpoint."""
     import ray.train
     import tf_keras as keras
@@ -313,20 +312,14 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
     return done
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, *, quiet: bool = False) -> None:
-    """Join RAY_ADDRESS / --address, else a private local Ray. Keeps the dashboard: Train V2's
-    placement-group cleaner asks its State API whether a controller died (jobs.tune_callbacks
-    gives a stopped trial's resources back when it cannot). quiet: workers' logs stay in Ray's
-    session logs."""
-    ray_session.connect(address, num_cpus=num_cpus, dashboard=True, quiet=quiet)
-
-
 def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
     """`breedlabel train --workers N …`: fit, export, print the summary line."""
     from core import console
 
     console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
-    init_ray(quiet=not console.is_verbose())  # the workers' own output: with -v
+    # the dashboard stays: Train V2's placement-group cleaner asks its State API whether a controller
+    # died (jobs.tune_callbacks gives a stopped trial's resources back when it cannot)
+    ray_session.connect(dashboard=True, quiet=not console.is_verbose())  # the workers' own output: with -v
     t0 = time.time()
     # absolute paths: the workers run in other working directories
     done = run_distributed(cfg.with_absolute_paths(), storage.normalize_uri(args.data), dist, out=args.out,

@@ -210,13 +210,14 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
              restore: bool = False, callbacks: Sequence = ()) -> dict:
     """Search, write the table and best config, optionally train the best config in full."""
     from core import console
-    from jobs.train_distributed import init_ray
+    from jobs import ray_session
     from jobs.tune_callbacks import release_search
 
     space = space if space is not None else search_space.get_space(tc.space)
     search_space.check_space(space, base)
     out = storage_uri.normalize_uri(out)  # Ray Tune's storage is a URI: a relative path is refused deep inside
-    init_ray(tc.address, tc.num_cpus, quiet=not console.is_verbose())  # the trials' own logs: with -v
+    # the trials' own logs: with -v; the dashboard for Train V2's cleaner (see jobs.train_distributed)
+    ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose())
     storage = storage_uri.normalize_uri(tc.storage) if tc.storage else f"{out.rstrip('/')}/ray"
     t0 = time.time()
     with console.stdout_to_log("tune.log"):  # Tune's experiment table; our progress is jobs.tune_callbacks'
@@ -280,14 +281,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_options(p, TuneConfig)
 
 
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.from_file(args.config) if args.config else get_preset(args.preset)
-    return cfg.replace(**options.values(args, TrainConfig, unset=False))
-
-
 def run(args: argparse.Namespace) -> int:
+    from jobs.train import config_from_args  # the base config: --preset or --config, then the options given
+
     tc = TuneConfig(**options.values(args, TuneConfig))
-    best = run_tune(tc, base_config(args).with_absolute_paths(), storage_uri.normalize_uri(args.data), args.out,
+    best = run_tune(tc, config_from_args(args).with_absolute_paths(), storage_uri.normalize_uri(args.data), args.out,
                     restore=args.restore)
     print(json.dumps(best, default=str))
     return 0

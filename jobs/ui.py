@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio at import
 
+from core import options  # noqa: E402
 from core.errors import EXIT_OK  # noqa: E402
 from core.explore import ALL  # noqa: E402
+from core.options import option  # noqa: E402
 from core.predict import PredictConfig  # noqa: E402
 from jobs.predict import add_runtime_argument  # noqa: E402
 
@@ -24,34 +26,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UIConfig:
-    """Defaults for `breedlabel ui` (shown by --help)."""
+    """`breedlabel ui`'s options (shown by --help), besides --model and --runtime."""
 
-    host: str = "127.0.0.1"
-    port: int = 7860
-    runs: str | None = None
-    examples: str | None = None
-    max_examples: int = 48
-    max_upload: str = "50mb"
-    min_prob: float = 0.5
-    runtime: str = PredictConfig.runtime
-    threads: int | None = PredictConfig.threads
+    host: str = option("127.0.0.1", "address to listen on (keep 127.0.0.1 unless behind a proxy)")
+    port: int = option(7860, "port to listen on")
+    runs: str | None = option(None, "label output (folder or s3://bucket/prefix) preset in the Runs tab",
+                              metavar="OUTPUT_URI")
+    examples: str | None = option(None, "local folder of example photos shown on the page (searched recursively)",
+                                  metavar="DIR")
+    max_examples: int = option(48, "examples shown at most")
+    max_upload: str = option("50mb", "largest file a visitor may upload")
+    min_prob: float = option(0.5, "below this top-1 probability the page says the model is unsure")
+    threads: int | None = option(PredictConfig.threads, "inference threads (default: all cores)", type=int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = UIConfig()
     parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle path or URI")
-    parser.add_argument("--host", default=d.host, help="address to listen on (keep 127.0.0.1 unless behind a proxy)")
-    parser.add_argument("--port", type=int, default=d.port, help="port to listen on")
-    parser.add_argument("--runs", default=d.runs, metavar="OUTPUT_URI",
-                        help="label output (folder or s3://bucket/prefix) preset in the Runs tab")
-    parser.add_argument("--examples", default=d.examples, metavar="DIR",
-                        help="local folder of example photos shown on the page (searched recursively)")
-    parser.add_argument("--max-examples", type=int, default=d.max_examples, help="examples shown at most")
-    parser.add_argument("--max-upload", default=d.max_upload, help="largest file a visitor may upload")
-    parser.add_argument("--min-prob", type=float, default=d.min_prob,
-                        help="below this top-1 probability the page says the model is unsure")
-    add_runtime_argument(parser, d.runtime)
-    parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
+    options.add_options(parser, UIConfig)
+    add_runtime_argument(parser, PredictConfig.runtime)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,8 +127,7 @@ def _runs_tab(gr, explorer, runs_uri: str, min_prob: float) -> None:
                                fit_columns=False, elem_id="error-gallery")
     error_rows = gr.Dataframe(headers=ERROR_HEADERS, label="Error rows", interactive=False, wrap=True)
 
-    outputs = [status, manifests, run_id, breed, histogram, unsure_gallery, unsure_rows,
-               error_gallery, error_rows]
+    outputs = [status, manifests, run_id, breed, histogram, unsure_gallery, unsure_rows, error_gallery, error_rows]
 
     def show(uri_value, run_value, breed_value, threshold_value, reload=False):
         import pandas as pd

@@ -64,8 +64,7 @@ class ClassifyPage:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            return Verdict(None, f"**{name}** could not be read ({exc.strerror or exc}). Upload it again.",
-                           None, False)
+            return Verdict(None, f"**{name}** could not be read ({exc.strerror or exc}). Upload it again.", None, False)
         return self.classify_bytes(data, name, preview=path)
 
     def classify_bytes(self, data: bytes, name: str, preview: str | None = None) -> Verdict:
@@ -92,9 +91,7 @@ def _display(name: str) -> str:
 
 
 def _pair_pct(a: Any, b: Any) -> str | None:
-    if a is None or b is None:
-        return None
-    return f"{float(a):.1%} / {float(b):.1%}"
+    return None if a is None or b is None else f"{float(a):.1%} / {float(b):.1%}"
 
 
 def find_examples(folder: str | None, limit: int) -> list[str]:
@@ -183,7 +180,6 @@ class ExplorerPage:
             error_gallery=_tiles(errors[: self.thumbs], [r[schema.ERROR] for r in errors[: self.thumbs]]),
             error_rows=[[explore.where(r), r[schema.ERROR], r[schema.RUN_ID]] for r in errors],
         )
-
 
 
 def _tiles(rows: list[dict], captions: list[str]) -> list[tuple[np.ndarray, str]]:
