@@ -255,7 +255,10 @@ def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = 
     if HEAD_LAYER in {layer.name for layer in model.layers}:  # create_model's structure: features of their own
         views = _view_features(model, inp, flip, resized)
         heads: dict = {}  # one per network; a twin's own head layer has the same name as the model's
-        probs = [heads.setdefault(id(net), _named_head(net))(features) for net, features in views]
+        for net, _ in views:
+            if id(net) not in heads:
+                heads[id(net)] = _named_head(net)
+        probs = [heads[id(net)](features) for net, features in views]
         features = _average([features for _, features in views], "features_mean")
     elif dog_score is None:  # any other classifier: averaged as a whole
         probs = [net(x) for net, x in _views(model, inp, flip, resized)]
@@ -282,11 +285,13 @@ def view_features(model, *, flip: bool = False, resized: Sequence[tuple[int, Any
 
 def _views(model, inp, flip: bool, resized: Sequence[tuple[int, Any]]):
     """[(network, its input)]: the image, each resized copy through its twin, and their mirrors."""
+    import tf_keras as keras
+
     from core.preprocess import FlipLeftRight
 
     views = [(model, inp)] + ([(model, FlipLeftRight(name="flip_tta_0")(inp))] if flip else [])
     for i, (size, twin) in enumerate(resized, start=1):
-        x = _resizing(size)(inp)
+        x = keras.layers.Resizing(size, size, name=f"tta_resize_{size}")(inp)
         views.append((twin, x))
         if flip:
             views.append((twin, FlipLeftRight(name=f"flip_tta_{i}")(x)))
@@ -311,12 +316,6 @@ def _named_head(model):
     head = head_of(model)
     inp = keras.Input(head.input_shape[1:], dtype="float32")
     return keras.Model(inp, head(inp), name=f"{model.name}_head")
-
-
-def _resizing(size: int):
-    import tf_keras as keras
-
-    return keras.layers.Resizing(size, size, name=f"tta_resize_{size}")
 
 
 def _average(tensors: list, name: str):
