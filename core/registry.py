@@ -260,11 +260,10 @@ def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = 
                 heads[id(net)] = _named_head(net)
         probs = [heads[id(net)](features) for net, features in views]
         features = _average([features for _, features in views], "features_mean")
-    elif dog_score is None:  # any other classifier: averaged as a whole
+    else:  # any other classifier: averaged as a whole
+        if dog_score is not None:
+            require_head(model, "with_tta: a dog score")
         probs = [net(x) for net, x in _views(model, inp, flip, resized)]
-    else:
-        raise ConfigError(f"with_tta: a dog score needs the {BACKBONE_LAYER!r}/{HEAD_LAYER!r} structure of "
-                          f"create_model; {model.name} has neither")
     out = _average(probs, "tta_mean")
     if temperature is not None:
         out = temperature(out)
@@ -340,3 +339,11 @@ def backbone_of(model):
 
 def head_of(model):
     return model.get_layer(HEAD_LAYER)
+
+
+def require_head(model, what: str) -> None:
+    """Raise a ConfigError naming `what` needs create_model's backbone/head structure (it reads
+    the pooled features between them) where `model` lacks it."""
+    if HEAD_LAYER not in {layer.name for layer in model.layers}:
+        raise ConfigError(f"{what} needs the {BACKBONE_LAYER!r}/{HEAD_LAYER!r} structure of create_model; "
+                          f"{model.name} has neither")

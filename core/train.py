@@ -41,7 +41,6 @@ from core.train_model import (
     compile_for_phase,
     input_size_of,
     phase_callbacks,
-    predict_with_progress,
     run_phase,
     setup_precision,
 )
@@ -150,8 +149,7 @@ def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> T
         extractor = registry.feature_extractor(model)
         train_x, _ = cache_features(cfg, extractor, train_set, 0, desc="dog score: features of the training photos",
                                     dtype=np.float32)  # float32: features of an untrained CNN overflow float16
-        val_x = predict_with_progress(chosen.features_graph(), val_ds.map(lambda x, y: x), len(val_set.labels),
-                                      "dog score: features of the validation photos (as the graph averages them)")
+        val_x = chosen.val_features  # averaged over the exported views, as the graph computes them
         if cfg.not_dogs:
             others = not_dog_folder(cfg.not_dogs)
             other_x, _ = cache_features(cfg, extractor, others, 0, desc="dog score: features of --not-dogs",

@@ -32,37 +32,42 @@ def _resized_batch(size: int):
 
 @dataclass
 class Chosen:
-    """The test-time average that measured best, and its validation probabilities."""
+    """The test-time average that measured best, its validation probabilities and, when asked
+    for, the validation photos' pooled features averaged over the same views (what the graph's
+    dog score reads: registry.view_features)."""
 
     model: Any
     flip: bool
     resized: list
     val_probs: np.ndarray
+    val_features: np.ndarray | None = None
 
     def graph(self, **outputs):
         """The export graph (registry.with_tta), with `outputs` (temperature, dog_score) added."""
         return registry.with_tta(self.model, flip=self.flip, resized=self.resized, **outputs)
 
-    def features_graph(self):
-        """Image -> pooled features averaged over the same views: what the graph's dog score reads."""
-        return registry.view_features(self.model, flip=self.flip, resized=self.resized)
-
 
 def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Chosen, dict, dict]:
     """Metrics of the trained model and of each test-time average the config allows (its mirror
     with tta_flip, its twins at tta_sizes, both); the one that measures best is exported, on a
-    tie the first of: none, mirror, sizes, both. Returns (the choice, metrics, extras with every
-    candidate's figures)."""
+    tie the first of: none, mirror, sizes, both. With cfg.dog_score the head runs on each view's
+    pooled features, which are kept, so the score's threshold needs no second pass over the
+    photos. Returns (the choice, metrics, extras with every candidate's figures)."""
     labels, n = np.asarray(val.labels), len(val.classes)
     twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
     probs: dict[tuple[int | None, bool], np.ndarray] = {}
+    features: dict[tuple[int | None, bool], np.ndarray] = {}
     passes = (1 + len(twins)) * (2 if cfg.tta_flip else 1)
     with console.Progress(len(labels) * passes, f"validation metrics ({passes} view(s) of each photo)") as progress:
         for size, net in [(None, model), *twins.items()]:
             ds = val_ds if size is None else val_ds.map(_resized_batch(size))
-            probs[(size, False)] = predict_probs(net, ds, progress)
-            if cfg.tta_flip:
-                probs[(size, True)] = predict_probs(net, ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)), progress)
+            mirrors = [False, True] if cfg.tta_flip else [False]
+            for mirror in mirrors:
+                view = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)) if mirror else ds
+                if cfg.dog_score:
+                    features[(size, mirror)], probs[(size, mirror)] = _features_and_probs(net, view, progress)
+                else:
+                    probs[(size, mirror)] = predict_probs(net, view, progress)
     sizes = tuple(twins)
     candidates = [("no_tta", False, ())] + ([("flip_tta", True, ())] if cfg.tta_flip else [])
     if sizes:
@@ -77,7 +82,17 @@ def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Chosen, dict, d
         m = metrics_from_probs(averaged, labels, val.classes)
         extras.update({f"top1_{name}": m["top1"], f"top3_{name}": m["top3"]})
         if best is None or m["top1"] > best[0]["top1"]:
-            best = (m, flip, with_sizes, averaged)
-    metrics, flip, with_sizes, averaged = best
+            best = (m, flip, with_sizes, averaged, views)
+    metrics, flip, with_sizes, averaged, views = best
     extras.update(flip_tta=flip, tta_sizes=list(with_sizes))
-    return Chosen(model, flip, [(s, twins[s]) for s in with_sizes], averaged), metrics, extras
+    val_features = np.mean([features[v] for v in views], axis=0) if features else None
+    return Chosen(model, flip, [(s, twins[s]) for s in with_sizes], averaged, val_features), metrics, extras
+
+
+def _features_and_probs(net, ds, progress) -> tuple[np.ndarray, np.ndarray]:
+    """One view's pooled features and its probabilities, the head run on those features: the
+    same numbers as net(x), from one backbone pass."""
+    registry.require_head(net, "a dog score")
+    features = predict_with_progress(registry.feature_extractor(net), ds.map(lambda x, y: x), 0, "", progress)
+    features = features.astype(np.float32)
+    return features, registry.head_of(net).predict(features, batch_size=1024, verbose=0)

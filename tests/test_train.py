@@ -179,6 +179,24 @@ def test_size_views_are_the_views_resized_through_a_twin(dataset):
     assert not np.allclose(xs[1], xs[2 * n + 1], atol=1e-3)
 
 
+def test_final_metrics_keeps_the_features_the_dog_score_reads(dataset):
+    """One backbone pass per view gives both the probabilities and the pooled features the dog
+    score's threshold is fitted on: they equal the exported graph's and registry.view_features'."""
+    cfg = smoke().replace(input_size=48, tta_sizes=(32,), tta_flip=True)
+    train, val = train_data.split_data(cfg, str(dataset))
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=48)
+    _, val_ds = train_data.build_datasets(cfg, train, val)
+    x = np.concatenate([batch for batch, _ in val_ds.as_numpy_iterator()])
+    chosen, _, _ = tta_select.final_metrics(model, cfg, val, val_ds)
+    want = registry.view_features(model, flip=chosen.flip, resized=chosen.resized).predict(x, verbose=0)
+    assert chosen.val_features.shape == (len(val), want.shape[1])
+    np.testing.assert_allclose(chosen.val_features, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(chosen.val_probs, chosen.graph().predict(x, verbose=0), atol=1e-5)
+    without, _, _ = tta_select.final_metrics(model, cfg.replace(dog_score=False), val, val_ds)
+    assert without.val_features is None
+    np.testing.assert_allclose(without.val_probs, chosen.val_probs, atol=1e-5)
+
+
 def test_final_metrics_weighs_every_tta_candidate_and_exports_the_best(dataset):
     cfg = smoke().replace(input_size=48, tta_sizes=(32,), tta_flip=True, finetune_layers=0, head_epochs=2)
     result = core_train.train(cfg, str(dataset))
