@@ -127,10 +127,11 @@ def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str,
 
 
 def summary_text(manifest: dict, min_prob: float, breeds: int = 5) -> str:
-    """The closing lines an operator reads (`breeds` most frequent breeds; the manifest has all)."""
+    """The closing lines an operator reads (`breeds` most frequent breeds; the manifest has all).
+    "Already done" counts inputs, as the manifest's `skipped` does: an archive skipped whole is one."""
     m = manifest
     head = (f"run {m[output.M_RUN_ID]}: {m[output.M_IMAGES]} images "
-            f"({m[output.M_LABELLED]} labelled, {m[output.M_ERRORS]} errors, {m[output.M_SKIPPED]} already done"
+            f"({m[output.M_LABELLED]} labelled, {m[output.M_ERRORS]} errors, {m[output.M_SKIPPED]} inputs already done"
             + (f", {m[output.M_RESUMED]} from the interrupted attempt" if m.get(output.M_RESUMED) else "") + ")")
     if not m[output.M_IMAGES] and not m.get(output.M_RESUMED):
         return f"{head}: nothing new to label; {m[output.M_WALL_S]:.1f} s"
