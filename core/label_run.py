@@ -122,13 +122,13 @@ class LabelRun:
             if not self.out.exists(path):
                 continue
             table = pq.read_table(path, filesystem=self.out.fs)
-            self.stats.add(table)
+            self.stats.add(table, resumed=True)
             self.keys.add_rows(table)
             self.resumed_rows += table.num_rows
             self.staged.append(path)
         if self.resumed_rows:
-            log.info("resuming run %s: %d images already labelled by attempt %d", self.run_id, self.resumed_rows,
-                     self.attempt - 1)
+            log.info("resuming run %s (attempt %d): %d images already labelled by the interrupted attempt(s)",
+                     self.run_id, self.attempt + 1, self.resumed_rows)
 
     # -- listing
     def keep(self, items: Sequence[InputItem]) -> np.ndarray:

@@ -39,11 +39,13 @@ class RunStats:
     first_rows: int = 0                 # ... and how many
     busy_s: float = 0.0                 # seconds the actors spent on the chunks (read, decode, infer)
 
-    def add(self, rows: pa.Table, skipped: int = 0) -> None:
+    def add(self, rows: pa.Table, skipped: int = 0, *, resumed: bool = False) -> None:
+        """Count `rows`; `resumed`: rows an interrupted attempt staged, read back at the start of
+        this one: counted, but not timed (the start-up and the rate are this attempt's)."""
         self.skipped += skipped
         if rows.num_rows == 0:
             return
-        if self.first_row_at is None:
+        if self.first_row_at is None and not resumed:
             self.first_row_at, self.first_rows = time.monotonic(), rows.num_rows
         self.images += rows.num_rows
         errors = rows.column(schema.ERROR)

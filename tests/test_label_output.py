@@ -137,6 +137,19 @@ def test_img_per_s_of_a_short_run_is_the_actors_rate_not_the_arrival_gap():
     assert stats.img_per_s(120) == pytest.approx(60.0)
 
 
+def test_rows_of_an_interrupted_attempt_are_counted_but_not_timed():
+    """A resumed run once said 'first rows after 0.2 s' and a rate that subtracted the resumed rows
+    from the fresh ones: the rows read back from staging are not this attempt's first rows."""
+    stats = RunStats()
+    stats.add(rows(3584, prefix="old"), resumed=True)
+    assert stats.images == 3584 and stats.first_row_at is None
+    stats.add(rows(64))
+    assert stats.first_rows == 64 and stats.first_row_at is not None and stats.images == 3648
+    stats.add(rows(56, prefix="b"))
+    stats.busy_s = 2.0
+    assert stats.img_per_s(120) == pytest.approx(60.0)
+
+
 def test_manifest_exit_codes():
     stats = RunStats(min_prob=0.75)
     stats.add(rows(10, errors_every=5))  # 2 errors of 10
