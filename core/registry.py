@@ -251,8 +251,10 @@ def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = 
 
     if not flip and not resized and temperature is None and dog_score is None:
         return model
+    if dog_score is not None:
+        require_head(model, "with_tta: a dog score")
     inp = keras.Input(model.input_shape[1:], dtype="float32", name=INPUT_NAME)
-    if HEAD_LAYER in {layer.name for layer in model.layers}:  # create_model's structure: features of their own
+    if has_head(model):  # create_model's structure: features of their own
         views = _view_features(model, inp, flip, resized)
         heads: dict = {}  # one per network; a twin's own head layer has the same name as the model's
         for net, _ in views:
@@ -261,8 +263,6 @@ def with_tta(model, *, flip: bool = False, resized: Sequence[tuple[int, Any]] = 
         probs = [heads[id(net)](features) for net, features in views]
         features = _average([features for _, features in views], "features_mean")
     else:  # any other classifier: averaged as a whole
-        if dog_score is not None:
-            require_head(model, "with_tta: a dog score")
         probs = [net(x) for net, x in _views(model, inp, flip, resized)]
     out = _average(probs, "tta_mean")
     if temperature is not None:
@@ -341,9 +341,14 @@ def head_of(model):
     return model.get_layer(HEAD_LAYER)
 
 
+def has_head(model) -> bool:
+    """Whether `model` has create_model's backbone/head structure (pooled features between them)."""
+    return HEAD_LAYER in {layer.name for layer in model.layers}
+
+
 def require_head(model, what: str) -> None:
     """Raise a ConfigError naming `what` needs create_model's backbone/head structure (it reads
     the pooled features between them) where `model` lacks it."""
-    if HEAD_LAYER not in {layer.name for layer in model.layers}:
+    if not has_head(model):
         raise ConfigError(f"{what} needs the {BACKBONE_LAYER!r}/{HEAD_LAYER!r} structure of create_model; "
                           f"{model.name} has neither")

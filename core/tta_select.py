@@ -57,11 +57,13 @@ def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Chosen, dict, d
     twins = {size: model_at_size(model, cfg, n, size) for size in tta_sizes_of(cfg)}
     probs: dict[tuple[int | None, bool], np.ndarray] = {}
     features: dict[tuple[int | None, bool], np.ndarray] = {}
-    passes = (1 + len(twins)) * (2 if cfg.tta_flip else 1)
+    if cfg.dog_score:
+        registry.require_head(model, "a dog score")
+    mirrors = [False, True] if cfg.tta_flip else [False]
+    passes = (1 + len(twins)) * len(mirrors)
     with console.Progress(len(labels) * passes, f"validation metrics ({passes} view(s) of each photo)") as progress:
         for size, net in [(None, model), *twins.items()]:
             ds = val_ds if size is None else val_ds.map(_resized_batch(size))
-            mirrors = [False, True] if cfg.tta_flip else [False]
             for mirror in mirrors:
                 view = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y)) if mirror else ds
                 if cfg.dog_score:
@@ -92,7 +94,6 @@ def final_metrics(model, cfg: TrainConfig, val, val_ds) -> tuple[Chosen, dict, d
 def _features_and_probs(net, ds, progress) -> tuple[np.ndarray, np.ndarray]:
     """One view's pooled features and its probabilities, the head run on those features: the
     same numbers as net(x), from one backbone pass."""
-    registry.require_head(net, "a dog score")
     features = predict_with_progress(registry.feature_extractor(net), ds.map(lambda x, y: x), 0, "", progress)
     features = features.astype(np.float32)
     return features, registry.head_of(net).predict(features, batch_size=1024, verbose=0)
