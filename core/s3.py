@@ -130,7 +130,7 @@ def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[No
         if code in _DENIED_CODES and action == "read":
             raise ObjectForbiddenError(uri, code) from None
         if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket {urlparse(uri).netloc!r} does not exist at {endpoint}; "
+            raise StorageError(f"{uri}: bucket {uri[len('s3://'):].partition('/')[0]!r} does not exist at {endpoint}; "
                                "check the bucket name, AWS_ENDPOINT_URL and region") from None
         if code in _DENIED_CODES:
             raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "

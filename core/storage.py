@@ -93,11 +93,11 @@ def parse_uri(uri: str) -> ParsedURI:
     """Split a URI into scheme, bucket and path; other schemes are a StorageError."""
     if not uri:
         raise StorageError("empty URI; give a local path, file://PATH or s3://BUCKET/KEY")
-    if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+    if uri.startswith("s3://"):  # not urlparse: '?' and '#' are legal in a key, not a query or fragment
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
             raise StorageError(f"{uri}: no bucket name; write s3://BUCKET/KEY")
-        return ParsedURI("s3", parsed.netloc, parsed.path.lstrip("/"))
+        return ParsedURI("s3", bucket, key.lstrip("/"))
     if uri.startswith("file://"):  # %XX escapes are bytes: a path that is not UTF-8 survives (local_uri)
         return ParsedURI("file", "", os.fsdecode(unquote_to_bytes(urlparse(uri).path)))
     if _SCHEME.match(uri):

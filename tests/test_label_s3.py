@@ -56,3 +56,21 @@ def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
     # version, so it was read ("not found" again) and skipped by content
     assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 8
     assert output.Output(out).read_finished().num_rows == 9
+
+
+@pytest.mark.slow
+def test_keys_with_hash_and_question_mark_are_the_objects_listed(ray_local, moto_s3, tiny_bundle):
+    """'#' and '?' are plain characters of an S3 key, not a fragment or a query: each row reads its own
+    object (not the key cut at '#'), and an output prefix holding them is written where it says."""
+    src, dst = moto_s3.make_bucket("odd-in"), moto_s3.make_bucket("odd-out")
+    client = moto_s3.client()
+    bodies = {"odd/dog": jpeg_bytes(50, 40), "odd/dog#cat.jpg": jpeg_bytes(30, 30), "odd/q?x=1.jpg": png_bytes(20, 20)}
+    for key, body in bodies.items():
+        client.put_object(Bucket="odd-in", Key=key, Body=body)
+    out = f"{dst}/runs?x=1#y"
+    label(LabelConfig(inputs=(f"{src}/odd/",), model=str(tiny_bundle), out=out, **SMALL))
+    rows = {row["uri"]: row for row in output.Output(out).read_finished().to_pylist()}
+    assert set(rows) == {f"{src}/odd/dog#cat.jpg", f"{src}/odd/q?x=1.jpg"}  # odd/dog: no image extension
+    for uri, row in rows.items():
+        assert row["error"] is None and row["bytes"] == len(bodies[uri[len(src) + 1:]])
+    assert client.list_objects_v2(Bucket="odd-out", Prefix="runs?x=1#y/run_id=")["KeyCount"] > 0
