@@ -34,7 +34,7 @@ from core.label_config import LabelConfig
 from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
 from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
-from core.lease import Lease
+from core.lease import Lease, LeaseLostError
 from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key
 from core.sources import InputItem
 
@@ -155,6 +155,7 @@ class LabelRun:
         meta = rows.schema.metadata or {}
         skip = rows.column(SKIPPED)
         fresh = rows.filter(pc.invert(skip)).drop_columns([SKIPPED])
+        self._check_lease()
         self.writer.add(fresh)
         self.stats.add(fresh, rows.num_rows - fresh.num_rows)
         self.keys.add_rows(fresh)
@@ -172,12 +173,24 @@ class LabelRun:
         return fresh
 
     def stage(self) -> None:
-        """Stage every row received so far (on a stop or a failure: the next run resumes them)."""
+        """Stage every row received so far (on a stop or a failure: the next run resumes them),
+        unless the lease was lost: the run that took it over labels these inputs itself."""
+        if self.lease is not None and self.lease.lost:
+            log.warning("run %s: %d received rows not staged: the lease was taken over", self.run_id,
+                        self.writer.buffered)
+            return
         self.writer.flush()
+
+    def _check_lease(self) -> None:
+        """A stalled run whose lease expired and was taken over must not stage another part."""
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLostError(f"{self.lease.uri}: the lease of run {self.run_id} was taken over by another "
+                                 "run after it expired; that run labels the rest, this one stops without staging")
 
     # -- commit
     def commit(self, plan: PipelinePlan | None) -> dict:
         """Stage the rest, check the lease is still ours, publish; returns the run manifest."""
+        self._check_lease()
         self.writer.flush()
         if self.lease is not None:
             self.lease.renew(self.cfg.lease_ttl_s)  # LeaseLostError: someone else may write; publish nothing
@@ -191,7 +204,7 @@ class LabelRun:
         manifest[output.M_RUNTIMES] = dict(self.runtimes)
         # staged rows of an earlier attempt are listed and skipped again: not "already labelled" by another run
         manifest[output.M_SKIPPED] = max(0, self.stats.skipped - self.resumed_rows)
-        return self.out.commit(self.run_id, manifest, self.keys.skipset())
+        return self.out.commit(self.run_id, manifest, self.keys.skipset(), parts=[*self.staged, *self.writer.files])
 
     def abandon(self) -> None:
         """A new run that failed before staging anything leaves no trace (no `_run.json` debris)."""

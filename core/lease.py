@@ -283,6 +283,7 @@ class Lease:
     def __init__(self, uri: str, info: LeaseInfo, token: str, backend, clock: Clock):
         self.uri, self.info, self._token, self._backend, self._clock = uri, info, token, backend, clock
         self._lock = threading.Lock()  # the renewal thread and the run both renew
+        self.lost = False  # set when a renewal found the lease taken over: stop writing at once
 
     def renew(self, ttl_s: float, run_id: str | None = None) -> None:
         """Push the expiry out (and record the run id, once a resumed run's id is known)."""
@@ -290,6 +291,7 @@ class Lease:
             info = replace(self.info, run_id=run_id or self.info.run_id, expires_at=self._clock() + ttl_s)
             token = self._backend.replace(info.to_bytes(), self._token)
             if token is None:
+                self.lost = True
                 raise LeaseLostError(f"{self.uri}: lease of run {self.info.run_id} was taken over by "
                                      "another run after it expired; this run must stop writing")
             self.info, self._token = info, token

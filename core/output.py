@@ -208,15 +208,32 @@ class Output:
 
     # -- commit
     @_io_errors
-    def commit(self, run_id: str, manifest: dict, keys: SkipSet | None = None) -> dict:
+    def commit(self, run_id: str, manifest: dict, keys: SkipSet | None = None,
+               parts: Sequence[str] | None = None) -> dict:
         """Record the decision (the staged manifest), then publish; returns the manifest written.
+
+        `parts` are the staged parts this run counted (read back from earlier attempts, and its
+        own); any other part in its staging was written by an attempt that lost the lease while
+        stalled, after this one took over and read back: its rows are this run's too, so it is
+        deleted, not published. Without `parts`, every staged part is published.
 
         A run that wrote no row and learned no key publishes nothing but `_last_run.json`: an
         hourly no-op run over an unchanged bucket leaves no folder behind. (A run that only read
         objects whose new version holds labelled content publishes their keys, so the next run
         does not read them again.)
         """
-        parts = self.staged_parts(run_id)
+        staged = self.staged_parts(run_id)
+        if parts is not None:  # by name: a listing and a writer may spell the folder differently
+            ours = {posixpath.basename(p) for p in parts}
+            strays = [p for p in staged if posixpath.basename(p) not in ours]
+            if strays:
+                log.warning("%s: run %s: discarding %d staged part(s) written after another attempt took the "
+                            "run over (%s); their inputs are in this run's own rows", self.uri, run_id,
+                            len(strays), ", ".join(posixpath.basename(p) for p in strays))
+                for path in strays:
+                    self.fs.delete_file(path)
+            staged = [p for p in staged if posixpath.basename(p) in ours]
+        parts = staged
         manifest = {**manifest, M_FILES: [posixpath.join(run_dir(run_id), posixpath.basename(p)) for p in parts]}
         if not parts and (keys is None or not len(keys.listing)):
             self.write_json(self.path(LAST_RUN_FILE), manifest)
@@ -378,6 +395,11 @@ class PartWriter:
             self.flush(final=False)
         elif self._buffered and self.clock() - self._last >= self.every_s:
             self.flush()
+
+    @property
+    def buffered(self) -> int:
+        """Rows received and not yet staged."""
+        return self._buffered
 
     def flush(self, final: bool = True) -> None:
         """Write full parts of `rows_per_file` rows; with `final`, the remainder too."""

@@ -207,3 +207,39 @@ def test_part_writer_stages_by_rows_and_by_time(tmp_path):
     assert writer.rows == 5 and len(writer.files) == 1  # 30 s passed: what arrived is staged
     writer.add(rows(250, prefix="c"))
     assert writer.rows == 205 and len(writer.files) == 3  # two full parts; 50 rows wait
+
+
+def test_an_attempt_that_stalled_past_its_lease_adds_no_row(tmp_path):
+    """Attempt A stalls past its lease; B takes the lease over and resumes A's staged rows; A wakes
+    and stages one more part before it learns it lost the lease. B publishes only the parts it
+    counted (A's late rows are B's to label), and A stages nothing once it knows."""
+    from core import lease as leases
+    from core.label_config import LabelConfig
+    from core.label_run import LabelRun
+    from core.labelling import SKIPPED
+
+    def pipeline_rows(n: int, prefix: str) -> pa.Table:
+        table = rows(n, prefix=prefix)
+        return table.append_column(SKIPPED, pa.array([False] * n))
+
+    out = output.Output(str(tmp_path))
+    cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path), rows_per_file=4)
+    t0 = 1_000_000.0
+    a = LabelRun.start(out, cfg, "M", leases.acquire(out.uri, "a", ttl_s=10, clock=lambda: t0))
+    a.add(pipeline_rows(4, "early"))  # staged: part-00-000000
+    b = LabelRun.start(out, cfg, "M", leases.acquire(out.uri, "b", ttl_s=10, clock=lambda: t0 + 3600))
+    assert b.run_id == a.run_id and b.resumed_rows == 4
+    a.add(pipeline_rows(4, "late"))  # A has not renewed since: it stages part-00-000001
+    assert len(out.staged_parts(a.run_id)) == 2
+    b.add(pipeline_rows(4, "late"))  # B labels the same inputs itself
+    manifest = b.commit(None)
+    table = out.read_finished()
+    assert table.num_rows == 8 and len(set(table.column("uri").to_pylist())) == 8
+    assert manifest[output.M_IMAGES] == 8 and len(manifest[output.M_FILES]) == 2
+    with pytest.raises(leases.LeaseLostError):
+        a.commit(None)
+    assert a.lease.lost
+    with pytest.raises(leases.LeaseLostError):
+        a.add(pipeline_rows(4, "later"))
+    a.stage()
+    assert out.staged_runs() == [] and out.read_finished().num_rows == 8
