@@ -27,3 +27,13 @@ REASON_CORRUPT = "corrupt image"
 REASON_TOO_MANY_PIXELS = "too many pixels"
 # anything else: a bug costs one row, not the run
 REASON_INTERNAL = "internal error"
+
+# Read failures the next run tries again: the bytes were never seen, and what stopped the read
+# (a permission, an object re-created, a flaky disk) is fixed outside the bucket's listing. A
+# failure of the bytes themselves (not an image, a corrupt archive) repeats, so it is not retried.
+RETRIED_REASONS = frozenset({REASON_NOT_FOUND, REASON_FORBIDDEN, REASON_UNREADABLE})
+
+
+def is_retried(error: str | None) -> bool:
+    """Whether a row with this `error` is read again by the next run over the same inputs."""
+    return error is not None and error.split(":", 1)[0].strip() in RETRIED_REASONS

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from core import schema
+from core.reasons import is_retried
 from core.sources import is_archive_uri
 
 _ARCHIVE = "\0archive"   # the member field of an archive's own key
@@ -96,16 +97,20 @@ class KeyLog:
     def add_rows(self, rows: pa.Table, *, content: bool = True, archives: bool = True) -> None:
         """Keys of label rows (FILE_SCHEMA columns). `content=False`: only their listing keys
         (rows read, found already labelled by content, and dropped: next time, skip them unread).
-        `archives=False` for the rows of an unfinished run, which may hold part of an archive."""
+        `archives=False` for the rows of an unfinished run, which may hold part of an archive.
+        A row whose read failed (reasons.is_retried) keeps its content key, so a run that fails
+        to read it again adds no second row, but not its listing keys: the next run reads it again."""
         cols = {c: rows.column(c).to_pylist() for c in
-                (schema.URI, schema.MEMBER, schema.CONTENT_SHA256, schema.MODEL_ID, schema.VERSION)
+                (schema.URI, schema.MEMBER, schema.CONTENT_SHA256, schema.MODEL_ID, schema.VERSION, schema.ERROR)
                 if c in rows.column_names}
         versions = cols.get(schema.VERSION) or [None] * rows.num_rows
-        for uri, member, sha, model_id, version in zip(cols[schema.URI], cols[schema.MEMBER],
-                                                       cols[schema.CONTENT_SHA256], cols[schema.MODEL_ID], versions):
+        errors = cols.get(schema.ERROR) or [None] * rows.num_rows
+        for uri, member, sha, model_id, version, error in zip(cols[schema.URI], cols[schema.MEMBER],
+                                                              cols[schema.CONTENT_SHA256], cols[schema.MODEL_ID],
+                                                              versions, errors):
             if content:
                 self.content.append(content_key(uri, member, sha, model_id))
-            if version is not None:
+            if version is not None and not is_retried(error):
                 self.listing.append(listing_key(uri, member, version, model_id))
                 if archives and (member is not None or is_archive_uri(uri)):
                     self.listing.append(archive_key(uri, version, model_id))

@@ -243,3 +243,33 @@ def test_an_attempt_that_stalled_past_its_lease_adds_no_row(tmp_path):
         a.add(pipeline_rows(4, "later"))
     a.stage()
     assert out.staged_runs() == [] and out.read_finished().num_rows == 8
+
+
+def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(tmp_path):
+    """A row whose bytes could not be read (a permission fixed since, an object re-created) is
+    listed and read again by the next run; one whose bytes failed to decode is skipped unread, as
+    a labelled one is. Both keep their content key, so failing again adds no second row."""
+    from core.label_config import LabelConfig
+    from core.label_run import LabelRun
+    from core.labelling import SKIPPED
+    from core.sources import InputItem
+
+    errors = [None, "access denied", "not found", "cannot read", "not an image", "corrupt archive: BadZipFile"]
+    n = len(errors)
+    uris = [f"/data/f{i}.jpg" for i in range(n)]
+    labelled = np.array([e is None for e in errors])
+    table = schema.build_table(
+        uris=uris, members=[None] * n, sizes=[0] * n, sha256s=[f"sha{i}" for i in range(n)], widths=[10] * n,
+        heights=[10] * n, probs=np.tile(np.float32([[0.2, 0.7, 0.1]]), (int(labelled.sum()), 1)),
+        labelled=labelled, errors=errors, class_ids=CLASS_IDS, class_names=CLASS_NAMES, model_id="M", k=2,
+        versions=[f"v{i}" for i in range(n)])
+    out = output.Output(str(tmp_path))
+    cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path))
+    first = LabelRun.start(out, cfg, "M", None)
+    first.add(table.append_column(SKIPPED, pa.array([False] * n)))
+    first.commit(None)
+    again = LabelRun.start(out, cfg, "M", None)
+    listed = [InputItem(uri, version=f"v{i}") for i, uri in enumerate(uris)]
+    assert again.keep(listed).tolist() == [False, True, True, True, False, False]
+    for i in range(n):  # the actors skip a row whose read fails the same way again
+        assert skipset.contains(again.done_keys, skipset.content_key(uris[i], None, f"sha{i}", "M"))
