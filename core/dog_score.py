@@ -15,6 +15,8 @@ estimate over-fits, and a strong shrinkage measured best.
 
 The graph scores the features averaged over the views it already computes for the test-time
 average (the photo, its mirror, its other sizes): no extra backbone pass, and a steadier score.
+Training fits the Gaussians on the training photos at each of those sizes
+(core.train.dog_score_training_features), so they span what the score reads.
 
 The raw score's scale means nothing to a user, so the graph maps it through a logistic curve
 fixed by the validation photos: 0.5 at the card's threshold (by default the score that keeps
@@ -90,9 +92,11 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
 
 
 def fit_dog_score(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray, *,
-                  num_classes: int, shrinkage: float = SHRINKAGE, keep: float = KEEP) -> DogScoreFit:
+                  num_classes: int, shrinkage: float = SHRINKAGE, keep: float = KEEP,
+                  photos: str | None = None) -> DogScoreFit:
     """Class means, the shared covariance and the background Gaussian from the training photos;
-    the threshold and the logistic map from the validation photos (never seen by the fit)."""
+    the threshold and the logistic map from the validation photos (never seen by the fit).
+    `photos` says in the card what the training rows are (default: "N training photos")."""
     labels = np.asarray(train_labels, np.int64)
     if not 0.0 <= shrinkage <= 1.0:
         raise ConfigError(f"dog score shrinkage must be in [0, 1], got {shrinkage}")
@@ -110,8 +114,9 @@ def fit_dog_score(train_features: np.ndarray, train_labels: np.ndarray, val_feat
     fit = DogScoreFit(means.astype(f32), _shrunk_precision(z - means[labels], shrinkage).astype(f32), 0.0, 1.0, {},
                       background_mean=background.astype(f32),
                       background_precision=_shrunk_precision(z - background, shrinkage).astype(f32))
+    photos = photos or f"{len(z)} training photos"
     card = {"method": METHOD, "shrinkage": shrinkage,
-            "fitted_on": f"{len(z)} training photos (class means, shared covariance, background Gaussian)"}
+            "fitted_on": f"{photos} (class means, shared covariance, background Gaussian)"}
     return _with_threshold(fit, val_features, keep, card)
 
 

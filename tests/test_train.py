@@ -197,6 +197,27 @@ def test_final_metrics_keeps_the_features_the_dog_score_reads(dataset):
     np.testing.assert_allclose(without.val_probs, chosen.val_probs, atol=1e-5)
 
 
+def test_dog_score_gaussians_are_fitted_at_every_size_the_graph_scores(dataset):
+    """The training photos' features at the input size, then resized through each exported
+    twin as the graph resizes, with their labels repeated; without sizes, the photos alone."""
+    cfg = smoke().replace(input_size=48, tta_sizes=(32,))
+    train, _ = train_data.split_data(cfg, str(dataset))
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=48)
+    twin = train_model.model_at_size(model, cfg, 3, 32)
+    chosen = tta_select.Chosen(model, False, [(32, twin)], np.zeros((0, 3)))
+    x, y = core_train.dog_score_training_features(cfg, chosen, train)
+    n = len(train.paths)
+    assert x.shape == (2 * n, 256) and x.dtype == np.float32 and list(y) == list(train.labels) * 2
+    photo = train_data.load_image(tf.constant(train.paths[1]), 48).numpy().astype(np.float32)[None]
+    np.testing.assert_allclose(x[1], registry.feature_extractor(model)(photo).numpy()[0], rtol=1e-4, atol=1e-4)
+    at_32 = registry.feature_extractor(twin)(train_data.resize_view(photo, 32)).numpy()[0]
+    np.testing.assert_allclose(x[n + 1], at_32, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(x[1], x[n + 1], atol=1e-3)
+    alone, labels = core_train.dog_score_training_features(cfg, tta_select.Chosen(model, True, [], None), train)
+    np.testing.assert_array_equal(alone, x[:n])
+    assert list(labels) == list(train.labels)
+
+
 def test_final_metrics_weighs_every_tta_candidate_and_exports_the_best(dataset):
     cfg = smoke().replace(input_size=48, tta_sizes=(32,), tta_flip=True, finetune_layers=0, head_epochs=2)
     result = core_train.train(cfg, str(dataset))
