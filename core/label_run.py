@@ -92,7 +92,7 @@ class LabelRun:
 
     @classmethod
     def _begin(cls, out, cfg, model_id, lease) -> "LabelRun":
-        run_id = output.new_run_id()
+        run_id = lease.info.run_id if lease is not None else output.new_run_id()  # the id a waiting run is told
         out.write_json(out.staging(run_id, output.RUN_FILE),
                        {output.M_RUN_ID: run_id, RUN_ATTEMPT: 0, **run_identity(cfg, model_id)})
         return cls(out, cfg, model_id, lease, run_id, 0, [])

@@ -273,3 +273,17 @@ def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(
     assert again.keep(listed).tolist() == [False, True, True, True, False, False]
     for i in range(n):  # the actors skip a row whose read fails the same way again
         assert skipset.contains(again.done_keys, skipset.content_key(uris[i], None, f"sha{i}", "M"))
+
+
+def test_the_lease_names_the_run_it_protects_from_the_start(tmp_path):
+    """A run waiting on the lease is told the run id that will be published, not a provisional one."""
+    from core import lease as leases
+    from core.label_config import LabelConfig
+    from core.label_run import LabelRun
+
+    out = output.Output(str(tmp_path))
+    cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path))
+    held = leases.acquire(out.uri, output.new_run_id(), ttl_s=60)
+    announced = leases.read_lease(out.uri).run_id
+    run = LabelRun.start(out, cfg, "M", held)
+    assert run.run_id == announced == leases.read_lease(out.uri).run_id
