@@ -161,8 +161,10 @@ def skip_mask(uris: Sequence[str], members: Sequence[str | None], shas: Sequence
 
 
 def _row_errors(fetched_errors, decode_reasons, ok, skipped) -> list[str | None]:
-    return [None if (ok[i] or skipped[i]) else (fetched_errors[i] or decode_reasons[i] or REASON_INTERNAL)
-            for i in range(len(ok))]
+    """Each row's reason; a skipped row keeps a read failure's (it failed as in the finished run:
+    the next run must read it again, core.skipset), and has none otherwise (it was not decoded)."""
+    return [None if ok[i] else fetched_errors[i] if skipped[i]
+            else (fetched_errors[i] or decode_reasons[i] or REASON_INTERNAL) for i in range(len(ok))]
 
 
 def _columns(chunk: pa.Table) -> tuple[list, list]:

@@ -76,6 +76,18 @@ def test_done_keys_skip_only_identical_content(tiny_bundle):
     assert again.column(labelling.SKIPPED).to_pylist() == [True, False]
 
 
+def test_a_read_that_fails_again_is_skipped_and_keeps_its_reason(tiny_bundle):
+    """Failing to read an object a finished run also failed to read adds no row (skipped by its
+    content key), and the skipped row says why, so the run keeps retrying it (core.skipset)."""
+    bundle = load_bundle(str(tiny_bundle))
+    gone = batch_of([], missing=1)
+    first = labelling.BatchLabeller(bundle, runtime="openvino", threads=1).label(gone).to_pylist()[0]
+    assert first["error"] == "not found"
+    done = skipset.key_set([skipset.content_key(first["uri"], None, first["content_sha256"], bundle.model_id)])
+    again = labelling.BatchLabeller(bundle, runtime="openvino", threads=1, done_keys=done).label(gone).to_pylist()[0]
+    assert again[labelling.SKIPPED] and again["error"] == "not found"
+
+
 def test_runtimes_agree_on_rows(tiny_bundle):
     """Runtime parity through the label path (tiny model; real weights and photos below)."""
     bundle = load_bundle(str(tiny_bundle))

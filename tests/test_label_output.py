@@ -273,6 +273,11 @@ def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(
     assert again.keep(listed).tolist() == [False, True, True, True, False, False]
     for i in range(n):  # the actors skip a row whose read fails the same way again
         assert skipset.contains(again.done_keys, skipset.content_key(uris[i], None, f"sha{i}", "M"))
+    again.add(table.append_column(SKIPPED, pa.array([True] * n)))  # all read again; the failures failed again
+    again.commit(None)
+    third = LabelRun.start(out, cfg, "M", None)
+    assert third.keep(listed).tolist() == [False, True, True, True, False, False]  # still retried
+    assert out.read_finished().num_rows == n
 
 
 def test_the_lease_names_the_run_it_protects_from_the_start(tmp_path):
