@@ -35,6 +35,7 @@ from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
 from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
 from core.lease import Lease, LeaseLostError
+from core.reasons import is_retried
 from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key
 from core.sources import InputItem
 
@@ -157,10 +158,14 @@ class LabelRun:
         fresh = rows.filter(pc.invert(skip)).drop_columns([SKIPPED])
         self._check_lease()
         self.writer.add(fresh)
-        self.stats.add(fresh, rows.num_rows - fresh.num_rows)
+        skipped = rows.filter(skip)
+        failed = skipped.filter(pc.is_valid(skipped.column(schema.ERROR))).column(schema.ERROR).to_pylist()
+        retried = [error.split(":", 1)[0] for error in failed if is_retried(error)]
+        self.stats.still_unreadable.update(retried)
+        self.stats.add(fresh, skipped.num_rows - len(retried))
         self.keys.add_rows(fresh)
-        if fresh.num_rows < rows.num_rows:  # read again (changed version, same content): next time skip unread
-            self.keys.add_rows(rows.filter(skip), content=False)
+        if skipped.num_rows:  # read again (changed version, same content): next time skip unread
+            self.keys.add_rows(skipped, content=False)
         self.seen += rows.num_rows
         self.stats.busy_s += float(meta.get(SECONDS_META, b"0"))
         labelled = int(pc.sum(pc.is_null(fresh.column(schema.ERROR))).as_py() or 0)

@@ -28,6 +28,7 @@ class RunStats:
     images: int = 0
     labelled: int = 0
     skipped: int = 0
+    still_unreadable: collections.Counter = field(default_factory=collections.Counter)  # reason -> inputs
     low_confidence: int = 0
     not_dogs: int = 0
     dog_scored: bool = False  # some row had a dog score (the bundle has one)
@@ -114,6 +115,7 @@ def build_manifest(stats: RunStats, *, run_id: str, model_id: str, runtime: str,
         output.M_LABELLED: stats.labelled, output.M_ERRORS: stats.errors,
         output.M_ERRORS_BY_KIND: dict(stats.errors_by_kind.most_common()),
         output.M_SKIPPED: stats.skipped, output.M_RESUMED: resumed_rows,
+        output.M_STILL_UNREADABLE: dict(stats.still_unreadable.most_common()),
         output.M_LOW_CONFIDENCE: stats.low_confidence,
         output.M_NOT_DOGS: stats.not_dogs if stats.dog_scored else None,
         output.M_BREEDS: dict(stats.breeds.most_common()),
@@ -135,14 +137,19 @@ def summary_text(manifest: dict, min_prob: float, breeds: int = 5) -> str:
     head = (f"run {m[output.M_RUN_ID]}: {m[output.M_IMAGES]} images "
             f"({m[output.M_LABELLED]} labelled, {m[output.M_ERRORS]} errors, {m[output.M_SKIPPED]} inputs already done"
             + (f", {m[output.M_RESUMED]} from the interrupted attempt" if m.get(output.M_RESUMED) else "") + ")")
+    unreadable = m.get(output.M_STILL_UNREADABLE) or {}
+    retry = ("  still unreadable, as in an earlier run (no second row; fix it and rerun): "
+             + ", ".join(f"{k}: {v}" for k, v in unreadable.items())) if unreadable else None
     if not m[output.M_IMAGES] and not m.get(output.M_RESUMED):
-        return f"{head}: nothing new to label; {m[output.M_WALL_S]:.1f} s"
+        return f"{head}: nothing new to label; {m[output.M_WALL_S]:.1f} s" + (f"\n{retry}" if retry else "")
     lines = [head, f"  {m[output.M_IMG_PER_S]:.1f} img/s, wall {m[output.M_WALL_S]:.1f} s"
              + (f" (first rows after {m[output.M_STARTUP_S]:.1f} s)" if m.get(output.M_STARTUP_S) is not None else "")
              + f", runtime {m[output.M_RUNTIME]}, model {m[output.M_MODEL_ID][:12]}"]
     if m[output.M_ERRORS_BY_KIND]:
         kinds = ", ".join(f"{k}: {v}" for k, v in m[output.M_ERRORS_BY_KIND].items())
         lines.append(f"  errors by kind: {kinds} (error rate {m[output.M_ERROR_RATE]:.2%})")
+    if retry:
+        lines.append(retry)
     shown = list(m.get(output.M_BREEDS, {}).items())[:breeds]
     if shown:
         more = len(m[output.M_BREEDS]) - len(shown)

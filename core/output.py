@@ -68,6 +68,7 @@ M_ERRORS = "errors"
 M_ERRORS_BY_KIND = "errors_by_kind"
 M_SKIPPED = "skipped"          # already labelled in a finished run (--incremental)
 M_RESUMED = "resumed_rows"     # rows staged by an earlier, crashed attempt of this run
+M_STILL_UNREADABLE = "still_unreadable"  # {reason: n}: read again, failed as in an earlier run (no second row)
 M_LOW_CONFIDENCE = "low_confidence"
 M_NOT_DOGS = "not_dogs"  # rows with is_dog false; null for a bundle without a dog score
 M_BREEDS = "breeds"           # labelled images per top-1 breed, most frequent first (all of them)

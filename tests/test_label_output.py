@@ -273,8 +273,13 @@ def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(
     assert again.keep(listed).tolist() == [False, True, True, True, False, False]
     for i in range(n):  # the actors skip a row whose read fails the same way again
         assert skipset.contains(again.done_keys, skipset.content_key(uris[i], None, f"sha{i}", "M"))
-    again.add(table.append_column(SKIPPED, pa.array([True] * n)))  # all read again; the failures failed again
-    again.commit(None)
+    retried = table.slice(1, 3)  # read again (the listing kept them); they failed again: skipped by content
+    again.add(retried.append_column(SKIPPED, pa.array([True] * 3)))
+    manifest = again.commit(None)
+    assert manifest[output.M_SKIPPED] == 3
+    assert manifest[output.M_STILL_UNREADABLE] == {"access denied": 1, "not found": 1, "cannot read": 1}
+    assert "still unreadable, as in an earlier run (no second row; fix it and rerun): access denied: 1" in (
+        summary_text(manifest, 0.5))
     third = LabelRun.start(out, cfg, "M", None)
     assert third.keep(listed).tolist() == [False, True, True, True, False, False]  # still retried
     assert out.read_finished().num_rows == n
