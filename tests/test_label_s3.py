@@ -53,8 +53,9 @@ def test_bucket_in_bucket_out_and_incremental(ray_local, buckets, tiny_bundle):
 
     again = label(LabelConfig(**base))  # nothing new: every row is skipped (rows with errors too)
     # 6 photos and the tar (counted once) unread, from the listing; the manifest's line has no
-    # version, so it was read ("not found" again) and skipped by content
-    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 8
+    # version, so it was read: "not found" again, no second row, counted as still unreadable
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 7
+    assert again[output.M_STILL_UNREADABLE] == {"not found": 1}
     assert output.Output(out).read_finished().num_rows == 9
 
 
