@@ -35,7 +35,7 @@ from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
 from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
 from core.lease import Lease, LeaseLostError
-from core.reasons import is_retried
+from core.reasons import is_retried, reason_of
 from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key
 from core.sources import InputItem
 
@@ -160,7 +160,7 @@ class LabelRun:
         self.writer.add(fresh)
         skipped = rows.filter(skip)
         failed = skipped.filter(pc.is_valid(skipped.column(schema.ERROR))).column(schema.ERROR).to_pylist()
-        retried = [error.split(":", 1)[0] for error in failed if is_retried(error)]
+        retried = [reason_of(error) for error in failed if is_retried(error)]
         self.stats.still_unreadable.update(retried)
         self.stats.add(fresh, skipped.num_rows - len(retried))
         self.keys.add_rows(fresh)
@@ -180,15 +180,19 @@ class LabelRun:
     def stage(self) -> None:
         """Stage every row received so far (on a stop or a failure: the next run resumes them),
         unless the lease was lost: the run that took it over labels these inputs itself."""
-        if self.lease is not None and self.lease.lost:
+        if self._lease_lost:
             log.warning("run %s: %d received rows not staged: the lease was taken over", self.run_id,
                         self.writer.buffered)
             return
         self.writer.flush()
 
+    @property
+    def _lease_lost(self) -> bool:
+        return self.lease is not None and self.lease.lost
+
     def _check_lease(self) -> None:
         """A stalled run whose lease expired and was taken over must not stage another part."""
-        if self.lease is not None and self.lease.lost:
+        if self._lease_lost:
             raise LeaseLostError(f"{self.lease.uri}: the lease of run {self.run_id} was taken over by another "
                                  "run after it expired; that run labels the rest, this one stops without staging")
 

@@ -34,6 +34,11 @@ REASON_INTERNAL = "internal error"
 RETRIED_REASONS = frozenset({REASON_NOT_FOUND, REASON_FORBIDDEN, REASON_UNREADABLE})
 
 
+def reason_of(error: str) -> str:
+    """The short reason of a row's `error`, without its detail ("corrupt archive: BadZipFile")."""
+    return error.split(":", 1)[0].strip()
+
+
 def is_retried(error: str | None) -> bool:
     """Whether a row with this `error` is read again by the next run over the same inputs."""
-    return error is not None and error.split(":", 1)[0].strip() in RETRIED_REASONS
+    return error is not None and reason_of(error) in RETRIED_REASONS

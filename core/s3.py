@@ -107,6 +107,13 @@ def s3_client(s3: S3Options | None = None):
     return _client(opts.endpoint_url, opts.region, opts.read_timeout_s, opts.max_attempts)
 
 
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """s3://BUCKET/KEY -> (BUCKET, KEY). Not urlparse: '?' and '#' are legal in a key, not a query
+    or a fragment."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key.lstrip("/")
+
+
 @contextmanager
 def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[None]:
     """Map botocore failures to errors that say what to do, told apart by who is at fault:
@@ -130,7 +137,7 @@ def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[No
         if code in _DENIED_CODES and action == "read":
             raise ObjectForbiddenError(uri, code) from None
         if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket {uri[len('s3://'):].partition('/')[0]!r} does not exist at {endpoint}; "
+            raise StorageError(f"{uri}: bucket {split_s3_uri(uri)[0]!r} does not exist at {endpoint}; "
                                "check the bucket name, AWS_ENDPOINT_URL and region") from None
         if code in _DENIED_CODES:
             raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "

@@ -33,7 +33,7 @@ from urllib.parse import quote, unquote_to_bytes, urlparse
 from core.errors import StorageError
 from core.formats import IMAGE_EXTENSIONS
 from core.s3 import (READ_BUFFER_BYTES, ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options,
-                     S3RangeReader, arrow_s3, bucket_region, s3_client, s3_errors)
+                     S3RangeReader, arrow_s3, bucket_region, s3_client, s3_errors, split_s3_uri)
 
 __all__ = [
     "FileInfo", "ObjectForbiddenError", "ObjectNotFoundError", "ObjectTooLargeError", "ParsedURI", "S3Options", "copy",
@@ -93,11 +93,11 @@ def parse_uri(uri: str) -> ParsedURI:
     """Split a URI into scheme, bucket and path; other schemes are a StorageError."""
     if not uri:
         raise StorageError("empty URI; give a local path, file://PATH or s3://BUCKET/KEY")
-    if uri.startswith("s3://"):  # not urlparse: '?' and '#' are legal in a key, not a query or fragment
-        bucket, _, key = uri[len("s3://"):].partition("/")
+    if uri.startswith("s3://"):
+        bucket, key = split_s3_uri(uri)
         if not bucket:
             raise StorageError(f"{uri}: no bucket name; write s3://BUCKET/KEY")
-        return ParsedURI("s3", bucket, key.lstrip("/"))
+        return ParsedURI("s3", bucket, key)
     if uri.startswith("file://"):  # %XX escapes are bytes: a path that is not UTF-8 survives (local_uri)
         return ParsedURI("file", "", os.fsdecode(unquote_to_bytes(urlparse(uri).path)))
     if _SCHEME.match(uri):

@@ -84,9 +84,9 @@ def label(cfg: LabelConfig) -> dict | None:
                 run.stage()  # what arrived is staged: a rerun resumes from it
                 run.abandon()
             if held.lost:  # stalled past its lease: the run that took over labels these inputs
-                raise lease.LeaseLostError(f"{held.uri}: run {run.run_id} stalled past its lease and another run took "
-                                     "it over; that run finishes the labelling, nothing more was staged "
-                                     "here") from None
+                raise lease.LeaseLostError(f"{held.uri}: run {run.run_id} stalled past its lease and another run "
+                                           "took it over; that run finishes the labelling, nothing more was "
+                                           "staged here") from None
             if isinstance(exc, Stopped):
                 raise Stopped(f"{exc}: {run.stats.images} images of run {run.run_id} are staged; rerun the "
                               "same command to resume") from None
