@@ -48,9 +48,10 @@ class ObjectTooLargeError(StorageError):
 
     reason = REASON_TOO_LARGE
 
-    def __init__(self, uri: str, size: int, limit: int):
+    def __init__(self, uri: str, size: int | None, limit: int):
         self.uri = uri
-        super().__init__(f"{uri}: {size:,} bytes, over the {limit:,}-byte limit; raise --max-object-mb to read it")
+        size_text = f"{size:,} bytes" if size is not None else "a stream"  # a pipe or device has no size
+        super().__init__(f"{uri}: {size_text}, over the {limit:,}-byte limit; raise --max-object-mb to read it")
 
 
 class ObjectForbiddenError(StorageError):

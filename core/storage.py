@@ -162,9 +162,14 @@ def read_bytes(uri: str, *, s3: S3Options | None = None, max_bytes: int | None =
             return resp["Body"].read()
     with _local_errors(uri, "read"), open(p.path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if max_bytes is not None and size > max_bytes:
+        if max_bytes is None:
+            return f.read()
+        if size > max_bytes:
             raise ObjectTooLargeError(uri, size, max_bytes)
-        return f.read()
+        data = f.read(max_bytes + 1)  # a pipe or device says size 0 and may never end
+        if len(data) > max_bytes:
+            raise ObjectTooLargeError(uri, None, max_bytes)
+        return data
 
 
 def read_range(uri: str, offset: int, length: int, *, s3: S3Options | None = None) -> bytes:

@@ -1,8 +1,10 @@
 """core.storage against the local filesystem and a real S3 endpoint (moto_server over HTTP)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 import uuid
 
 import pyarrow as pa
@@ -174,3 +176,25 @@ def test_s3_seekable_reader_large_object(bucket, monkeypatch):
         assert f.read(7) == data[5:12]
         f.seek(0)
         assert f.read() == data
+
+
+def test_read_bytes_stops_at_the_limit_on_a_stream_that_reports_no_size(tmp_path):
+    """A named pipe (or /dev/zero) says size 0: the read must stop at the limit, not exhaust memory."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    def write_more_than_the_limit():
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as w:
+            w.write(b"\0" * 4096)
+
+    writer = threading.Thread(target=write_more_than_the_limit, daemon=True)
+    writer.start()
+    with pytest.raises(s3.ObjectTooLargeError, match="a stream, over the 1,000-byte limit"):
+        storage.read_bytes(str(fifo), max_bytes=1000)
+    writer.join(timeout=10)
+    small = tmp_path / "small.jpg"
+    small.write_bytes(b"x" * 1000)
+    assert storage.read_bytes(str(small), max_bytes=1000) == b"x" * 1000
+    with pytest.raises(s3.ObjectTooLargeError, match="1,001 bytes, over the 1,000-byte limit"):
+        small.write_bytes(b"x" * 1001)
+        storage.read_bytes(str(small), max_bytes=1000)
