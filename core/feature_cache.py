@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +70,14 @@ def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> 
     fields = {k: v for k, v in cfg.to_dict().items()
               if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "head_view_kind", "seed",
                        "grayscale", "equalize", "resize_policy")}
-    parts = [fields, list(train.paths), list(val.paths), "decode:core.images"] + ([tag] if tag else [])
+    parts = [fields, _file_versions(train.paths), _file_versions(val.paths), "decode:core.images"] + ([tag] if tag else [])
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _file_versions(paths) -> list[tuple[str, int, int]]:
+    """Path, size and mtime of each photo: a photo replaced under the same name changes the key."""
+    return [(p, (st := os.stat(p)).st_size, st.st_mtime_ns) for p in paths]
 
 
 def _cached_npz(checkpoint_dir: str | None, key: str, compute) -> dict[str, np.ndarray]:
@@ -78,9 +85,13 @@ def _cached_npz(checkpoint_dir: str | None, key: str, compute) -> dict[str, np.n
     with other head or fine-tune settings skips the backbone passes."""
     path = Path(checkpoint_dir) / f"features-{key}.npz" if checkpoint_dir else None
     if path is not None and path.exists():
-        with np.load(path, allow_pickle=False) as z:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
             log.info("reusing cached features %s", path)
-            return {k: z[k] for k in z.files}
+            return arrays
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # cut short by a full disk or a copy
+            log.warning("cached features %s cannot be read (%s); computing them again", path, e)
     arrays = compute()
     if path is not None:
         tmp = path.with_name(path.name + ".partial.npz")

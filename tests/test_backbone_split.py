@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from core import registry
 from core import feature_cache, train_model
 from core import train as core_train
 from core.backbone_split import find_cut, split_backbone
-from core.config import PHASE_FINETUNE, PHASE_HEAD, smoke
+from core.config import PHASE_FINETUNE, PHASE_HEAD, TrainConfig, smoke
 from core.errors import ConfigError
 from tests.fixtures.images import make_synthetic_dataset
 
@@ -115,3 +117,33 @@ def test_cached_finetune_applies_only_with_views_and_a_layer_count():
     assert not feature_cache.uses_cached_finetune(base.replace(head_feature_views=0))  # nothing cached: on the fly
     assert not feature_cache.uses_cached_finetune(base.replace(finetune_layers=-1))  # all layers: no prefix to cache
     assert not feature_cache.uses_cached_finetune(base.replace(weights=None))  # a random frozen prefix is no use
+
+
+def test_the_feature_cache_follows_the_photos_and_survives_a_cut_file(tmp_path, caplog):
+    """A photo replaced under the same name must not reuse the old photo's features; a cache file
+    cut short (full disk, partial copy) is computed again, not a crash."""
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"old photo")
+    folders = SimpleNamespace(paths=[str(photo)]), SimpleNamespace(paths=[])
+    cfg = TrainConfig()
+    key = feature_cache._feature_cache_key(cfg, *folders)
+    assert feature_cache._feature_cache_key(cfg, *folders) == key
+    photo.write_bytes(b"new photo")  # same name, same size
+    os.utime(photo, ns=(1, 1))
+    assert feature_cache._feature_cache_key(cfg, *folders) != key
+
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return {"x": np.arange(3)}
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert feature_cache._cached_npz(str(ckpt), key, compute)["x"].tolist() == [0, 1, 2]
+    cache = ckpt / f"features-{key}.npz"
+    cache.write_bytes(cache.read_bytes()[:20])
+    with caplog.at_level("WARNING", logger="core.feature_cache"):
+        assert feature_cache._cached_npz(str(ckpt), key, compute)["x"].tolist() == [0, 1, 2]
+    assert len(computed) == 2 and "cannot be read" in caplog.text
+    assert feature_cache._cached_npz(str(ckpt), key, compute)["x"].tolist() == [0, 1, 2] and len(computed) == 2
