@@ -211,9 +211,9 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
     if not classes:
         raise ConfigError("export_bundle: the class list is empty")
     remote = _is_remote(out_uri)
+    if not remote:
+        check_export_target(out_uri)
     local = Path(tempfile.mkdtemp(prefix="bundle-")) if remote else Path(_local_path(out_uri))
-    if (local / MODEL_DIR).exists():
-        raise BundleError(f"{out_uri}: a bundle already exists there; export to a new location")
     local.mkdir(parents=True, exist_ok=True)
     try:
         width, has_dog_score = _save_serving_model(model, local / MODEL_DIR, input_size)
@@ -230,8 +230,10 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
         if remote:
             _upload_dir(local, out_uri)
     except BaseException:
-        if not remote:
+        if not remote:  # nothing half-written stays to block the next export there
             shutil.rmtree(local / MODEL_DIR, ignore_errors=True)
+            for name in (LABELS_FILE, CARD_FILE):
+                (local / name).unlink(missing_ok=True)
         raise
     finally:
         if remote:
@@ -241,6 +243,24 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
 
 
 # ---------------------------------------------------------------- URIs
+
+
+def check_export_target(out_uri: str) -> None:
+    """Refuse, before an hour of training, a destination the export would refuse or could not write:
+    an existing bundle, a file, a folder holding other files, a place these credentials cannot write."""
+    if _is_remote(out_uri):
+        if storage.is_dir(out_uri):  # also fails here, not after training, on credentials or a missing bucket
+            raise BundleError(f"{out_uri}: objects already exist under that prefix; export to a new location")
+        probe = f"{out_uri.rstrip('/')}/.breedlabel-write-check"
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+        return
+    path = Path(_local_path(out_uri))
+    if (path / MODEL_DIR).exists():
+        raise BundleError(f"{out_uri}: a bundle already exists there; export to a new location")
+    if path.is_dir() and any(path.iterdir()):
+        raise BundleError(f"{out_uri}: the folder holds other files; give a new or empty folder for the bundle")
+    storage.check_writable_folder(str(path), "the bundle (--out)")
 
 
 def _is_remote(uri: str) -> bool:

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urlparse
 
@@ -148,6 +149,21 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
 
 
 # --- objects ----------------------------------------------------------------------------------
+
+def check_writable_folder(path: str, what: str) -> None:
+    """Refuse, before a long job starts, a local folder it could not create or write: the path is a
+    file, or the nearest existing folder above it is not writable (checked by writing, which works
+    for root too)."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise StorageError(f"{path}: is a file; give a folder for {what}")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".breedlabel-write-check-", dir=existing))
+    except OSError as e:
+        raise StorageError(f"{path}: cannot write {what} there ({existing}: {e.strerror or e}); "
+                           "give another folder") from None
+
 
 def read_bytes(uri: str, *, s3: S3Options | None = None, max_bytes: int | None = None) -> bytes:
     """The whole object; ObjectTooLargeError before reading a body larger than `max_bytes`."""

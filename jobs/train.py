@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from core import console
 
     cfg = config_from_args(args)
+    _check_destinations(args)
     if args.workers is not None:  # over Ray Train workers: the same command on a laptop or a cluster
         from jobs.train_distributed import run_from_args  # Ray Train: only for a distributed run
 
@@ -70,6 +71,15 @@ def run(args: argparse.Namespace) -> int:
                "timings": result.extras["timings"]}
     print(json.dumps(summary))
     return 0
+
+
+def _check_destinations(args: argparse.Namespace) -> None:
+    """Where the bundle and the checkpoints go, checked before training rather than after it."""
+    from core import bundle, storage
+
+    bundle.check_export_target(args.out)
+    if args.checkpoint_dir and "://" not in args.checkpoint_dir:
+        storage.check_writable_folder(args.checkpoint_dir, "checkpoints (--checkpoint-dir)")
 
 
 if __name__ == "__main__":  # `python -m jobs.train …`: what `breedlabel submit train` runs on the cluster

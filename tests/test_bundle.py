@@ -172,6 +172,33 @@ def test_export_refuses_to_overwrite(tiny_bundle):
         export_bundle(build_tiny_model(4, 32), tiny_classes(4), str(tiny_bundle), input_size=32)
 
 
+def test_the_export_target_is_checked_before_training(tiny_bundle, tmp_path, moto_s3):
+    from core.bundle import check_export_target
+    from core.errors import StorageError
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "dog.jpg").write_bytes(b"jpeg")
+    refused = {str(tiny_bundle): "a bundle already exists", str(tmp_path / "photos"): "holds other files",
+               str(tmp_path / "photos" / "dog.jpg"): "is a file",
+               str(tmp_path / "photos" / "dog.jpg" / "b"): "cannot write the bundle"}
+    for out, message in refused.items():
+        with pytest.raises((BundleError, StorageError), match=message):
+            check_export_target(out)
+    for fine in (tmp_path / "new" / "deeper", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        check_export_target(str(fine))
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []  # left as found
+    bucket = moto_s3.make_bucket("targets")
+    check_export_target(f"{bucket}/b1")
+    from core import storage
+    assert not storage.is_dir(f"{bucket}/b1")  # the write check leaves nothing behind
+    storage.write_bytes(f"{bucket}/b2/card.json", b"{}")
+    with pytest.raises(BundleError, match="objects already exist"):
+        check_export_target(f"{bucket}/b2")
+    with pytest.raises(StorageError):
+        check_export_target("s3://no-such-bucket-here/b")
+
+
 def test_s3_round_trip(tiny_bundle, moto_s3, tmp_path, monkeypatch):
     from core import storage
     from core.bundle import export_bundle

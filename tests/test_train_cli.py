@@ -63,3 +63,19 @@ def test_offline_imagenet_weights_fail_in_one_line(tmp_path):
     line = proc.stderr.strip()
     assert line.startswith("breedlabel train: error: MobileNetV2: downloading its ImageNet weights from https://")
     assert "pass `--weights PATH.h5`" in line and "`--weights none`" in line and proc.stdout == ""
+
+
+def test_a_destination_that_would_fail_the_export_fails_before_training(tmp_path):
+    """`--out` (a folder of photos, a file) and `--checkpoint-dir` (a file) are refused in the
+    first second, not after an hour of training, and nothing is trained or written."""
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=4, size=40)
+    photo = next(p for p in sorted(data.rglob("*.jpg")))
+    cases = [(["--out", str(photo.parent)], "the folder holds other files"),
+             (["--out", str(photo)], "is a file; give a folder for the bundle"),
+             (["--out", str(tmp_path / "b"), "--checkpoint-dir", str(photo)], "is a file; give a folder for checkpoints")]
+    for options, message in cases:
+        proc = breedlabel("train", "--data", str(data), "--preset", "smoke", *options, cache=tmp_path)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+        assert line.startswith(f"breedlabel train: error: {options[-1]}: {message}"), line
+    assert not (tmp_path / "b").exists() and not list(tmp_path.rglob("*.run"))
