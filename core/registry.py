@@ -165,7 +165,14 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"weights file {weights!r} does not exist; pass 'imagenet', 'none' or a local .h5 path")
+    with open(path, "rb") as f:
+        if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+            raise ConfigError(f"weights file {weights!r} is not an HDF5 (.h5) weights file; pass the file "
+                              "keras.applications downloads for this backbone, 'imagenet' or 'none'")
     return str(path)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int, dropout: float):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from core import augment as aug
 from core import datasets, images, storage
 from core.config import TrainConfig
-from core.errors import InputError
+from core.errors import ConfigError, InputError
 from core.train_model import input_size_of
 
 
@@ -23,6 +23,12 @@ def split_data(cfg: TrainConfig, data):
     """A folder path or ImageFolder -> (train, val) seeded stratified split."""
     folder = datasets.discover(data) if isinstance(data, (str, os.PathLike)) else data
     folder = datasets.limit_per_class(datasets.select_classes(folder, cfg.classes), cfg.per_class)
+    counts = np.bincount(folder.labels, minlength=len(folder.classes))
+    scarce = [breed.folder for breed, n in zip(folder.classes, counts) if n < 2]
+    if scarce:
+        raise ConfigError(f"{len(scarce)} class folder(s) hold fewer than 2 photos ({', '.join(scarce[:5])}"
+                          f"{', …' if len(scarce) > 5 else ''}): training needs one for training and one for "
+                          "validation in each; add photos, or leave those classes out with --classes")
     return datasets.stratified_split(folder, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 

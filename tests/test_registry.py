@@ -55,9 +55,13 @@ def test_duplicate_registration_is_an_error():
         registry.register_backbone(spec)
 
 
-def test_bad_weights_and_sizes():
+def test_bad_weights_and_sizes(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         registry.create_model("mobilenet_v2", 3, weights="/nonexistent/w.h5", input_size=32)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0 not weights")
+    with pytest.raises(ConfigError, match="photo.jpg' is not an HDF5"):
+        registry.create_model("mobilenet_v2", 3, weights=str(photo), input_size=32)
     with pytest.raises(ConfigError, match="no ImageNet weights"):
         registry.create_model("custom_cnn", 3, weights="imagenet", input_size=32)
     with pytest.raises(ConfigError, match=">= 75"):

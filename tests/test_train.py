@@ -11,7 +11,7 @@ from core import registry
 from core import feature_cache, train_data, train_model, tta_select
 from core import train as core_train
 from core.config import PHASE_FINETUNE, PHASE_HEAD, smoke
-from core.errors import InputError
+from core.errors import ConfigError, InputError
 from tests.fixtures.images import make_synthetic_dataset
 
 
@@ -146,6 +146,12 @@ def test_undecodable_training_photo_is_named(tmp_path):
     bad.write_text("not a photo")
     with pytest.raises(InputError, match=r"broken\.jpg: not an image; fix or remove"):
         core_train.train(smoke().replace(val_fraction=0.5), str(data))
+
+
+def test_a_class_with_one_photo_is_named_before_training(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=3, images_per_class=1, size=40)
+    with pytest.raises(ConfigError, match=r"3 class folder\(s\) hold fewer than 2 photos .*--classes"):
+        train_data.split_data(smoke(), str(data))
 
 
 def test_mirror_views_are_the_photo_then_its_mirror(dataset):
