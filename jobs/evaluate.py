@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core import options
-from core.errors import EXIT_OK, ConfigError
+from core.errors import EXIT_OK, ConfigError, InputError
 from core.options import option
 from core.predict import PredictConfig
 from jobs.predict import add_runtime_argument
@@ -111,7 +111,13 @@ def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
     scored = {}
     for name, paths in groups.items():
         results = [r for r in predictor.predict_paths([str(p) for p in paths], k=1) if r.ok]
+        if not results:
+            print(f"breedlabel evaluate: --not-dogs {name}: none of its {len(paths)} photos could be read; "
+                  "left out", file=sys.stderr)
+            continue
         scored[name] = (np.array([r.dog_score for r in results]), np.array([r.predictions[0].prob for r in results]))
+    if not scored:
+        raise InputError(f"--not-dogs {folder}: none of its {len(files)} photos could be read")
     threshold = predictor.dog_threshold
     metrics = not_a_dog_metrics(result.dog_scores, result.probs.max(axis=1), scored, threshold)
     png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())], threshold)
@@ -121,18 +127,51 @@ def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
     return metrics, [("dog_score.png", "Not-a-dog score", caption, png)]
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--out and --history, checked before the inference pass rather than after it."""
+    from core import storage
+
+    if args.out:
+        if "://" in args.out:
+            raise ConfigError(f"--out {args.out}: evaluate writes a local metrics file and report; give a local "
+                              "path (and copy the folder to S3 afterwards)")
+        if os.path.isdir(args.out):
+            raise ConfigError(f"--out {args.out}: is a folder; give the metrics file's name, e.g. "
+                              f"{os.path.join(args.out, 'metrics.json')} (the report goes next to it)")
+        storage.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "the metrics (--out)")
+    if args.history:
+        try:
+            json.loads(Path(args.history).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--history {args.history}: not a readable history.json ({e}); give the "
+                              "history.json in the training run's checkpoint folder (<out>.run/)") from None
+
+
+def _finite(value):
+    """NaN and infinity (a metric with nothing to measure) as JSON null, which every parser reads."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from core import datasets
     from core.evaluate import evaluate_paths, map_labels
     from core.predict import Predictor
 
+    sources = list(dict.fromkeys(args.data))  # the same folder twice is one source, counted once
+    _check_outputs(args)
     predictor = Predictor(args.model, runtime=args.runtime, threads=args.threads, batch_size=args.batch_size)
     if args.not_dogs and predictor.dog_threshold is None:
         raise ConfigError(f"--not-dogs: the bundle {args.model} has no dog score (exported before it existed, or "
                           "trained with --no-dog-score)")
     selection = _class_selection(args.classes)
     paths, labels, source_of = [], [], {}
-    for source in args.data:
+    for source in sources:
         ds = datasets.discover(source)
         if selection is not None:
             ds = datasets.select_classes(ds, selection)
@@ -140,11 +179,14 @@ def run(args: argparse.Namespace) -> int:
         labels += list(map_labels(ds.classes, predictor.classes)[ds.labels])
         source_of.update({str(p): source for p in ds.paths})
     result = evaluate_paths(predictor, paths, np.asarray(labels, np.int64))
-    data = args.data[0] if len(args.data) == 1 else args.data
+    if not len(result.labels):
+        reasons = ", ".join(sorted(set(result.errors.values()))) or "no images"
+        raise InputError(f"--data: none of the {len(paths)} photos could be read ({reasons}); nothing to measure")
+    data = sources[0] if len(sources) == 1 else sources
     metrics = dict(result.metrics, model_id=predictor.bundle.model_id, runtime=predictor.runtime.name,
                    data=data, errors=result.errors)
-    if len(args.data) > 1:
-        metrics["by_source"] = _by_source(result, [source_of[p] for p in result.paths], args.data, predictor.classes)
+    if len(sources) > 1:
+        metrics["by_source"] = _by_source(result, [source_of[p] for p in result.paths], sources, predictor.classes)
     calibration = predictor.bundle.card.get("calibration")
     if calibration:
         metrics["card_calibration"] = calibration
@@ -156,12 +198,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"breedlabel evaluate: skipped {path}: {reason}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
         log.info("wrote %s", args.out)
         if args.report and result.probs is not None and len(result.labels):
             from core.report import write_report
 
-            details = {"model_id": predictor.bundle.model_id, "data": ", ".join(args.data)}
+            details = {"model_id": predictor.bundle.model_id, "data": ", ".join(sources)}
             for source, m in metrics.get("by_source", {}).items():
                 details[f"top-1 / top-3 on {source}"] = f"{m['top1']:.2%} / {m['top3']:.2%} ({m['count']} images)"
             if calibration:
