@@ -70,7 +70,8 @@ def _feature_cache_key(cfg: TrainConfig, train, val, tag: str | None = None) -> 
     fields = {k: v for k, v in cfg.to_dict().items()
               if k in ("backbone", "weights", "input_size", "augment", "head_feature_views", "head_view_kind", "seed",
                        "grayscale", "equalize", "resize_policy")}
-    parts = [fields, _file_versions(train.paths), _file_versions(val.paths), "decode:core.images"] + ([tag] if tag else [])
+    parts = [fields, _file_versions(train.paths), _file_versions(val.paths), "decode:core.images"]
+    parts += [tag] if tag else []
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -72,7 +72,8 @@ def test_a_destination_that_would_fail_the_export_fails_before_training(tmp_path
     photo = next(p for p in sorted(data.rglob("*.jpg")))
     cases = [(["--out", str(photo.parent)], "the folder holds other files"),
              (["--out", str(photo)], "is a file; give a folder for the bundle"),
-             (["--out", str(tmp_path / "b"), "--checkpoint-dir", str(photo)], "is a file; give a folder for checkpoints")]
+             (["--out", str(tmp_path / "b"), "--checkpoint-dir", str(photo)],
+              "is a file; give a folder for checkpoints")]
     for options, message in cases:
         proc = breedlabel("train", "--data", str(data), "--preset", "smoke", *options, cache=tmp_path)
         assert proc.returncode == 1, proc.stderr[-3000:]
