@@ -9,27 +9,33 @@ was least sure of is an afternoon. A row's `uncertainty` (0..1) is the larger of
   breeds. A row flagged "not a dog" has no breed to doubt: a clear cat is not worth a look.
 
 Tasks follow Label Studio's import format (labelstud.io/guide/predictions): `data.image` is the
-image URI (an `s3://` URI resolves through Label Studio's S3 storage), and `predictions` holds
+image URI (an `s3://` URI resolves through Label Studio's S3 storage; a local photo is a
+`/data/local-files/?d=` URL of its local-files server), `data.uri` the row's own, and `predictions` holds
 the top-k breeds, one prediction each, as `choices` of the control named `breed` with their
 probability as the score. Archive members have no URI Label Studio can open: they are skipped
-and counted. Error rows have nothing to review.
+and counted. Error rows have nothing to review. An input labelled again (`--relabel`, another
+model) is one task, from its newest row.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core import schema
+from core import schema, storage
+from core.errors import ConfigError
 
 FROM_NAME = "breed"
 TO_NAME = "image"
 NOT_A_DOG = "not a dog"
 COLUMNS = (schema.URI, schema.MEMBER, schema.TOP_K, schema.ERROR, schema.DOG_SCORE, schema.IS_DOG,
-           schema.MODEL_ID, schema.RUN_ID)
+           schema.MODEL_ID, schema.RUN_ID, schema.LABELLED_AT)
+LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's local-files server
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,35 @@ def uncertainty(top_probs: np.ndarray, dog_scores: np.ndarray, threshold: float 
     return np.clip(np.maximum(breed, dog), 0.0, 1.0)
 
 
-def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = None) -> Queue:
-    """Tasks for the labelled rows of `rows` (columns COLUMNS), most uncertain first, at most `limit`."""
+def newest_per_input(rows: pa.Table) -> pa.Table:
+    """One row per input (uri, member): the newest `labelled_at`, the row a reader is told to trust
+    when a `--relabel` or another model labelled the input again."""
+    order = pc.sort_indices(rows, sort_keys=[(schema.LABELLED_AT, "descending")])
+    rows = rows.take(order)
+    seen: set = set()
+    keep = [key not in seen and not seen.add(key)
+            for key in zip(rows.column(schema.URI).to_pylist(), rows.column(schema.MEMBER).to_pylist())]
+    return rows.filter(pa.array(keep, pa.bool_()))
+
+
+def image_url(uri: str, local_files_root: str) -> str:
+    """What Label Studio opens: an s3:// URI as is (its S3 storage resolves it); a local photo
+    through its local-files server, relative to LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT."""
+    if storage.is_s3(uri):
+        return uri
+    path = os.path.abspath(storage.parse_uri(uri).path)
+    root = os.path.abspath(local_files_root)
+    if os.path.commonpath([path, root]) != root:
+        raise ConfigError(f"{uri}: not under --local-files-root {local_files_root}; give a root that holds every "
+                          "local photo (Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
+    return LOCAL_FILES_URL + quote(os.path.relpath(path, root), safe="/")
+
+
+def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = None,
+                local_files_root: str = "/") -> Queue:
+    """Tasks for the labelled rows of `rows` (columns COLUMNS), one per input (its newest row), most
+    uncertain first, at most `limit`."""
+    rows = newest_per_input(rows)
     labelled = rows.filter(pc.is_null(rows.column(schema.ERROR)))
     members = labelled.column(schema.MEMBER).to_pylist()
     keep = [m is None for m in members]
@@ -72,12 +105,13 @@ def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = 
     flags = labelled.column(schema.IS_DOG).to_pylist()
     models = labelled.column(schema.MODEL_ID).to_pylist()
     runs = labelled.column(schema.RUN_ID).to_pylist()
-    tasks = [_task(uris[i], top_k[i], dog[i], flags[i], models[i], runs[i], score[i]) for i in order]
+    tasks = [_task(uris[i], image_url(uris[i], local_files_root), top_k[i], dog[i], flags[i], models[i], runs[i],
+                   score[i]) for i in order]
     return Queue(tasks, len(uris), skipped)
 
 
-def _task(uri: str, top_k: Sequence[dict], dog_score: float, is_dog: bool | None, model_id: str, run_id: str,
-          score: float) -> dict[str, Any]:
+def _task(uri: str, image: str, top_k: Sequence[dict], dog_score: float, is_dog: bool | None, model_id: str,
+          run_id: str, score: float) -> dict[str, Any]:
     version = model_id[:12]
     predictions = [{"model_version": f"{version} top-{rank}", "score": round(float(c[schema.PROB]), 6),
                     "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
@@ -87,7 +121,7 @@ def _task(uri: str, top_k: Sequence[dict], dog_score: float, is_dog: bool | None
         predictions.insert(0, {"model_version": f"{version} dog-score", "score": round(1.0 - dog_score, 6),
                                "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
                                            "value": {"choices": [NOT_A_DOG]}}]})
-    return {"data": {TO_NAME: uri, "uncertainty": round(float(score), 6),
+    return {"data": {TO_NAME: image, "uri": uri, "uncertainty": round(float(score), 6),
                      "dog_score": None if np.isnan(dog_score) else round(float(dog_score), 6), "is_dog": is_dog,
                      "model_id": model_id, "run_id": run_id},
             "predictions": predictions}

@@ -23,13 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUTPUT", help="a label output folder or s3:// prefix")
     parser.add_argument("--to", required=True, metavar="REVIEW_JSON", help="the Label Studio import file to write")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N tasks (default: every row)")
-    parser.add_argument("--dog-threshold", type=float, default=THRESHOLD, metavar="SCORE",
+    parser.add_argument("--local-files-root", default="/", metavar="DIR",
+                        help="local photos become Label Studio local-files URLs relative to DIR: start Label Studio "
+                             "with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
+                             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=DIR")
+    parser.add_argument("--dog-threshold", type=_unit_interval, default=THRESHOLD, metavar="SCORE",
                         help="the dog-score threshold the rows were flagged with (the bundle card's)")
     parser.add_argument("--labeling-config", default=None, metavar="XML",
                         help="also write the Label Studio labeling interface the tasks fit")
     parser.add_argument("--model", default=None, metavar="BUNDLE",
                         help="take the breed list of --labeling-config from this bundle (default: the 120 "
                              "Stanford Dogs breeds)")
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a dog score threshold is between 0 and 1")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,16 +55,16 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         raise ConfigError(f"{args.out}: no finished labelling run there; run `breedlabel label ... --out "
                           f"{args.out}` first")
+    if args.labeling_config and args.model:  # a bad --model fails before anything is written
+        from core.bundle import load_bundle
+
+        names = [b.name for b in load_bundle(args.model).classes]
+    else:
+        names = [b.name for b in STANFORD_DOGS]
     queue = review.build_queue(out.read_finished(columns=list(review.COLUMNS)), threshold=args.dog_threshold,
-                               limit=args.limit)
+                               limit=args.limit, local_files_root=args.local_files_root)
     storage.write_bytes(args.to, (json.dumps(queue.tasks, indent=1) + "\n").encode())
     if args.labeling_config:
-        if args.model:
-            from core.bundle import load_bundle
-
-            names = [b.name for b in load_bundle(args.model).classes]
-        else:
-            names = [b.name for b in STANFORD_DOGS]
         storage.write_bytes(args.labeling_config, review.labeling_config(names).encode())
     skipped = f"; {queue.skipped_members} archive members skipped (no URI to open)" if queue.skipped_members else ""
     print(f"{len(queue.tasks)} tasks of {queue.rows} labelled rows from {len(runs)} run(s), most uncertain first, "

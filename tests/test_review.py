@@ -69,3 +69,42 @@ def test_an_output_without_runs_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", str(tmp_path / "nothing"), "--to",
                            str(tmp_path / "r.json")], capture_output=True, text=True)
     assert proc.returncode == 2 and "no finished labelling run" in proc.stderr
+
+
+def _review(output: str, to, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", "review", output, "--to", str(to), *extra],
+                          capture_output=True, text=True)
+
+
+def test_an_input_labelled_again_is_one_task_from_its_newest_row(tmp_path):
+    """After `--relabel` (or another model) an input has two rows; the queue shows it once, as the
+    newest row says (the rule the README gives readers)."""
+    import time
+
+    images = [(f"s3://bucket/p/{i}.jpg", None, None) for i in range(3)]
+    root = write_label_output(tmp_path / "out", images, run_id="20250101T000000Z-aaaaaa", dog_scores=[0.9] * 3)
+    time.sleep(0.01)
+    write_label_output(root, images[:2], run_id="20250101T010000Z-bbbbbb", seed=1, dog_scores=[0.2, 0.9])
+    proc = _review(root, tmp_path / "r.json")
+    assert proc.returncode == 0 and "3 tasks of 3 labelled rows from 2 run(s)" in proc.stderr, proc.stderr
+    tasks = {t["data"]["uri"]: t["data"] for t in json.loads((tmp_path / "r.json").read_text())}
+    assert sorted(tasks) == [u for u, _, _ in images]
+    assert [tasks[u]["run_id"] for u, _, _ in images] == ["20250101T010000Z-bbbbbb"] * 2 + ["20250101T000000Z-aaaaaa"]
+    first = tasks["s3://bucket/p/0.jpg"]
+    assert first["dog_score"] == pytest.approx(0.2) and first["is_dog"] is False
+
+
+def test_local_photos_open_through_label_studios_local_files_server(tmp_path):
+    photo = tmp_path / "photos" / "a b#1.jpg"
+    root = write_label_output(tmp_path / "out", [(str(photo), None, None)])
+    proc = _review(root, tmp_path / "r.json", "--local-files-root", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    (task,) = json.loads((tmp_path / "r.json").read_text())
+    assert task["data"]["image"] == "/data/local-files/?d=photos/a%20b%231.jpg" and task["data"]["uri"] == str(photo)
+    proc = _review(root, tmp_path / "r2.json")  # the default root, /
+    assert json.loads((tmp_path / "r2.json").read_text())[0]["data"]["image"].endswith(
+        "?d=" + str(photo).lstrip("/").replace(" ", "%20").replace("#", "%23"))
+    proc = _review(root, tmp_path / "r3.json", "--local-files-root", str(tmp_path / "elsewhere"))
+    assert proc.returncode != 0 and "not under --local-files-root" in proc.stderr
+    proc = _review(root, tmp_path / "r4.json", "--dog-threshold", "2")
+    assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
