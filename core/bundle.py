@@ -348,7 +348,8 @@ def load_bundle(uri: str, *, verify: bool = True) -> Bundle:
     """
     root = Path(_download(uri) if _is_remote(uri) else _local_path(uri))
     if not root.is_dir():
-        raise BundleError(f"bundle {uri} not found (expected a directory with {MODEL_DIR}/, "
+        what = "is a file, not a bundle" if root.is_file() else "not found"
+        raise BundleError(f"bundle {uri} {what} (expected a directory with {MODEL_DIR}/, "
                           f"{LABELS_FILE} and {CARD_FILE}); check --model")
     _refuse_pickles([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], uri)
     wanted = [CARD_FILE, LABELS_FILE, f"{MODEL_DIR}/{SAVED_MODEL_FILE}", f"{MODEL_DIR}/{VARIABLES_INDEX}"]
@@ -394,8 +395,9 @@ def _verify_identity(root: Path, card: dict, classes: Sequence[Breed], uri: str)
         raise BundleError(f"bundle {uri}: {LABELS_FILE} was changed after export (its classes would name "
                           f"predictions wrongly); {redo}")
     if bundle_id(model_sha, hashes[LABELS_FILE], card) != card[CARD_MODEL_ID]:
-        raise BundleError(f"bundle {uri}: {CARD_FILE} was edited: {', '.join(PREDICTION_FIELDS)} or model_id no "
-                          f"longer match the exported model; {redo}")
+        fields = ", ".join([*PREDICTION_FIELDS, *([CARD_DOG_SCORE] if card.get(CARD_DOG_SCORE) is not None else [])])
+        raise BundleError(f"bundle {uri}: {CARD_FILE} was edited: {fields} or model_id no longer match the exported "
+                          f"model (to flag dogs at another threshold, pass --dog-threshold); {redo}")
 
 
 def check_output_width(bundle: Bundle, width: int | None) -> None:

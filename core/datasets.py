@@ -61,9 +61,13 @@ def discover(root: str | os.PathLike) -> ImageFolder:
 
     Given the folder that holds `Images/` it descends into it. Classes are the sub-folders that
     contain at least one image (sorted by name); files are matched by extension, hidden ones skipped."""
-    base = Path(root).expanduser()
+    if "://" in str(root) and not str(root).startswith("file://"):
+        raise InputError(f"{root}: training and evaluation read a local folder; copy the dataset to local disk "
+                         "(e.g. `aws s3 sync`) and give that folder")
+    base = Path(str(root).removeprefix("file://")).expanduser()
     if not base.is_dir():
-        raise InputError(f"{base}: dataset folder does not exist; give a folder with one sub-folder per class")
+        what = "is a file, not a dataset folder" if base.is_file() else "dataset folder does not exist"
+        raise InputError(f"{base}: {what}; give a folder with one sub-folder per class")
     if (base / IMAGES_DIR).is_dir():
         base = base / IMAGES_DIR
     classes: list[Breed] = []

@@ -119,6 +119,12 @@ def test_edits_that_change_predictions_are_refused(bundle_copy, edit, match):
         load_bundle(str(bundle_copy))
 
 
+def test_a_file_given_as_the_bundle_is_named_as_such(tmp_path):
+    (tmp_path / "model.h5").write_bytes(b"x")
+    with pytest.raises(BundleError, match="model.h5 is a file, not a bundle"):
+        load_bundle(str(tmp_path / "model.h5"))
+
+
 def test_format_1_bundles_still_load(bundle_copy):
     """Exported before model_id covered labels.json: its model_id is the hash of model/ alone."""
     import logging

@@ -48,6 +48,11 @@ def test_discover_errors(tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(InputError, match="no class folders with images"):
         discover(tmp_path / "empty")
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(InputError, match="photo.jpg: is a file, not a dataset folder"):
+        discover(tmp_path / "photo.jpg")
+    with pytest.raises(InputError, match="read a local folder; copy the dataset to local disk"):
+        discover("s3://bucket/dogs/")
 
 
 def test_select_classes(dataset_root):
