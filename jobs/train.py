@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core import options
 from core.config import PRESETS, TrainConfig, get_preset
+from core.stop import GracefulStop, Stopped
 from jobs.train_distributed import DistributedConfig
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,13 @@ def run(args: argparse.Namespace) -> int:
 
     folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
     t0 = time.time()
-    with contextlib.redirect_stdout(sys.stderr):  # Keras' epoch lines are progress: stdout is the summary
-        result = train(cfg, folder, checkpoint_dir=ckpt)
+    try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the run like Ctrl-C: one line, exit 1
+        with GracefulStop(), contextlib.redirect_stdout(sys.stderr):  # Keras' epoch lines: progress, not stdout
+            result = train(cfg, folder, checkpoint_dir=ckpt)
+    except (Stopped, KeyboardInterrupt) as stop:
+        reason = str(stop) if isinstance(stop, Stopped) else "interrupted"
+        kept = f"; rerunning the same command reuses the features cached in {ckpt}" if ckpt else ""
+        raise Stopped(f"training {reason}, nothing exported{kept}") from None
     result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
     export_trained(result, args.out, folder)
     summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),

@@ -80,3 +80,26 @@ def test_a_destination_that_would_fail_the_export_fails_before_training(tmp_path
         (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
         assert line.startswith(f"breedlabel train: error: {options[-1]}: {message}"), line
     assert not (tmp_path / "b").exists() and not list(tmp_path.rglob("*.run"))
+
+
+def test_sigterm_stops_training_with_one_line_and_exit_1(tmp_path):
+    """A scheduler's or `jobs stop`'s SIGTERM ends a run as Ctrl-C does: exit 1, one line saying
+    what was kept; not a silent 143."""
+    import signal
+
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=6, size=40)
+    env = dict(os.environ, BREEDLABEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out",
+                             str(tmp_path / "b"), "--preset", "smoke", "--head-epochs", "500", "--input-size", "32"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # wait until it trains
+        seen.append(line)
+        if re.search(r"Epoch \d+/500|head \d+/500", line):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 1, "".join(seen)[-2000:] + rest[-2000:]
+    last = [line for line in rest.splitlines() if line.startswith("breedlabel")][-1]
+    assert last.startswith("breedlabel train: error: training stopped by SIGTERM, nothing exported"), last
+    assert not (tmp_path / "b").exists()
