@@ -8,12 +8,15 @@ Parquet output is the calibrated one on every runtime. Pure numpy here, except t
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 BINS = 10
 _EPS = 1e-12
+log = logging.getLogger(__name__)
+
 _LOG_T_RANGE = (-4.0, 4.0)  # T in [0.018, 55]: far beyond any sensible value
 
 
@@ -85,13 +88,20 @@ def calibrate(y_true: np.ndarray, probs: np.ndarray, seed: int = 0) -> dict:
     for fit_on, measure_on in (halves, halves[::-1]):
         t_half = fit_temperature(y_true[fit_on], np.asarray(probs)[fit_on])
         crossed[measure_on] = apply_temperature(np.asarray(probs)[measure_on], t_half)
+    before, crossfit = ece(y_true, probs), ece(y_true, crossed)
+    at_bound = min(abs(math.log(temperature) - end) for end in _LOG_T_RANGE) < 1e-3
+    if at_bound or crossfit > before:
+        log.warning("calibration: %d validation photos are too few to fit a temperature (T=%.3g%s, cross-fitted "
+                    "ECE %.3f against %.3f before); the bundle's probabilities are not calibrated; train on more "
+                    "photos per class", len(y_true), temperature, ", at its bound" if at_bound else "", crossfit,
+                    before)
     return {
         "method": "temperature",
         "temperature": round(temperature, 5),
         "fitted_on": "validation split",
-        "ece_before": round(ece(y_true, probs), 5),
+        "ece_before": round(before, 5),
         "ece_after": round(ece(y_true, apply_temperature(probs, temperature)), 5),
-        "ece_after_crossfit": round(ece(y_true, crossed), 5),
+        "ece_after_crossfit": round(crossfit, 5),
         "bins": BINS,
     }
 

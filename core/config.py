@@ -186,9 +186,10 @@ def _floats(cls: type, data: dict) -> dict:
     """Float fields given as text (YAML 1.1 reads `1e-05` as a string) become floats, or fail loudly."""
     for f in dataclasses.fields(cls):
         value = data.get(f.name)
-        if isinstance(f.default, float) and isinstance(value, str):
+        number = float if isinstance(f.default, float) else int if type(f.default) is int else None
+        if number is not None and isinstance(value, str):
             try:
-                data[f.name] = float(value)
+                data[f.name] = number(value)
             except ValueError:
                 raise ConfigError(f"train config: {f.name} must be a number, got {value!r}") from None
     return data

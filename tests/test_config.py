@@ -49,6 +49,9 @@ def test_from_dict_reads_yaml_style_exponent_floats():
     assert cfg.weight_decay == 1e-5 and isinstance(cfg.weight_decay, float)
     with pytest.raises(ConfigError, match="weight_decay must be a number"):
         TrainConfig.from_dict({**data, "weight_decay": "tiny"})
+    assert TrainConfig.from_dict({**data, "head_epochs": "3"}).head_epochs == 3  # a quoted whole number
+    with pytest.raises(ConfigError, match="head_epochs must be a number, got 'many'"):
+        TrainConfig.from_dict({**data, "head_epochs": "many"})
 
 
 def test_tta_sizes_from_lists_become_the_tuple_field():

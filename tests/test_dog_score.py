@@ -98,6 +98,24 @@ def test_temperature_recovers_overconfidence_and_lowers_the_ece():
     assert np.array_equal(scaled.argmax(1), overconfident.argmax(1))  # rankings never change
 
 
+def test_a_temperature_fitted_on_too_few_photos_is_warned_about(caplog):
+    """Six photos, every one wrong and sure: the NLL keeps falling as T grows, T ends at its bound
+    and means nothing; training says so instead of exporting it silently."""
+    probs = np.full((6, 3), 0.2)
+    probs[np.arange(6), np.arange(6) % 3] = 0.6
+    with caplog.at_level("WARNING", logger="core.calibration"):
+        report = calibration.calibrate((np.arange(6) + 1) % 3, probs)
+    assert report["temperature"] == pytest.approx(np.exp(4.0), rel=1e-2)
+    assert "6 validation photos are too few to fit a temperature" in caplog.text and "at its bound" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="core.calibration"):
+        rng = np.random.default_rng(2)
+        logits = rng.standard_normal((2000, 10)) * 2
+        truth = np.array([rng.choice(10, p=np.exp(r) / np.exp(r).sum()) for r in logits])
+        calibration.calibrate(truth, np.exp(2 * logits) / np.exp(2 * logits).sum(axis=1, keepdims=True))
+    assert caplog.text == ""
+
+
 @pytest.fixture(scope="module")
 def trained_bundles(tmp_path_factory):
     """One tiny trained bundle with the dog score and temperature, one without (as older bundles)."""
