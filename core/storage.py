@@ -137,6 +137,9 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
+        if action == "write":  # its folder cannot be made (e.g. under /proc)
+            raise StorageError(f"{uri}: cannot {action} there (no such folder, and it cannot be created); "
+                               "give another path") from None
         raise ObjectNotFoundError(uri) from None
     except PermissionError:
         if action == "read":

@@ -198,3 +198,9 @@ def test_read_bytes_stops_at_the_limit_on_a_stream_that_reports_no_size(tmp_path
     with pytest.raises(s3.ObjectTooLargeError, match="1,001 bytes, over the 1,000-byte limit"):
         small.write_bytes(b"x" * 1001)
         storage.read_bytes(str(small), max_bytes=1000)
+
+
+def test_a_write_where_no_folder_can_be_made_says_so():
+    with pytest.raises(StorageError, match="cannot write there") as info:
+        storage.write_bytes("/proc/no-such-dir/x.json", b"{}")
+    assert not isinstance(info.value, ObjectNotFoundError)  # not "deleted since listing"
