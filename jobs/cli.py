@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -68,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.configure(args.verbose)
     try:
-        return int(args._module.run(args))
+        code = int(args._module.run(args))
+        sys.stdout.flush()  # a reader gone meanwhile shows here, not in Python's flush at exit
+        return code
     except BreedlabelError as exc:
         what = "skipped" if exc.exit_code == EXIT_LEASE_HELD else "error"
         print(f"breedlabel {args.command}: {what}: {exc}", file=sys.stderr)
@@ -76,6 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"breedlabel {args.command}: interrupted", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as `cat` does
+        _drop_stdout()
+        return EXIT_FAILED
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so Python's flush at exit does not fail on the broken pipe again
+    (the recipe of the `signal` module's documentation, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":
