@@ -7,21 +7,44 @@ label output (folder or s3://) to see its run manifests, breed histogram, unsure
 The bundle and its runtime are loaded once per server. No analytics, no share links.
 """
 import argparse
+import errno
 import logging
 import os
+import re
+import socket
 import sys
 from dataclasses import dataclass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio at import
 
 from core import options  # noqa: E402
-from core.errors import EXIT_OK  # noqa: E402
+from core.errors import EXIT_OK, BreedlabelError, ConfigError  # noqa: E402
 from core.explore import ALL  # noqa: E402
-from core.options import option  # noqa: E402
+from core.options import option, positive_int  # noqa: E402
 from core.predict import PredictConfig  # noqa: E402
 from jobs.predict import add_runtime_argument  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: 1..65535 (not 0: Gradio cannot tell which port the system picked)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: give a port number between 1 and 65535")
+    return value
+
+
+def upload_size(text: str) -> str:
+    """argparse type of --max-upload: what Gradio's max_file_size takes, a whole number and a unit."""
+    size = text.replace(" ", "").lower()
+    match = re.fullmatch(r"(\d+)(b|kb|mb|gb|tb)", size)
+    if match is None or int(match[1]) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a size such as 500kb, 50mb or 2gb (units b, kb, mb, gb, tb)")
+    return size
 
 
 @dataclass(frozen=True)
@@ -29,15 +52,16 @@ class UIConfig:
     """`breedlabel ui`'s options (shown by --help), besides --model and --runtime."""
 
     host: str = option("127.0.0.1", "address to listen on (keep 127.0.0.1 unless behind a proxy)")
-    port: int = option(7860, "port to listen on")
+    port: int = option(7860, "port to listen on", type=port_number)
     runs: str | None = option(None, "label output (folder or s3://bucket/prefix) preset in the Runs tab",
                               metavar="OUTPUT_URI")
     examples: str | None = option(None, "local folder of example photos shown on the page (searched recursively)",
                                   metavar="DIR")
     max_examples: int = option(48, "examples shown at most")
-    max_upload: str = option("50mb", "largest file a visitor may upload")
+    max_upload: str = option("50mb", "largest file a visitor may upload", type=upload_size)
     min_prob: float = option(0.5, "below this top-1 probability the page says the model is unsure")
-    threads: int | None = option(PredictConfig.threads, "inference threads (default: all cores)", type=int)
+    threads: int | None = option(PredictConfig.threads, "inference threads (default: all cores)",
+                                 type=positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.errors import ConfigError
     from core.predict import Predictor
     from jobs.ui_pages import ClassifyPage, ExplorerPage, find_examples
 
     if not 0.0 <= args.min_prob <= 1.0:
         raise ConfigError(f"--min-prob {args.min_prob}: give a probability between 0 and 1")
+    check_listen(args.host, args.port)  # before the model loads
     examples = find_examples(args.examples, args.max_examples)
     predictor = Predictor(args.model, runtime=args.runtime, threads=args.threads)
     page = ClassifyPage(predictor, args.min_prob)
@@ -60,9 +84,38 @@ def run(args: argparse.Namespace) -> int:
     log.info("model %s (%s runtime); open http://%s:%d", predictor.bundle.model_id[:12],
              predictor.runtime.name, args.host, args.port)
     app.queue(default_concurrency_limit=1)  # one inference at a time: the runtime uses every core
-    app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-               show_error=True, quiet=True, footer_links=[], max_file_size=args.max_upload)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
+                   show_error=True, quiet=True, footer_links=[], max_file_size=args.max_upload)
+    except OSError:  # Gradio says "Cannot find empty port" for any failure to listen
+        check_listen(args.host, args.port)  # the port was taken since: say so
+        raise
     return EXIT_OK
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise, in words, when the server could not listen on host:port (in use, not an address of
+    this machine, a privileged port), which Gradio would report as "Cannot find empty port"."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise BreedlabelError(f"--host {host}: unknown address ({exc.strerror}); give an address of this "
+                              "machine, e.g. 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise BreedlabelError(f"--port {port}: already in use on {host}; pass --port N with a free "
+                                      "port") from None
+            if exc.errno == errno.EACCES:
+                raise BreedlabelError(f"--port {port}: not allowed to listen on it here (ports below 1024 "
+                                      "need root); pass --port N above 1023") from None
+            raise BreedlabelError(f"--host {host}: cannot listen on this address ({exc.strerror}); give an "
+                                  "address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 "
+                                  "(every interface)") from None
 
 
 def build_app(page, explorer, examples: list[str], runs_uri: str = ""):
