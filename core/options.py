@@ -103,6 +103,17 @@ def values(args: argparse.Namespace, cls: type, *, unset: bool = True) -> dict[s
     return got if unset else {k: v for k, v in got.items() if v is not None}
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (threads, batch size): a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number, at least 1")
+    return value
+
+
 def _type_of(value: Any) -> Callable | None:
     if isinstance(value, tuple):
         return type(value[0]) if value else None

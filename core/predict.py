@@ -13,10 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from core import labelling
+from core import console, labelling
 from core.breeds import Breed
 from core.bundle import Bundle, load_bundle
-from core.errors import ConfigError
+from core.errors import ConfigError, InputError, StorageError
+from core.reasons import REASON_UNREADABLE
 from core.runtime import Outputs, load_runtime
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,32 @@ def top_k(probs: np.ndarray, classes: Sequence[Breed], k: int = 3) -> list[list[
     return [[Prediction(classes[j].id, classes[j].name, float(row[j])) for j in idx] for row, idx in zip(probs, order)]
 
 
+class _WhyReader:
+    """labelling.read_object that keeps why a read failed, by URI: labelling.fetch reduces it to a
+    row's short reason ("cannot read"), where one image's error should say what to do ("is a
+    directory, cannot read; give a file")."""
+
+    def __init__(self) -> None:
+        self.why: dict[str, str] = {}
+
+    def __call__(self, uri: str, member: str | None) -> bytes:
+        try:
+            return labelling.read_object(uri, member)
+        except (StorageError, InputError) as exc:
+            self.why[uri] = str(exc).removeprefix(f"{uri}: ")
+            raise
+
+
 class Predictor:
     """Loads a bundle and a runtime once; decodes with the card's input_size + resize_policy."""
 
     def __init__(self, bundle_uri: str | Bundle, runtime: str = "auto", threads: int | None = None,
                  batch_size: int = PredictConfig.batch_size, **runtime_options):
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: give a whole number, at least 1")
         self.bundle = bundle_uri if isinstance(bundle_uri, Bundle) else load_bundle(str(bundle_uri))
         self.runtime = load_runtime(self.bundle, runtime, threads, **runtime_options)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = int(batch_size)
         self.size = self.bundle.input_size
         self.policy = self.bundle.resize_policy
 
@@ -104,12 +123,15 @@ class Predictor:
 
     def predict_paths(self, paths: Sequence[str], k: int = PredictConfig.top_k,
                       with_probs: bool = False) -> list[ImageResult]:
-        """Like predict_bytes for files or URIs; unreadable ones get an error result."""
+        """Like predict_bytes for files or URIs; unreadable ones get an error result that says why."""
         results: list[ImageResult] = []
         for start in range(0, len(paths), self.batch_size):
             chunk = [str(p) for p in paths[start:start + self.batch_size]]
-            got = labelling.fetch(chunk, [None] * len(chunk))
-            results += self._results(chunk, got.datas, got.errors, k, with_probs)
+            read = _WhyReader()
+            with console.quiet_logger(labelling.__name__):  # its "cannot read" warning: the why is in the result
+                got = labelling.fetch(chunk, [None] * len(chunk), read=read)
+            errors = [read.why.get(uri, e) if e == REASON_UNREADABLE else e for uri, e in zip(chunk, got.errors)]
+            results += self._results(chunk, got.datas, errors, k, with_probs)
         return results
 
     def _results(self, sources: list[str], datas: list, errors: list, k: int, with_probs: bool) -> list[ImageResult]:

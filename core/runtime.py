@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from core import console
 from core.bundle import DOG_SCORE_OUTPUT, INPUT_NAME, OUTPUT_NAME, SIGNATURE, Bundle, cache_root, check_output_width
 from core.errors import BundleError, ConfigError, InputError
 
@@ -185,8 +186,7 @@ class TensorFlowRuntime:
     fallback: str | None = None  # why `auto` chose TensorFlow on a CPU (OpenVINO failed)
 
     def __init__(self, bundle: Bundle, threads: int | None = None):
-        import tensorflow as tf
-
+        tf = console.import_tensorflow()  # its C++ start-up lines go to a log file unless verbose
         for gpu in tf.config.list_physical_devices("GPU"):
             try:
                 tf.config.experimental.set_memory_growth(gpu, True)
@@ -235,9 +235,7 @@ def gpu_visible() -> bool:
 
 
 def _tf_sees_gpu() -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
+    return bool(console.import_tensorflow().config.list_physical_devices("GPU"))
 
 
 def load_runtime(bundle: Bundle, runtime: str = "auto", threads: int | None = None, **ov_options) -> Runtime:
@@ -247,6 +245,8 @@ def load_runtime(bundle: Bundle, runtime: str = "auto", threads: int | None = No
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime {runtime!r} is not one of {list(RUNTIMES)}")
+    if threads is not None and threads < 0:  # OpenVINO refuses it and TensorFlow aborts the process
+        raise ConfigError(f"--threads {threads}: give a whole number, at least 1 (or leave it out for all cores)")
     if runtime == "tensorflow" or (runtime == "auto" and gpu_visible() and _tf_sees_gpu()):
         return TensorFlowRuntime(bundle, threads)
     try:

@@ -19,7 +19,7 @@ import numpy as np
 
 from core import options
 from core.errors import EXIT_OK, ConfigError, InputError
-from core.options import option
+from core.options import option, positive_int
 from core.predict import PredictConfig
 from jobs.predict import add_runtime_argument
 
@@ -33,8 +33,8 @@ class EvaluateConfig:
     out: str | None = option(None, "write the metrics (with per-class accuracy and confusion counts) here",
                              metavar="METRICS_JSON")
     classes: str | None = option(None, "a number N (first N classes) or comma-separated class ids/names/folders")
-    threads: int | None = option(PredictConfig.threads, "inference threads (default: all cores)", type=int)
-    batch_size: int = option(64, "images per inference call")
+    threads: int | None = option(PredictConfig.threads, "inference threads (default: all cores)", type=positive_int)
+    batch_size: int = option(64, "images per inference call", type=positive_int)
     report: bool = option(True, "write report.html + plots/ next to the metrics JSON (needs --out)", negatable=True)
     history: str | None = option(None, "a training run's history.json, drawn as training curves in the report",
                                  metavar="HISTORY_JSON")

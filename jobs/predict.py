@@ -12,6 +12,7 @@ import json
 import sys
 
 from core.errors import EXIT_FAILED, EXIT_OK
+from core.options import positive_int
 from core.predict import ImageResult, PredictConfig
 
 RUNTIME_CHOICES = ("auto", "openvino", "tensorflow")
@@ -27,11 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PredictConfig()
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URIs")
     parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle path or URI")
-    parser.add_argument("--top-k", type=int, default=d.top_k, help="breeds to show per image")
+    parser.add_argument("--top-k", type=positive_int, default=d.top_k, help="breeds to show per image")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     add_runtime_argument(parser, d.runtime)
-    parser.add_argument("--threads", type=int, default=d.threads, help="inference threads (default: all cores)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference call")
+    parser.add_argument("--threads", type=positive_int, default=d.threads,
+                        help="inference threads (default: all cores)")
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per inference call")
 
 
 def _as_dict(result: ImageResult) -> dict:
@@ -50,11 +52,8 @@ def _print_text(result: ImageResult, display: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.errors import ConfigError
     from core.predict import Predictor
 
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     predictor = Predictor(args.model, runtime=args.runtime, threads=args.threads, batch_size=args.batch_size)
     results = predictor.predict_paths(args.images, k=args.top_k)
     display = {b.id: b.display for b in predictor.classes}

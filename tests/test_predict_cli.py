@@ -83,6 +83,24 @@ def test_mixed_inputs_print_good_ones_and_fail(tiny_bundle, photos, tmp_path):
     assert _error_lines(proc.stderr) == [f"breedlabel predict: error: {fake}: not an image"]
 
 
+def test_unreadable_inputs_say_why_in_their_error_line(tiny_bundle, photos, tmp_path):
+    """A folder or an http URL: the error line itself says what to do, with no log line besides."""
+    folder, url = str(photos / "data"), "https://example.com/x.jpg"
+    proc = breedlabel("predict", folder, url, "--model", str(tiny_bundle), cache=tmp_path)
+    assert proc.returncode == 1
+    assert _error_lines(proc.stderr) == [
+        f"breedlabel predict: error: {folder}: is a directory, cannot read; give a file",
+        f"breedlabel predict: error: {url}: unsupported URI scheme; use a local path, file://PATH or s3://BUCKET/KEY"]
+    assert "WARNING" not in proc.stderr and proc.stdout == ""
+
+
+def test_tensorflow_runtime_start_up_lines_stay_off_the_terminal(tiny_bundle, photos, tmp_path):
+    """absl, oneDNN and cuInit lines go to the TensorFlow log file, not to stderr."""
+    proc = breedlabel("predict", _good(photos), "--model", str(tiny_bundle), "--runtime", "tensorflow", cache=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 4
+
+
 def test_missing_model_is_a_clear_error(photos, tmp_path):
     missing = str(tmp_path / "no-such-bundle")
     proc = breedlabel("predict", _good(photos), "--model", missing, cache=tmp_path)

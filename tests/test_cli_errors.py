@@ -1,0 +1,77 @@
+"""Mistakes a user makes on the command line end in one line and an exit code, never a traceback:
+bad option values (exit 2, from argparse), a UI port or host that cannot be listened on (exit 1),
+stdout's reader going away (exit 1, nothing printed)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_predict_cli import REPO, _error_lines, breedlabel
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["predict", "x.jpg", "--threads", "-1"], "--threads"),
+    (["predict", "x.jpg", "--threads", "0"], "--threads"),
+    (["predict", "x.jpg", "--batch-size", "0"], "--batch-size"),
+    (["predict", "x.jpg", "--batch-size", "-3"], "--batch-size"),
+    (["predict", "x.jpg", "--top-k", "0"], "--top-k"),
+    (["ui", "--threads", "-1"], "--threads"),
+    (["ui", "--port", "99999"], "--port"),
+    (["ui", "--port", "0"], "--port"),
+    (["ui", "--max-upload", "lots"], "--max-upload"),
+])
+def test_bad_option_values_are_usage_errors(args, flag, tmp_path):
+    proc = breedlabel(*args, "--model", str(tmp_path / "not-loaded"), cache=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert line.startswith(f"breedlabel {args[0]}: error: argument {flag}: ") and "Traceback" not in proc.stderr
+
+
+def test_max_upload_names_the_accepted_form(tmp_path):
+    proc = breedlabel("ui", "--model", str(tmp_path), "--max-upload", "lots", cache=tmp_path)
+    assert "50mb" in proc.stderr and "kb, mb, gb" in proc.stderr
+
+
+def test_evaluate_counts_are_checked_when_parsing(tiny_bundle, tmp_path):
+    for option, value in (("--threads", "-1"), ("--batch-size", "0")):
+        proc = breedlabel("evaluate", "--model", str(tiny_bundle), "--data", str(tmp_path), option, value,
+                          cache=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert _error_lines(proc.stderr)[-1] == (f"breedlabel evaluate: error: argument {option}: {value}: give a "
+                                                 "whole number, at least 1")
+
+
+def test_ui_on_a_busy_port_says_so(tiny_bundle, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = breedlabel("ui", "--model", str(tiny_bundle), "--port", str(port), cache=tmp_path)
+    assert proc.returncode == 1
+    assert _error_lines(proc.stderr) == [f"breedlabel ui: error: --port {port}: already in use on 127.0.0.1; "
+                                         "pass --port N with a free port"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_ui_on_an_address_of_another_machine_says_so(tiny_bundle, tmp_path):
+    proc = breedlabel("ui", "--model", str(tiny_bundle), "--host", "192.0.2.1", cache=tmp_path)  # TEST-NET-1
+    assert proc.returncode == 1
+    (line,) = _error_lines(proc.stderr)
+    assert line.startswith("breedlabel ui: error: --host 192.0.2.1: cannot listen on this address")
+    assert "127.0.0.1" in line and "Traceback" not in proc.stderr
+
+
+def test_stdout_reader_gone_is_quiet(tiny_bundle, image_factory, tmp_path):
+    """`breedlabel predict … | head -1`: the reader closes the pipe; no BrokenPipeError traceback."""
+    photo = str(image_factory.file("jpeg"))
+    env = dict(os.environ, BREEDLABEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "predict", photo, photo, "--model", str(tiny_bundle)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it prints: its first write finds no reader
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1
+    assert stderr == "", stderr
