@@ -135,7 +135,18 @@ def _expand_listing(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None
         yield _item(info)
     if not found:
         what = "files" if exts is None else f"images ({', '.join(exts)})"
-        raise InputError(f"{uri}: no {what} found; check the path or prefix (listing is recursive)")
+        hint = "check the path or prefix (listing is recursive)"
+        if not follow_symlinks and _has_symlinked_folders(uri):
+            hint = "its sub-folders are symlinks, which are not followed unless you pass --follow-symlinks"
+        raise InputError(f"{uri}: no {what} found; {hint}")
+
+
+def _has_symlinked_folders(uri: str) -> bool:
+    path = storage.parse_uri(uri).path
+    if storage.is_s3(uri) or not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return any(e.is_symlink() and e.is_dir() for e in entries)
 
 
 def _item(info: storage.FileInfo) -> InputItem:

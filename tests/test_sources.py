@@ -208,3 +208,17 @@ def test_s3_archive_is_read_in_one_pass(moto_s3, monkeypatch, name, whole_read_m
     monkeypatch.setattr(client, "_make_api_call", lambda op, p: calls.append(op) or real(op, p))
     assert [d.data for d in sources.iter_label_items([uri])] == [MEMBERS[m] for m in IMAGES]
     assert calls.count("GetObject") <= max_gets, calls
+
+
+def test_a_folder_of_symlinked_folders_says_how_to_follow_them(tmp_path):
+    (tmp_path / "real" / "dogs").mkdir(parents=True)
+    (tmp_path / "real" / "dogs" / "a.jpg").write_bytes(b"jpeg")
+    (tmp_path / "linked").mkdir()
+    os.symlink(tmp_path / "real" / "dogs", tmp_path / "linked" / "dogs")
+    with pytest.raises(sources.InputError, match="symlinks, which are not followed unless you pass --follow-sym"):
+        list(sources.iter_items([str(tmp_path / "linked")]))
+    assert [i.uri for i in sources.iter_items([str(tmp_path / "linked")], follow_symlinks=True)] == [
+        str(tmp_path / "linked" / "dogs" / "a.jpg")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sources.InputError, match="check the path or prefix"):
+        list(sources.iter_items([str(tmp_path / "empty")]))
