@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from core import stop
+
 VERBOSE_ENV = "BREEDLABEL_VERBOSE"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # loggers whose INFO/WARNING lines are for library developers; ERROR still shows
@@ -183,6 +185,7 @@ class Progress:
             self.bar.set_postfix_str(postfix, refresh=False)
 
     def update(self, n: int) -> None:
+        stop.poll()  # a long step is where a swallowed SIGTERM must get its second chance
         self.done += int(n)
         if self.bar is not None:
             self.bar.update(n)

@@ -7,6 +7,11 @@ anywhere) is replaced while a run holds its output, and restored after.
 
 Critical sections (the commit, the clean-up after a stop) run under `deferred()`: a signal
 there is recorded, not raised, so a stop never leaves a half-made commit or a held lease.
+
+A `Stopped` raised by the handler can land where library code swallows it (a weakref callback,
+a broad `except` in TensorFlow), so a run that must not carry on after a stop also polls:
+`poll()` — called at every progress step and every Keras batch — raises again for the
+innermost armed stop that asked for it (`GracefulStop(polled=True)`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Iterator
 from core.errors import BreedlabelError
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_polled: list["GracefulStop"] = []
 
 
 class Stopped(BreedlabelError):
@@ -27,8 +33,9 @@ class Stopped(BreedlabelError):
 class GracefulStop:
     """Context manager: turns SIGTERM/SIGINT into `Stopped`, raised in the main thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, polled: bool = False) -> None:
         self.reason: str | None = None
+        self.polled = polled
         self._deferring = 0
         self._previous: dict[int, object] = {}
 
@@ -41,12 +48,16 @@ class GracefulStop:
             for sig in _SIGNALS:
                 previous = signal.signal(sig, self._on_signal)
                 self._previous.setdefault(sig, previous)
+        if self.polled and self not in _polled:
+            _polled.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        if self in _polled:
+            _polled.remove(self)
 
     def request(self, reason: str) -> None:
         """Ask the run to stop (from any thread, e.g. the lease renewal); seen at `check()`."""
@@ -73,3 +84,11 @@ class GracefulStop:
         if first:
             raise Stopped(self.reason)
         raise KeyboardInterrupt  # a second signal while stopping: give up waiting
+
+
+def poll() -> None:
+    """Raise `Stopped` if the innermost polled stop was asked to stop (not inside `deferred()`):
+    the second chance for a signal whose first `Stopped` a library swallowed."""
+    if (_polled and _polled[-1].reason is not None and not _polled[-1]._deferring
+            and threading.current_thread() is threading.main_thread()):
+        raise Stopped(_polled[-1].reason)

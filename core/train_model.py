@@ -18,7 +18,7 @@ import tensorflow as tf
 import numpy as np
 import tf_keras as keras
 
-from core import console, registry
+from core import console, registry, stop
 from core.config import PHASE_HEAD, PHASES, TrainConfig
 from core.errors import ConfigError
 
@@ -173,10 +173,21 @@ class BestRestore(keras.callbacks.EarlyStopping):
             self.best_epoch = -1
 
 
+class PollStop(keras.callbacks.Callback):
+    """After every batch, `core.stop.poll()`: a SIGTERM whose `Stopped` TensorFlow swallowed still
+    ends the fit within a batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        stop.poll()
+
+    def on_test_batch_end(self, batch, logs=None):
+        stop.poll()
+
+
 def phase_callbacks(run: TrainRun, phase: str, initial_best: float | None = None) -> list:
-    """Early stopping on val top-1 with best restore, per-epoch checkpoints + history JSON, and
-    the run's own callbacks."""
-    cbs: list = [BestRestore(run.cfg.early_stopping_patience, initial_best)]
+    """Early stopping on val top-1 with best restore, per-epoch checkpoints + history JSON, a stop
+    poll, and the run's own callbacks."""
+    cbs: list = [BestRestore(run.cfg.early_stopping_patience, initial_best), PollStop()]
     if run.checkpoint_dir:
         Path(run.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         pattern = str(Path(run.checkpoint_dir) / f"{phase}-epoch{{epoch:02d}}.weights.h5")

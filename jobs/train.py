@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core import options
 from core.config import PRESETS, TrainConfig, get_preset
+from core.errors import ConfigError
 from core.stop import GracefulStop, Stopped
 from jobs.train_distributed import DistributedConfig
 
@@ -49,29 +50,37 @@ def run(args: argparse.Namespace) -> int:
     from core import console
 
     cfg = config_from_args(args)
-    _check_destinations(args)
+    ckpt = args.checkpoint_dir
+    if ckpt is None and args.workers is None and "://" not in args.out:  # the feature cache, to resume
+        ckpt = str(Path(args.out).with_name(Path(args.out).name + ".run"))
+    _check_destinations(args.out, ckpt)
     if args.workers is not None:  # over Ray Train workers: the same command on a laptop or a cluster
         from jobs.train_distributed import run_from_args  # Ray Train: only for a distributed run
 
         return run_from_args(cfg, DistributedConfig(**options.values(args, DistributedConfig, unset=False)), args)
-    ckpt = args.checkpoint_dir
-    if ckpt is None and "://" not in args.out:
-        ckpt = str(Path(args.out).with_name(Path(args.out).name + ".run"))
-    console.import_tensorflow(Path(ckpt) / "logs" if ckpt and "://" not in ckpt else None)
-    from core import datasets
-    from core.train import export_trained, train  # TensorFlow: only once a run starts (`--help` stays fast)
-
-    folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
-    t0 = time.time()
+    stop = GracefulStop(polled=True)  # polled: TensorFlow can swallow the Stopped a signal raises
+    step = "training"
     try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the run like Ctrl-C: one line, exit 1
-        with GracefulStop(), contextlib.redirect_stdout(sys.stderr):  # Keras' epoch lines: progress, not stdout
+        with stop, contextlib.redirect_stdout(sys.stderr):  # Keras' epoch lines: progress, not stdout
+            console.import_tensorflow(Path(ckpt) / "logs" if ckpt and "://" not in ckpt else None)
+            from core import datasets
+            from core.train import export_trained, train  # TensorFlow: only once a run starts (`--help` stays fast)
+
+            folder = datasets.select_classes(datasets.discover(args.data), cfg.classes)
+            t0 = time.time()
             result = train(cfg, folder, checkpoint_dir=ckpt)
-    except (Stopped, KeyboardInterrupt) as stop:
-        reason = str(stop) if isinstance(stop, Stopped) else "interrupted"
+            stop.check()
+            result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
+            step = "export"
+            export_trained(result, args.out, folder)  # removes what it wrote if a stop lands in it
+    except BaseException as exc:
+        if stop.reason is None and not isinstance(exc, KeyboardInterrupt):
+            raise
         kept = f"; rerunning the same command reuses the features cached in {ckpt}" if ckpt else ""
-        raise Stopped(f"training {reason}, nothing exported{kept}") from None
-    result.extras.setdefault("timings", {})["total_s"] = round(time.time() - t0, 1)
-    export_trained(result, args.out, folder)
+        during = " during the export" if step == "export" else ""
+        raise Stopped(f"training {stop.reason or 'interrupted'}{during}, nothing exported{kept}") from None
+    if stop.reason:  # the export swallowed the signal and finished: the bundle is whole, say so
+        log.warning("%s as the export finished; the bundle at %s is complete", stop.reason, args.out)
     summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),
                **{k: v for k, v in result.extras.items() if k != "timings"}, **result.card,
                "timings": result.extras["timings"]}
@@ -79,13 +88,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_destinations(args: argparse.Namespace) -> None:
+def _check_destinations(out: str, checkpoint_dir: str | None) -> None:
     """Where the bundle and the checkpoints go, checked before training rather than after it."""
     from core import bundle, storage
 
-    bundle.check_export_target(args.out)
-    if args.checkpoint_dir and "://" not in args.checkpoint_dir:
-        storage.check_writable_folder(args.checkpoint_dir, "checkpoints (--checkpoint-dir)")
+    bundle.check_export_target(out)
+    if checkpoint_dir and "://" not in checkpoint_dir:
+        storage.check_writable_folder(checkpoint_dir, "checkpoints (--checkpoint-dir)")
+        if "://" not in out:
+            ck, bundle_dir = Path(checkpoint_dir).expanduser().resolve(), Path(out).expanduser().resolve()
+            if ck == bundle_dir or bundle_dir in ck.parents:
+                raise ConfigError(f"--checkpoint-dir {checkpoint_dir}: is inside the bundle's folder --out {out}; "
+                                  "the export needs that folder to itself: give a checkpoint folder beside it")
 
 
 if __name__ == "__main__":  # `python -m jobs.train …`: what `breedlabel submit train` runs on the cluster

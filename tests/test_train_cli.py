@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from core.bundle import load_bundle
+from tests.fixtures.crash import Point, job_env, train_command
 from tests.fixtures.images import make_synthetic_dataset
 from tests.test_predict_cli import REPO, breedlabel
 
@@ -66,20 +67,28 @@ def test_offline_imagenet_weights_fail_in_one_line(tmp_path):
 
 
 def test_a_destination_that_would_fail_the_export_fails_before_training(tmp_path):
-    """`--out` (a folder of photos, a file) and `--checkpoint-dir` (a file) are refused in the
-    first second, not after an hour of training, and nothing is trained or written."""
+    """`--out` (a folder of photos, a file), `--checkpoint-dir` (a file, the bundle's own folder)
+    and the default checkpoint folder `<out>.run` (a file) are refused in the first seconds, before
+    TensorFlow loads, not after an hour of training; nothing is trained or written."""
     data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=4, size=40)
     photo = next(p for p in sorted(data.rglob("*.jpg")))
-    cases = [(["--out", str(photo.parent)], "the folder holds other files"),
-             (["--out", str(photo)], "is a file; give a folder for the bundle"),
-             (["--out", str(tmp_path / "b"), "--checkpoint-dir", str(photo)],
-              "is a file; give a folder for checkpoints")]
-    for options, message in cases:
+    (tmp_path / "c.run").write_text("not a folder")
+    cases = [(["--out", str(photo.parent)], 1, f"{photo.parent}: the folder holds other files"),
+             (["--out", str(photo)], 1, f"{photo}: is a file; give a folder for the bundle"),
+             (["--out", str(tmp_path / "b"), "--checkpoint-dir", str(photo)], 1,
+              f"{photo}: is a file; give a folder for checkpoints"),
+             (["--out", str(tmp_path / "c")], 1, f"{tmp_path / 'c.run'}: is a file; give a folder for checkpoints"),
+             (["--out", str(tmp_path / "d"), "--checkpoint-dir", str(tmp_path / "d")], 2,
+              f"--checkpoint-dir {tmp_path / 'd'}: is inside the bundle's folder"),
+             (["--out", str(tmp_path / "d"), "--checkpoint-dir", str(tmp_path / "d" / "run")], 2,
+              f"--checkpoint-dir {tmp_path / 'd' / 'run'}: is inside the bundle's folder")]
+    for options, code, message in cases:
         proc = breedlabel("train", "--data", str(data), "--preset", "smoke", *options, cache=tmp_path)
-        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert proc.returncode == code, proc.stderr[-3000:]
         (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
-        assert line.startswith(f"breedlabel train: error: {options[-1]}: {message}"), line
-    assert not (tmp_path / "b").exists() and not list(tmp_path.rglob("*.run"))
+        assert line.startswith(f"breedlabel train: error: {message}"), line
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
+    assert [p.name for p in tmp_path.rglob("*.run")] == ["c.run"]
 
 
 def test_sigterm_stops_training_with_one_line_and_exit_1(tmp_path):
@@ -103,3 +112,28 @@ def test_sigterm_stops_training_with_one_line_and_exit_1(tmp_path):
     last = [line for line in rest.splitlines() if line.startswith("breedlabel")][-1]
     assert last.startswith("breedlabel train: error: training stopped by SIGTERM, nothing exported"), last
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("point, during", [
+    # the signal's Stopped swallowed by library code in an epoch's end, after training, in the export
+    (Point("core.train_model:BestRestore.on_epoch_end", when="before", action="swallowed-term"), ""),
+    (Point("core.train:train", when="after", action="swallowed-term"), ""),
+    (Point("core.bundle:_save_serving_model", when="before", action="term"), " during the export"),
+], ids=["swallowed-in-an-epoch", "swallowed-after-training", "in-the-export"])
+def test_a_stop_is_never_lost_and_leaves_no_bundle(tmp_path, point, during):
+    """SIGTERM whose `Stopped` TensorFlow swallows (a weakref callback, a broad except) still stops
+    the run at the next batch or step, and a stop in the export removes what it wrote: exit 1,
+    one line, never an exit 0 with a bundle after a stop."""
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=6, size=40)
+    out = tmp_path / "b"
+    epochs = "500" if "epoch" in point.target else "1"
+    proc = subprocess.run(train_command(["--data", str(data), "--out", str(out), "--preset", "smoke",
+                                         "--head-epochs", epochs, "--finetune-layers", "0", "--input-size", "32"],
+                                        point),
+                          cwd=REPO, env=job_env({"BREEDLABEL_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
+    assert ours == [f"breedlabel train: error: training stopped by SIGTERM{during}, nothing exported; rerunning "
+                    f"the same command reuses the features cached in {out}.run"], proc.stderr[-3000:]
+    assert proc.stdout == "" and not (out / "model").exists() and not (out / "card.json").exists()
