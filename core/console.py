@@ -24,7 +24,8 @@ from core import stop
 VERBOSE_ENV = "BREEDLABEL_VERBOSE"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # loggers whose INFO/WARNING lines are for library developers; ERROR still shows
-LIBRARY_LOGGERS = ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "filelock", "optuna")
+LIBRARY_LOGGERS = ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "filelock", "optuna", "botocore",
+                   "boto3", "s3transfer")
 TF_LOG = "tensorflow.log"
 
 log = logging.getLogger(__name__)

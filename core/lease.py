@@ -252,7 +252,7 @@ class _S3Backend:
             raise StorageError(f"{self.uri}: cannot {action} the lease ({code or exc}); "
                                "check the bucket and the credentials' write access") from exc
         except BotoCoreError as exc:
-            raise ServiceError(f"{self.uri}: the S3 endpoint {self.s3.endpoint} does not answer ({type(exc).__name__}) "
+            raise ServiceError(f"{self.uri}: {self.s3.endpoint} does not answer ({type(exc).__name__}) "
                                f"to {action} the lease; check the endpoint and network") from exc
 
     def create(self, data: bytes) -> str | None:

@@ -116,13 +116,16 @@ def _io_errors(method):
         except BreedlabelError:
             raise
         except OSError as exc:
-            what = method.__name__.strip("_").replace("_", " ")
-            if not self.local and any(m in str(exc) for m in _NETWORK_MARKS):
-                raise ServiceError(f"{self.uri}: the S3 endpoint {self.s3.endpoint} does not answer ({what}: "
-                                   f"{str(exc).splitlines()[0]}); rerun when it is back (the run resumes)") from None
-            raise StorageError(f"{self.uri}: cannot {what}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
-                               "check the output URI and its permissions") from None
+            raise _named_os_error(self, exc, method.__name__.strip("_").replace("_", " ")) from None
     return wrapper
+
+
+def _named_os_error(out: "Output", exc: OSError, what: str) -> BreedlabelError:
+    if not out.local and any(m in str(exc) for m in _NETWORK_MARKS):
+        return ServiceError(f"{out.uri}: {out.s3.endpoint} does not answer ({what}: "
+                            f"{str(exc).splitlines()[0]}); rerun when it is back (a label run resumes)")
+    return StorageError(f"{out.uri}: cannot {what}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                        "check the output URI and its permissions")
 
 
 _NETWORK_MARKS = ("NETWORK_CONNECTION", "curlCode", "Timeout", "timed out", "Couldn't connect", "Connection refused",
@@ -193,7 +196,7 @@ class Output:
         try:
             return self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except OSError as exc:
-            raise StorageError(f"{self.uri}: cannot list {path}: {exc}") from exc
+            raise _named_os_error(self, exc, f"list {path}") from exc
 
     @_io_errors
     def staged_parts(self, run_id: str) -> list[str]:

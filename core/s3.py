@@ -84,7 +84,9 @@ class S3Options:
 
     @property
     def endpoint(self) -> str:
-        return self.resolved().endpoint_url or "the AWS default endpoint"
+        """The endpoint as a message names it: "the S3 endpoint URL" or "AWS's default S3 endpoint"."""
+        url = self.resolved().endpoint_url
+        return f"the S3 endpoint {url}" if url else "AWS's default S3 endpoint"
 
 
 _client_lock = threading.Lock()
@@ -144,19 +146,19 @@ def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[No
             raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "
                                "check the credentials and the bucket policy") from None
         if code in _CREDENTIAL_CODES:
-            raise ServiceError(f"{uri}: the S3 endpoint {endpoint} rejected the credentials ({code}); "
-                               "check AWS_PROFILE or the role, then rerun (the run resumes)") from None
+            raise ServiceError(f"{uri}: {endpoint} rejected the credentials ({code}); "
+                               "check AWS_PROFILE or the role, then rerun") from None
         if code in _SERVICE_CODES:
-            raise ServiceError(f"{uri}: the S3 endpoint {endpoint} failed to {action} ({code}) after "
-                               f"{opts.max_attempts} attempts; rerun when it recovers (the run resumes)") from None
+            raise ServiceError(f"{uri}: {endpoint} failed to {action} ({code}) after "
+                               f"{opts.max_attempts} attempts; rerun when it recovers") from None
         raise StorageError(f"{uri}: cannot {action}: {code or exc}") from None
     except NoCredentialsError:
         raise ServiceError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                            "or AWS_PROFILE, or run where an instance/pod role provides them") from None
     except BotoCoreError as exc:  # connection refused or reset, connect/read timeouts, after the retries
-        raise ServiceError(f"{uri}: the S3 endpoint {endpoint} does not answer ({type(exc).__name__}) after "
-                           f"{opts.max_attempts} attempts of {opts.read_timeout_s:g} s to {action}; check "
-                           "AWS_ENDPOINT_URL and the network, then rerun (the run resumes)") from None
+        raise ServiceError(f"{uri}: {endpoint} does not answer ({type(exc).__name__}; {opts.max_attempts} "
+                           f"attempts to {action}, {opts.read_timeout_s:g} s timeout each); check "
+                           "AWS_ENDPOINT_URL and the network, then rerun") from None
 
 
 class S3RangeReader(io.RawIOBase):

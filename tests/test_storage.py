@@ -141,6 +141,22 @@ def test_s3_errors_are_clear(moto_s3, tmp_path):
         storage.read_bytes("s3://b/k", s3=dead)  # a service problem: the run fails, never a row error
 
 
+def test_an_unreachable_endpoint_is_named_whichever_it_is(monkeypatch):
+    """The message reads the same for a set endpoint and for AWS's default one (it said "the S3
+    endpoint the AWS default endpoint"), and an output listed over pyarrow says it as boto3 does."""
+    from core.output import Output
+
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    assert S3Options().endpoint == "AWS's default S3 endpoint"
+    assert S3Options(endpoint_url="http://127.0.0.1:9").endpoint == "the S3 endpoint http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    with pytest.raises(ServiceError, match=r"^s3://b/out: the S3 endpoint http://127.0.0.1:9 does not answer \(list"):
+        Output("s3://b/out").finished_runs()
+
+
 def test_s3_no_credentials(moto_s3, monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var)
