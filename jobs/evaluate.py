@@ -91,12 +91,10 @@ def _by_source(result, sources: list[str], order: list[str], classes) -> dict:
     return out
 
 
-def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
-    """Dog scores of every image under `folder` (grouped by subfolder), measured against the dogs
-    of `result`; the metrics and the report's histogram section."""
-    from core import plots
+def _not_dog_groups(folder: str) -> dict[str, list[Path]]:
+    """The photos under `folder` by subfolder (one group when flat): checked before the long
+    inference pass over --data, so a wrong --not-dogs fails in the first seconds."""
     from core.datasets import image_files
-    from core.evaluate import not_a_dog_metrics
 
     root = Path(os.path.abspath(folder))  # as image_files makes its paths absolute
     if not root.is_dir():
@@ -108,16 +106,28 @@ def _not_dogs(predictor, result, folder: str) -> tuple[dict, list]:
     for path in files:
         rel = path.relative_to(root).parts
         groups.setdefault(rel[0] if len(rel) > 1 else root.name, []).append(path)
-    scored = {}
+    return groups
+
+
+def _not_dogs(predictor, result, folder: str, groups: dict[str, list[Path]]) -> tuple[dict, list]:
+    """Dog scores of every image of `groups` (from `_not_dog_groups(folder)`), measured against the
+    dogs of `result`; the metrics and the report's histogram section."""
+    from core import plots
+    from core.evaluate import not_a_dog_metrics
+
+    scored, unread = {}, []
     for name, paths in groups.items():
         results = [r for r in predictor.predict_paths([str(p) for p in paths], k=1) if r.ok]
         if not results:
-            print(f"breedlabel evaluate: --not-dogs {name}: none of its {len(paths)} photos could be read; "
-                  "left out", file=sys.stderr)
+            unread.append(f"breedlabel evaluate: --not-dogs {name}: none of its {len(paths)} photos could be read; "
+                          "left out")
             continue
         scored[name] = (np.array([r.dog_score for r in results]), np.array([r.predictions[0].prob for r in results]))
     if not scored:
-        raise InputError(f"--not-dogs {folder}: none of its {len(files)} photos could be read")
+        total = sum(len(paths) for paths in groups.values())
+        raise InputError(f"--not-dogs {folder}: none of its {total} photos could be read")
+    for line in unread:
+        print(line, file=sys.stderr)
     threshold = predictor.dog_threshold
     metrics = not_a_dog_metrics(result.dog_scores, result.probs.max(axis=1), scored, threshold)
     png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())], threshold)
@@ -169,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if args.not_dogs and predictor.dog_threshold is None:
         raise ConfigError(f"--not-dogs: the bundle {args.model} has no dog score (exported before it existed, or "
                           "trained with --no-dog-score)")
+    not_dog_groups = _not_dog_groups(args.not_dogs) if args.not_dogs else {}
     selection = _class_selection(args.classes)
     paths, labels, source_of = [], [], {}
     for source in sources:
@@ -192,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         metrics["card_calibration"] = calibration
     extra_sections = []
     if args.not_dogs:
-        metrics["not_a_dog"], extra_sections = _not_dogs(predictor, result, args.not_dogs)
+        metrics["not_a_dog"], extra_sections = _not_dogs(predictor, result, args.not_dogs, not_dog_groups)
     print(_summary(metrics, predictor.classes))
     for path, reason in sorted(result.errors.items()):
         print(f"breedlabel evaluate: skipped {path}: {reason}", file=sys.stderr)

@@ -219,3 +219,28 @@ def test_train_with_not_dogs_exports_the_logistic_score(tmp_path):
     assert card["method"] == "logistic" and "6 non-dog photos" in card["fitted_on"]
     out = load_runtime(bundle, "openvino").infer(np.zeros((2, 32, 32, 3), np.uint8))
     assert out.dog_score.shape == (2,) and np.isfinite(out.dog_score).all()
+
+
+def test_evaluate_checks_not_dogs_before_measuring_and_says_it_once(trained_bundles, tmp_path):
+    """`evaluate --not-dogs`: a wrong folder is refused before the inference pass over --data (whose
+    own error would come first), and a folder none of whose photos can be read is one error line,
+    not a warning then the same as an error."""
+    from tests.test_predict_cli import breedlabel
+
+    bundle, _, data = trained_bundles
+    broken = tmp_path / "broken" / next(p.name for p in sorted(data.iterdir()) if p.is_dir())
+    broken.mkdir(parents=True)
+    (broken / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    proc = breedlabel("evaluate", "--model", str(bundle), "--data", str(broken.parent),
+                      "--not-dogs", str(tmp_path / "missing"), cache=tmp_path)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
+    assert proc.returncode == 2 and ours == [f"breedlabel evaluate: error: --not-dogs {tmp_path / 'missing'}: not a "
+                                             "folder; give a folder of photos without a dog"], proc.stderr[-2000:]
+    cats = tmp_path / "not_dogs" / "cats"
+    cats.mkdir(parents=True)
+    (cats / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    proc = breedlabel("evaluate", "--model", str(bundle), "--data", str(data), "--not-dogs", str(cats.parent),
+                      cache=tmp_path)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
+    assert proc.returncode == 1 and ours == [f"breedlabel evaluate: error: --not-dogs {cats.parent}: none of its 1 "
+                                             "photos could be read"], proc.stderr[-2000:]

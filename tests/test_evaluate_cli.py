@@ -46,3 +46,4 @@ def test_nothing_readable_is_an_error_and_the_metrics_are_strict_json(tiny_bundl
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(out.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     assert metrics["count"] == 3 and metrics["data"] == str(one) and "by_source" not in metrics
+
