@@ -33,9 +33,12 @@ class Stopped(BreedlabelError):
 class GracefulStop:
     """Context manager: turns SIGTERM/SIGINT into `Stopped`, raised in the main thread."""
 
-    def __init__(self, *, polled: bool = False) -> None:
+    def __init__(self, *, polled: bool = False, sigterm_as_sigint: bool = False) -> None:
         self.reason: str | None = None
         self.polled = polled
+        # a library that handles SIGINT itself (Ray Train aborts its controller and returns from
+        # fit) gets SIGTERM the same way; `poll()` afterwards turns the early return into Stopped
+        self.sigterm_as_sigint = sigterm_as_sigint
         self._deferring = 0
         self._previous: dict[int, object] = {}
 
@@ -76,10 +79,14 @@ class GracefulStop:
         finally:
             self._deferring -= 1
 
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, frame) -> None:
         first = self.reason is None
         self.request(f"stopped by {signal.Signals(signum).name}")
         if self._deferring:
+            return
+        sigint = signal.getsignal(signal.SIGINT)
+        if self.sigterm_as_sigint and signum == signal.SIGTERM and callable(sigint) and sigint != self._on_signal:
+            sigint(signal.SIGINT, frame)
             return
         if first:
             raise Stopped(self.reason)

@@ -45,6 +45,7 @@ from core.config import PHASE_FINETUNE, PHASE_HEAD, TrainConfig
 from core.console import VERBOSE_ENV
 from core.errors import ConfigError, JobError
 from core.options import option
+from core.stop import GracefulStop, Stopped, poll
 from jobs import ray_session
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callba
         scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=dist.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=dist.run_name or new_run_name(),
             storage_path=dist.storage,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints,
@@ -287,6 +288,10 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: D
     return export_trained(result, out, train_set, distributed=asdict(dist)), result.metrics
 
 
+def new_run_name() -> str:
+    return f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: str | None = None, *,
                     worker_callbacks: Callable[[int], list] | None = None, progress: bool = False
                     ) -> DistributedResult:
@@ -302,6 +307,7 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
             epochs = {PHASE_HEAD: cfg.head_epochs, PHASE_FINETUNE: cfg.finetune_epochs}
             callbacks.append(stack.enter_context(printed_progress(epochs)))
         result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
+    poll()  # a fit aborted by SIGINT/SIGTERM returns: nothing more to do (nor export)
     checkpoint, metrics = best_checkpoint(result)
     log.info("trained in %.0f s over %d worker(s); best %s %.4f at %s epoch %s", time.time() - t0,
              dist.workers, METRIC, metrics[METRIC], metrics.get("phase"), metrics.get("phase_epoch"))
@@ -319,11 +325,22 @@ def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
     console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
     # the dashboard stays: Train V2's placement-group cleaner asks its State API whether a controller
     # died (jobs.tune_callbacks gives a stopped trial's resources back when it cannot)
-    ray_session.connect(dashboard=True, quiet=not console.is_verbose())  # the workers' own output: with -v
-    t0 = time.time()
-    # absolute paths: the workers run in other working directories
-    done = run_distributed(cfg.with_absolute_paths(), storage.normalize_uri(args.data), dist, out=args.out,
-                           progress=True)
+    dist = replace(dist, run_name=dist.run_name or new_run_name())  # named here: the stop message resumes it
+    stop = GracefulStop(polled=True, sigterm_as_sigint=True)  # Ray Train's SIGINT handler aborts its fit
+    try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the run as Ctrl-C does: one line, exit 1
+        with stop:
+            ray_session.connect(dashboard=True, quiet=not console.is_verbose())  # the workers' output: with -v
+            stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+            t0 = time.time()
+            # absolute paths: the workers run in other working directories
+            done = run_distributed(cfg.with_absolute_paths(), storage.normalize_uri(args.data), dist, out=args.out,
+                                   progress=True)
+    except BaseException as exc:
+        # Ray Train handles SIGINT during fit itself: it aborts the run, then exits (SystemExit)
+        if stop.reason is None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise Stopped(f"training {stop.reason or 'interrupted'}, nothing exported; to resume from its last "
+                      f"checkpoint, rerun with --storage {dist.storage} --run-name {dist.run_name}") from None
     print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
                       "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
                       "best_epoch": done.metrics.get("epoch"), "run": done.run_path,

@@ -28,6 +28,7 @@ from core import storage as storage_uri
 from core.config import PRESETS, TrainConfig, get_preset
 from core.errors import ConfigError, JobError
 from core.options import option
+from core.stop import GracefulStop, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,32 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     """Search, write the table and best config, optionally train the best config in full."""
     from core import console
     from jobs import ray_session
-    from jobs.tune_callbacks import release_search
 
     space = space if space is not None else search_space.get_space(tc.space)
     search_space.check_space(space, base)
     out = storage_uri.normalize_uri(out)  # Ray Tune's storage is a URI: a relative path is refused deep inside
     # the trials' own logs: with -v; the dashboard for Train V2's cleaner (see jobs.train_distributed)
-    ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose())
     storage = storage_uri.normalize_uri(tc.storage) if tc.storage else f"{out.rstrip('/')}/ray"
+    stop = GracefulStop(polled=True, sigterm_as_sigint=True)  # Tune and Ray Train end their fit on SIGINT
+    try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the search as Ctrl-C does: one line, exit 1
+        with stop:
+            ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose())
+            stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+            return _search(tc, base, data, out, space, storage, restore, callbacks)
+    except BaseException as exc:
+        if stop.reason is None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(exc, JobError):  # Tune ended the search early: "… N of M trials (interrupted) …"
+            raise Stopped(str(exc).replace("(interrupted)", f"({stop.reason or 'interrupted'})")) from None
+        raise Stopped(f"the search {stop.reason or 'was interrupted'}; resume it with the same options plus --restore "
+                      f"(state in {storage}/{tc.run_name})") from None
+
+
+def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict, storage: str, restore: bool,
+            callbacks: Sequence) -> dict:
+    from core import console
+    from jobs.tune_callbacks import release_search
+
     t0 = time.time()
     with console.stdout_to_log("tune.log"):  # Tune's experiment table; our progress is jobs.tune_callbacks'
         grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
