@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -139,6 +140,10 @@ def _library_versions() -> dict[str, str]:
     import tensorflow as tf
 
     versions = {"python": platform.python_version(), "tensorflow": tf.__version__, "numpy": np.__version__}
+    try:
+        versions["breedlabel"] = importlib.metadata.version("breedlabel")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was not pip-installed
+        pass
     try:
         import tf_keras
 

@@ -113,6 +113,9 @@ class TrainConfig:
         _check(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.head_epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0")
+        _check(self.head_epochs > 0 or (self.finetune_epochs > 0 and self.finetune_layers != 0),
+               "head_epochs is 0 and there is no fine-tuning phase, so nothing would be trained (the bundle would "
+               "hold a random head); give --head-epochs N")
         _check(self.head_lr > 0 and self.finetune_lr > 0, "learning rates must be > 0")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")

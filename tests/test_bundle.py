@@ -2,6 +2,7 @@
 model, and load_bundle refuses pickles, names missing/mismatched files, detects tampering."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 
@@ -52,6 +53,7 @@ def test_card_and_labels(tiny_bundle):
     assert card["format_version"] == 2 and card["hashes"]["model/"] == compute_model_id(tiny_bundle / MODEL_DIR)
     assert b.model_id == card["model_id"] == bundle_id(card["hashes"]["model/"], card["hashes"]["labels.json"], card)
     assert b.input_size == (32, 32) and b.resize_policy == "resize_crop"
+    assert card["library_versions"]["breedlabel"] == importlib.metadata.version("breedlabel")  # which code exported
     assert [c.id for c in b.classes] == [c.id for c in tiny_classes(4)]
     assert b.path == str(tiny_bundle)
 

@@ -92,3 +92,14 @@ def test_train_aliases_set_their_config_field(alias, field, value):
 def test_tune_name_is_run_name():
     args = build_parser().parse_args(["tune", "--data", "d", "--out", "o", "--name", "search"])
     assert args.run_name == "search"
+
+
+def test_version_is_the_installed_one():
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    from tests.test_predict_cli import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--version"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == f"breedlabel {importlib.metadata.version('breedlabel')}\n"

@@ -59,3 +59,13 @@ def test_tta_sizes_from_lists_become_the_tuple_field():
     cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), "tta_sizes": [192]})
     assert cfg.tta_sizes == (192,) and cfg == TrainConfig(tta_sizes=(192,))
     assert TrainConfig().replace(tta_sizes=[160, 192]).tta_sizes == (160, 192)
+
+
+def test_a_config_that_trains_nothing_is_refused():
+    """No head epochs and no fine-tuning phase would export a random head as if trained."""
+    from core.config import smoke
+
+    for changes in ({"head_epochs": 0, "finetune_epochs": 0}, {"head_epochs": 0, "finetune_layers": 0}):
+        with pytest.raises(ConfigError, match="nothing would be trained"):
+            smoke().replace(**changes)
+    assert smoke().replace(head_epochs=0).finetune_epochs == 1  # fine-tuning alone trains the head too
