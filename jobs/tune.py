@@ -13,6 +13,7 @@ bundle of the best config trained on the full split. Subset workflow:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -233,13 +234,33 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
                       f"(state in {storage}/{tc.run_name})") from None
 
 
+@contextlib.contextmanager
+def _tune_stop_lines_dropped():
+    """Tune's own lines on a stop ("Press CTRL+C … to skip", "Resume experiment with:
+    Tuner.restore(…)") speak to a Python caller; the CLI's one line says `--restore` (with -v: all)."""
+    from core import console
+
+    def keep(record: logging.LogRecord) -> bool:
+        return console.is_verbose() or not record.getMessage().startswith(_TUNE_STOP_LINES)
+
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        tune_logger.removeFilter(keep)
+
+
+_TUNE_STOP_LINES = ("Stop signal received", "Experiment has been interrupted")
+
+
 def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict, storage: str, restore: bool,
             callbacks: Sequence) -> dict:
     from core import console
     from jobs.tune_callbacks import release_search
 
     t0 = time.time()
-    with console.stdout_to_log("tune.log"):  # Tune's experiment table; our progress is jobs.tune_callbacks'
+    with console.stdout_to_log("tune.log"), _tune_stop_lines_dropped():  # Tune's table: ours is tune_callbacks'
         grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
     release_search(grid)  # an interrupted search's workers: free them for a restore or --final-train
     finished = grid.num_terminated + grid.num_errors

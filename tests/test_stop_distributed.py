@@ -61,3 +61,4 @@ def test_a_search_stopped_by_sigterm_says_how_to_resume(tmp_path):
                         rf"resume it with the same options plus --restore \(state in {re.escape(str(state))}/\S+\)",
                         last), last
     assert "SIGTERM received" not in proc.stderr and proc.stdout == ""
+    assert "Tuner.restore" not in proc.stderr and "Press CTRL+C" not in proc.stderr  # Tune's lines for Python users
