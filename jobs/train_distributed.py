@@ -34,7 +34,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -288,6 +290,19 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: D
     return export_trained(result, out, train_set, distributed=asdict(dist)), result.metrics
 
 
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Ray Train installs its own SIGINT handler for the fit (abort the controller) and leaves it;
+    put back the one before, so a stop after the fit (during the export) is ours to handle."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def new_run_name() -> str:
     return f"train-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -306,7 +321,8 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
 
             epochs = {PHASE_HEAD: cfg.head_epochs, PHASE_FINETUNE: cfg.finetune_epochs}
             callbacks.append(stack.enter_context(printed_progress(epochs)))
-        result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
+        with _sigint_handler_kept():
+            result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
     poll()  # a fit aborted by SIGINT/SIGTERM returns: nothing more to do (nor export)
     checkpoint, metrics = best_checkpoint(result)
     log.info("trained in %.0f s over %d worker(s); best %s %.4f at %s epoch %s", time.time() - t0,
@@ -322,13 +338,13 @@ def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
     """`breedlabel train --workers N …`: fit, export, print the summary line."""
     from core import console
 
-    console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
-    # the dashboard stays: Train V2's placement-group cleaner asks its State API whether a controller
-    # died (jobs.tune_callbacks gives a stopped trial's resources back when it cannot)
     dist = replace(dist, run_name=dist.run_name or new_run_name())  # named here: the stop message resumes it
     stop = GracefulStop(polled=True, sigterm_as_sigint=True)  # Ray Train's SIGINT handler aborts its fit
     try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the run as Ctrl-C does: one line, exit 1
         with stop:
+            console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
+            # the dashboard stays: Train V2's placement-group cleaner asks its State API whether a controller
+            # died (jobs.tune_callbacks gives a stopped trial's resources back when it cannot)
             ray_session.connect(dashboard=True, quiet=not console.is_verbose())  # the workers' output: with -v
             stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
             t0 = time.time()
@@ -341,6 +357,8 @@ def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
             raise
         raise Stopped(f"training {stop.reason or 'interrupted'}, nothing exported; to resume from its last "
                       f"checkpoint, rerun with --storage {dist.storage} --run-name {dist.run_name}") from None
+    if stop.reason:  # the export swallowed the signal and finished: the bundle is whole, say so
+        log.warning("%s as the export finished; the bundle at %s is complete", stop.reason, args.out)
     print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
                       "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
                       "best_epoch": done.metrics.get("epoch"), "run": done.run_path,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.fixtures.crash import REPO, job_env
+from tests.fixtures.crash import REPO, Point, job_env, train_command
 from tests.fixtures.images import make_synthetic_dataset
 
 
@@ -62,3 +62,25 @@ def test_a_search_stopped_by_sigterm_says_how_to_resume(tmp_path):
                         last), last
     assert "SIGTERM received" not in proc.stderr and proc.stdout == ""
     assert "Tuner.restore" not in proc.stderr and "Press CTRL+C" not in proc.stderr  # Tune's lines for Python users
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [
+    Point("core.console:import_tensorflow", when="before", action="term"),  # before Ray: was a silent 143
+    Point("core.bundle:_save_serving_model", when="before", action="term"),  # after the fit: was ignored, rc 0
+    Point("core.bundle:_save_serving_model", when="before", action="int"),
+], ids=["term-at-start", "term-in-the-export", "int-in-the-export"])
+def test_distributed_training_stopped_before_or_after_the_fit_exports_nothing(tmp_path, point):
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=3, images_per_class=8, size=40)
+    out = tmp_path / "b"
+    proc = subprocess.run(train_command(["--workers", "2", "--data", str(data), "--out", str(out), "--preset", "smoke",
+                                         "--input-size", "32", "--storage", str(tmp_path / "ray"), "--run-name", "r1"],
+                                        point),
+                          cwd=REPO, env=job_env({"BREEDLABEL_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    reason = "stopped by SIGTERM" if point.action == "term" else "stopped by SIGINT"
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
+    assert ours == [f"breedlabel train: error: training {reason}, nothing exported; to resume from its last "
+                    f"checkpoint, rerun with --storage {tmp_path / 'ray'} --run-name r1"], proc.stderr[-3000:]
+    assert proc.stdout == "" and not (out / "card.json").exists() and not (out / "model").exists()
