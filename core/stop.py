@@ -99,3 +99,16 @@ def poll() -> None:
     if (_polled and _polled[-1].reason is not None and not _polled[-1]._deferring
             and threading.current_thread() is threading.main_thread()):
         raise Stopped(_polled[-1].reason)
+
+
+@contextlib.contextmanager
+def sigint_handler_restored() -> Iterator[None]:
+    """Ray Train and Tune install a SIGINT handler of their own for a fit and leave it there; put
+    back the one before, so a stop after the fit (the export, the final training) is ours again."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -34,9 +34,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,7 +45,7 @@ from core.config import PHASE_FINETUNE, PHASE_HEAD, TrainConfig
 from core.console import VERBOSE_ENV
 from core.errors import ConfigError, JobError
 from core.options import option
-from core.stop import GracefulStop, Stopped, poll
+from core.stop import GracefulStop, Stopped, poll, sigint_handler_restored
 from jobs import ray_session
 
 log = logging.getLogger(__name__)
@@ -290,19 +288,6 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: D
     return export_trained(result, out, train_set, distributed=asdict(dist)), result.metrics
 
 
-@contextlib.contextmanager
-def _sigint_handler_kept():
-    """Ray Train installs its own SIGINT handler for the fit (abort the controller) and leaves it;
-    put back the one before, so a stop after the fit (during the export) is ours to handle."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
-    try:
-        yield
-    finally:
-        if main and previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 def new_run_name() -> str:
     return f"train-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -321,7 +306,7 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
 
             epochs = {PHASE_HEAD: cfg.head_epochs, PHASE_FINETUNE: cfg.finetune_epochs}
             callbacks.append(stack.enter_context(printed_progress(epochs)))
-        with _sigint_handler_kept():
+        with sigint_handler_restored():  # Ray Train leaves its own installed
             result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
     poll()  # a fit aborted by SIGINT/SIGTERM returns: nothing more to do (nor export)
     checkpoint, metrics = best_checkpoint(result)

@@ -29,7 +29,7 @@ from core import storage as storage_uri
 from core.config import PRESETS, TrainConfig, get_preset
 from core.errors import ConfigError, JobError
 from core.options import option
-from core.stop import GracefulStop, Stopped
+from core.stop import GracefulStop, Stopped, sigint_handler_restored
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict,
     from jobs.tune_callbacks import release_search
 
     t0 = time.time()
-    with console.stdout_to_log("tune.log"), _tune_stop_lines_dropped():  # Tune's table: ours is tune_callbacks'
+    # Tune's table goes to tune.log (ours is tune_callbacks'); Tune leaves its SIGINT handler installed
+    with console.stdout_to_log("tune.log"), _tune_stop_lines_dropped(), sigint_handler_restored():
         grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
     release_search(grid)  # an interrupted search's workers: free them for a restore or --final-train
     finished = grid.num_terminated + grid.num_errors
