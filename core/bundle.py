@@ -8,6 +8,7 @@ anyone can write to.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -219,6 +220,7 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
     if not remote:
         check_export_target(out_uri)
     local = Path(tempfile.mkdtemp(prefix="bundle-")) if remote else Path(_local_path(out_uri))
+    created = not local.exists()
     local.mkdir(parents=True, exist_ok=True)
     try:
         width, has_dog_score = _save_serving_model(model, local / MODEL_DIR, input_size)
@@ -239,6 +241,9 @@ def export_bundle(model: Any, classes: Sequence[Breed], out_uri: str, *, input_s
             shutil.rmtree(local / MODEL_DIR, ignore_errors=True)
             for name in (LABELS_FILE, CARD_FILE):
                 (local / name).unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):  # only if empty: the folder was made for this bundle
+                    local.rmdir()
         raise
     finally:
         if remote:

@@ -136,4 +136,4 @@ def test_a_stop_is_never_lost_and_leaves_no_bundle(tmp_path, point, during):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
     assert ours == [f"breedlabel train: error: training stopped by SIGTERM{during}, nothing exported; rerunning "
                     f"the same command reuses the features cached in {out}.run"], proc.stderr[-3000:]
-    assert proc.stdout == "" and not (out / "model").exists() and not (out / "card.json").exists()
+    assert proc.stdout == "" and not out.exists()  # a stop in the export removes the folder it made
