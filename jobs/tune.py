@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from core import options
 from core import search_space
@@ -29,7 +29,7 @@ from core import storage as storage_uri
 from core.config import PRESETS, TrainConfig, get_preset
 from core.errors import ConfigError, JobError
 from core.options import option
-from core.stop import GracefulStop, Stopped, sigint_handler_restored
+from core.stop import GracefulStop, Stopped, poll, sigint_handler_restored
 
 log = logging.getLogger(__name__)
 
@@ -234,24 +234,38 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
                       f"(state in {storage}/{tc.run_name})") from None
 
 
-@contextlib.contextmanager
-def _tune_stop_lines_dropped():
+class _TuneStopLines(logging.Filter):
     """Tune's own lines on a stop ("Press CTRL+C … to skip", "Resume experiment with:
-    Tuner.restore(…)") speak to a Python caller; the CLI's one line says `--restore` (with -v: all)."""
-    from core import console
+    Tuner.restore(…)", then "Failed to fetch metrics" of the trial it cut short) speak to a Python
+    caller; the CLI's one line says `--restore` (with -v: all). Seeing them is also how a search
+    knows Tune ended it on a signal: its ResultGrid counts the cut trial as terminated."""
 
-    def keep(record: logging.LogRecord) -> bool:
-        return console.is_verbose() or not record.getMessage().startswith(_TUNE_STOP_LINES)
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
 
-    tune_logger = logging.getLogger("ray.tune.tune")
-    tune_logger.addFilter(keep)
+    def filter(self, record: logging.LogRecord) -> bool:
+        from core import console
+
+        message = record.getMessage()
+        if message.startswith("Experiment has been interrupted"):
+            self.interrupted = True
+        ours = message.startswith("Stop signal received") or message.startswith("Experiment has been interrupted") \
+            or (self.interrupted and message.startswith("Failed to fetch metrics"))
+        return console.is_verbose() or not ours
+
+
+@contextlib.contextmanager
+def _tune_stop_lines_dropped() -> Iterator[_TuneStopLines]:
+    lines = _TuneStopLines()
+    loggers = [logging.getLogger(n) for n in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    for logger in loggers:
+        logger.addFilter(lines)
     try:
-        yield
+        yield lines
     finally:
-        tune_logger.removeFilter(keep)
-
-
-_TUNE_STOP_LINES = ("Stop signal received", "Experiment has been interrupted")
+        for logger in loggers:
+            logger.removeFilter(lines)
 
 
 def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict, storage: str, restore: bool,
@@ -261,13 +275,15 @@ def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict,
 
     t0 = time.time()
     # Tune's table goes to tune.log (ours is tune_callbacks'); Tune leaves its SIGINT handler installed
-    with console.stdout_to_log("tune.log"), _tune_stop_lines_dropped(), sigint_handler_restored():
+    with console.stdout_to_log("tune.log"), _tune_stop_lines_dropped() as tune_stop, sigint_handler_restored():
         grid = make_tuner(tc, base, data, space, storage, callbacks, restore).fit()
     release_search(grid)  # an interrupted search's workers: free them for a restore or --final-train
-    finished = grid.num_terminated + grid.num_errors
-    if finished < tc.num_samples and tc.time_budget_s is None:
+    short = grid.num_terminated + grid.num_errors < tc.num_samples and tc.time_budget_s is None
+    if tune_stop.interrupted or short:  # a trial Tune cut short counts as terminated: count those that reported
+        finished = sum(1 for r in grid if r.error is not None or METRIC in (r.metrics or {}))
         raise JobError(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
                        f"resume it with the same options plus --restore (state in {storage}/{tc.run_name})")
+    poll()  # a SIGTERM taken by our handler once Tune's was gone: no outputs from a stopped search
     table = results_table(grid, base)
     ok = table.dropna(subset=[METRIC])
     if ok.empty:

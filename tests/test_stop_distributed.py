@@ -84,3 +84,22 @@ def test_distributed_training_stopped_before_or_after_the_fit_exports_nothing(tm
     assert ours == [f"breedlabel train: error: training {reason}, nothing exported; to resume from its last "
                     f"checkpoint, rerun with --storage {tmp_path / 'ray'} --run-name r1"], proc.stderr[-3000:]
     assert proc.stdout == "" and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, why", [(signal.SIGTERM, "stopped by SIGTERM"), (signal.SIGINT, "interrupted")])
+def test_a_search_stopped_in_its_last_trial_is_not_a_success(tmp_path, sig, why):
+    """Tune counts the trial it cut short as terminated: the search wrote its outputs and exited 0
+    (SIGTERM), or said "no trial reported val_top1" (SIGINT), and Tune's "Failed to fetch metrics"
+    lines came with it."""
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=3, images_per_class=8, size=40)
+    out, state = tmp_path / "out", tmp_path / "state"
+    proc = _stop_when(["tune", "--data", str(data), "--out", str(out), "--preset", "smoke", "--space", "smoke",
+                       "--num-samples", "1", "--storage", str(state)], r"trial \w+ started \(1 of 1\)", sig, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
+    expected = (rf"breedlabel tune: error: the search stopped after 0 of 1 trials \({why}\); "
+                r"resume it with the same options plus --restore \(state in .*\)")
+    assert len(ours) == 1 and re.fullmatch(expected, ours[0]), proc.stderr[-3000:]
+    assert "Failed to fetch metrics" not in proc.stderr and proc.stdout == ""
+    assert not (out / "best_config.json").exists()
