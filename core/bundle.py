@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from core import storage
+from core import installed_version, storage
 from core.breeds import Breed, read_labels_json, write_labels_json
 from core.errors import BundleError, ConfigError
 
@@ -141,10 +140,8 @@ def _library_versions() -> dict[str, str]:
     import tensorflow as tf
 
     versions = {"python": platform.python_version(), "tensorflow": tf.__version__, "numpy": np.__version__}
-    try:
-        versions["breedlabel"] = importlib.metadata.version("breedlabel")
-    except importlib.metadata.PackageNotFoundError:  # a source tree that was not pip-installed
-        pass
+    if (version := installed_version()) is not None:  # None: a source tree that was not pip-installed
+        versions["breedlabel"] = version
     try:
         import tf_keras
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from core import console
+from core import console, installed_version
 from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, BreedlabelError
 
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="breedlabel", description="Train dog-breed classifiers and label large image archives with Ray.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and every library's own output (TensorFlow, Ray workers)")
-    parser.add_argument("--version", action="version", version=f"breedlabel {_version()}",
+    parser.add_argument("--version", action="version",
+                        version=f"breedlabel {installed_version() or '(not installed)'}",
                         help="the installed version (a bundle's card records it as well)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
@@ -64,15 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("breedlabel")
-    except PackageNotFoundError:  # run from a source tree that was not pip-installed
-        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -250,7 +250,7 @@ class _TuneStopLines(logging.Filter):
         message = record.getMessage()
         if message.startswith("Experiment has been interrupted"):
             self.interrupted = True
-        ours = message.startswith("Stop signal received") or message.startswith("Experiment has been interrupted") \
+        ours = message.startswith(("Stop signal received", "Experiment has been interrupted")) \
             or (self.interrupted and message.startswith("Failed to fetch metrics"))
         return console.is_verbose() or not ours
 
