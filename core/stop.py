@@ -40,6 +40,7 @@ class GracefulStop:
         # fit) gets SIGTERM the same way; `poll()` afterwards turns the early return into Stopped
         self.sigterm_as_sigint = sigterm_as_sigint
         self._deferring = 0
+        self._second_interrupts: list[bool] = []
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -71,18 +72,25 @@ class GracefulStop:
             raise Stopped(self.reason)
 
     @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Signals inside are recorded, not raised (`check()` afterwards where it matters)."""
+    def deferred(self, *, second_interrupts: bool = False) -> Iterator[None]:
+        """Signals inside are recorded, not raised (`check()` afterwards where it matters).
+
+        second_interrupts: a second signal raises KeyboardInterrupt, for a wait that may never end
+        (Ray connecting to a cluster that does not answer), not for a commit."""
         self._deferring += 1
+        self._second_interrupts.append(second_interrupts)
         try:
             yield
         finally:
             self._deferring -= 1
+            self._second_interrupts.pop()
 
     def _on_signal(self, signum: int, frame) -> None:
         first = self.reason is None
         self.request(f"stopped by {signal.Signals(signum).name}")
         if self._deferring:
+            if not first and self._second_interrupts[-1]:
+                raise KeyboardInterrupt  # a second signal while waiting: give up waiting
             return
         sigint = signal.getsignal(signal.SIGINT)
         if self.sigterm_as_sigint and signum == signal.SIGTERM and callable(sigint) and sigint != self._on_signal:

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from core import console, installed_version
 from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, BreedlabelError
+from jobs import ray_session
 
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console.configure(args.verbose)
+    try:
+        return _run(args)
+    finally:  # after the message: a Ray this command started, shut down before Python's exit
+        ray_session.shutdown_uninterruptible()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = int(args._module.run(args))
         sys.stdout.flush()  # a reader gone meanwhile shows here, not in Python's flush at exit

@@ -76,8 +76,7 @@ def label(cfg: LabelConfig) -> dict | None:
             if first is not None:
                 # Ray's C++ lines ("E … core_worker.cc") go to a log file; our progress and messages stay
                 with console.native_output_to_log(f"label-{run.run_id}.log"):
-                    started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True)
-                    stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+                    started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True, stop=stop)
                     plan = run_pipeline(cfg, run, chain([first], items), stop)
         except BaseException as exc:
             with stop.deferred():
@@ -93,13 +92,11 @@ def label(cfg: LabelConfig) -> dict | None:
             if isinstance(exc, ServiceError) and run.stats.images:
                 raise ServiceError(f"{exc} ({run.stats.images} images of run {run.run_id} are staged; nothing "
                                    "was published)") from None
-            raise  # the lease is released on the way out; Ray is shut down at exit (after the message)
+            raise  # the lease is released on the way out; Ray is shut down after the message (jobs.cli)
         with stop.deferred():
             manifest = run.commit(plan)
     if started_ray:
-        import ray
-
-        ray.shutdown()
+        ray_session.shutdown_uninterruptible()
     print(summary_text(manifest, cfg.min_prob, cfg.summary_breeds), file=sys.stderr)
     return manifest
 

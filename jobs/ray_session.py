@@ -6,31 +6,116 @@ instance happens to run on this machine.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from core.errors import JobError
+
+if TYPE_CHECKING:
+    from core.stop import GracefulStop
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
-            quiet: bool = False) -> bool:
+            quiet: bool = False, stop: "GracefulStop | None" = None) -> bool:
     """ray.init once; returns True when this call started it (so the caller shuts it down).
 
     quiet: keep workers' logs off the driver's console (the label job prints its own progress).
     Otherwise Ray's own INFO lines (where the dashboard is, auth notices) show only with -v.
+    stop: the run's armed stop. A signal while Ray starts (a few seconds) is held until it has
+    started, then raised as `Stopped`: raised inside `ray.init` it is caught and printed by Ray,
+    which goes on starting. A second signal gives up waiting (KeyboardInterrupt: a cluster that
+    does not answer). Ray also swaps in a SIGTERM handler of its own (`sys.exit(15)`) first
+    thing, so that exit is read as the stop it is, and `stop` is armed again after.
     """
     import ray
 
     from core import console
 
     if ray.is_initialized():
+        if stop is not None:
+            stop.check()
         return False
+    given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    if not local:
+        check_reachable(address, given)
     extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet \
         else dict(logging_level=logging.INFO if console.is_verbose() else logging.WARNING)
-    with console.quiet_logger(_TOKEN_NOTICE, enabled=local and not console.is_verbose()):
-        ray.init(address=address, num_cpus=num_cpus if local else None,
-                 include_dashboard=dashboard if local else None, **extra)
+    try:
+        with console.quiet_logger(_TOKEN_NOTICE, enabled=local and not console.is_verbose()), \
+                (stop.deferred(second_interrupts=True) if stop else contextlib.nullcontext()):
+            ray.init(address=address, num_cpus=num_cpus if local else None,
+                     include_dashboard=dashboard if local else None, **extra)
+    except SystemExit as exc:
+        if stop is None or exc.code != signal.SIGTERM:
+            raise
+        stop.request("stopped by SIGTERM")
+    except ConnectionError as exc:  # something answers there, not a Ray cluster Ray can join
+        if local:
+            raise
+        raise JobError(f"{given} {address}: cannot join a Ray cluster there ({str(exc).splitlines()[0]}); give the "
+                       "address `ray status` prints on the cluster's head, or none for a Ray of this command's "
+                       "own") from None
+    if stop is not None and stop.reason is not None:
+        # Ray's native failure handler (Abseil's) is in place for SIGTERM while Ray starts: it logs a
+        # C++ stack, hands the signal on, and arms alarm(3) to abort the process (exit 134) in case
+        # that hangs; the stop is handled, so that alarm is cancelled
+        signal.alarm(0)
+    global _started
+    _started = True
+    if stop is not None:
+        stop.arm()
+        stop.check()
     return True
+
+
+def check_reachable(address: str, given: str = "--address", *, timeout_s: float = 5.0, attempts: int = 2) -> None:
+    """Fail in seconds when nothing listens at a cluster address: `ray.init` retries a GCS that
+    does not answer for minutes (20 attempts of ~11 s), without a word and deaf to Ctrl-C while
+    its C++ client waits. Addresses that are not host:port or ray://host:port ('auto') are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or "://" in host:
+        return
+    for attempt in range(attempts):
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            error = exc
+            if attempt + 1 < attempts:
+                time.sleep(1)
+    raise JobError(f"{given} {address}: no Ray cluster answers there ({error.strerror or error}; {attempts} "
+                   f"attempts, {timeout_s:.0f} s each); start it (`ray start --head`), or give the right address, "
+                   "or none for a Ray of this command's own")
+
+
+_started = False  # this process started the Ray it is connected to (connect): it shuts it down
+
+
+def shutdown_uninterruptible() -> None:
+    """Shut down the Ray `connect` started (not one a caller started: tests share theirs), with
+    SIGINT/SIGTERM ignored meanwhile: a second Ctrl-C during Ray's own shutdown at exit ended it
+    half-way (a traceback, and Ray's agents left running with no parent)."""
+    global _started
+    ray = sys.modules.get("ray")
+    if not _started or ray is None:  # started, even if a stop cut ray.init short: its processes run
+        return
+    _started = False
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        ray.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # Its "token authentication is enabled for this Ray cluster" notice is about a cluster someone

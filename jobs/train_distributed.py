@@ -330,8 +330,7 @@ def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
             console.import_tensorflow()  # here too: Ray Train's TensorflowTrainer imports it
             # the dashboard stays: Train V2's placement-group cleaner asks its State API whether a controller
             # died (jobs.tune_callbacks gives a stopped trial's resources back when it cannot)
-            ray_session.connect(dashboard=True, quiet=not console.is_verbose())  # the workers' output: with -v
-            stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+            ray_session.connect(dashboard=True, quiet=not console.is_verbose(), stop=stop)  # workers' output: -v
             t0 = time.time()
             # absolute paths: the workers run in other working directories
             done = run_distributed(cfg.with_absolute_paths(), storage.normalize_uri(args.data), dist, out=args.out,

@@ -222,8 +222,8 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     stop = GracefulStop(polled=True, sigterm_as_sigint=True)  # Tune and Ray Train end their fit on SIGINT
     try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the search as Ctrl-C does: one line, exit 1
         with stop:
-            ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose())
-            stop.arm()  # ray.init installs a SIGTERM handler of its own (sys.exit anywhere)
+            ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose(),
+                                stop=stop)
             return _search(tc, base, data, out, space, storage, restore, callbacks)
     except BaseException as exc:
         if stop.reason is None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 
 from core import output, storage
-from core.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from core.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, JobError
 from tests.fixtures.crash import REPO, Point, job_env, label_command
 from tests.fixtures.images import jpeg_bytes
 from tests.fixtures.proxy import TcpProxy
@@ -311,3 +312,37 @@ def test_an_edited_bundle_is_refused_before_anything_runs(tiny_bundle, tmp_path)
     refused = _run(label_command([str(photos), "--model", str(bundle), "--out", str(tmp_path / "o")]))
     assert refused.returncode == EXIT_FAILED and "labels.json was changed" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "o").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_cluster_address_where_nothing_listens_fails_in_seconds(tiny_bundle, tmp_path):
+    """`ray.init` retried it for minutes, silent (the label job is quiet) and deaf to Ctrl-C."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "p.jpg").write_bytes(jpeg_bytes(40, 30))
+    address = f"127.0.0.1:{_closed_port()}"
+    args = [str(tmp_path / "photos"), "--model", str(tiny_bundle), "--out", str(tmp_path / "o")]
+    given = _run(label_command([*args, "--address", address]))
+    from_env = _run(label_command(args), env=job_env({"RAY_ADDRESS": address}))
+    for done, name in ((given, "--address"), (from_env, "RAY_ADDRESS")):
+        assert done.returncode == EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(
+            f"breedlabel label: error: {name} {address}: no Ray cluster answers there (Connection refused")
+    assert not storage.exists(f"{tmp_path}/o/_lease.json")
+
+
+def test_only_host_port_addresses_are_probed():
+    from jobs.ray_session import check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: Ray says the rest
+    check_reachable("auto")  # Ray finds the address itself
+    with pytest.raises(JobError, match=r"RAY_ADDRESS ray://127\.0\.0\.1:\d+: no Ray cluster answers there"):
+        check_reachable(f"ray://127.0.0.1:{_closed_port()}", "RAY_ADDRESS", timeout_s=1, attempts=1)
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -202,6 +203,94 @@ def test_stop_signal_stages_releases_and_resumes(sig, photos, tiny_bundle, out, 
     assert manifest[output.M_ATTEMPTS] == 2 and manifest[output.M_RESUMED] >= 8
     assert manifest[output.M_IMAGES] == N_IMAGES + 1
     assert_one_row_per_input(out, photos)
+
+
+# Inside `ray.init` of a run that starts its own Ray: before the head's processes start (Ray's own
+# SIGTERM handler, sys.exit(15), is in place), while it connects to its GCS, and after the
+# driver's core worker exists (its native failure handler dumped a C++ stack, aborting on SIGTERM).
+RAY_START_POINTS = {
+    "term-starting-the-head": Point("ray._private.node:Node.start_head_processes", when="before", action="term"),
+    "term-after-the-driver-connects": Point("ray._private.worker:connect", action="term"),
+    "int-after-the-driver-connects": Point("ray._private.worker:connect", action="int"),
+    # Ray retries its GCS connection on any Exception, the Stopped raised there included
+    "int-connecting-to-the-gcs": Point("ray._private.node:GcsClient", when="before", action="int"),
+}
+
+
+@pytest.mark.parametrize("where", list(RAY_START_POINTS))
+@pytest.mark.slow
+def test_a_stop_while_ray_starts_is_one_line_and_leaves_nothing_running(where, photos, tiny_bundle, out, tmp_path):
+    """It exited 15 or 134 without a word, or (SIGINT) Ray printed the stop, started anyway and
+    the run labelled a chunk before it stopped."""
+    point = RAY_START_POINTS[where]
+    marker = f"breedlabel-test-{os.getpid()}-{tmp_path.name}"
+    stopped = subprocess.run(label_command(_args(photos, tiny_bundle, out, "local"), point), cwd=REPO,
+                             env=job_env({"BREEDLABEL_TEST_MARKER": marker}), capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT_S)
+    assert stopped.returncode == EXIT_FAILED, stopped.stderr[-3000:]
+    name = "SIGINT" if point.action == "int" else "SIGTERM"
+    lines = [line for line in stopped.stderr.splitlines() if "stopped by" in line]
+    assert lines == [lines[-1]] and lines[-1].startswith(f"breedlabel label: error: stopped by {name}: 0 images")
+    assert "Traceback" not in stopped.stderr and "*** SIGTERM received" not in stopped.stderr
+    assert not storage.exists(lease.lease_uri(out)) and _manifests(out) == []
+    wait_until(lambda: not _processes_with(marker), what="Ray's processes of the stopped run to exit",
+               timeout_s=30, every_s=0.5, describe=lambda: str(_processes_with(marker)))
+
+
+_SLOW_EXIT_AFTER_A_SIGTERM_IN_RAY_INIT = r"""
+import os, signal, sys, time
+import ray, ray._private.worker as worker
+connect = worker.connect
+def connect_then_sigterm(*a, **k):  # the driver's core worker exists: Ray's native handler gets it
+    result = connect(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return result
+worker.connect = connect_then_sigterm
+shutdown = ray.shutdown
+def slow_shutdown(*a, **k):  # a loaded machine: the exit takes longer than the native handler's alarm (3 s)
+    time.sleep(4)
+    return shutdown(*a, **k)
+ray.shutdown = slow_shutdown
+from jobs.label import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_in_ray_init_does_not_abort_the_exit(photos, tiny_bundle, out):
+    """Ray's native failure handler logs a SIGTERM, passes it on and arms alarm(3) to abort: the
+    run stopped with its one line, then died of SIGABRT (exit 134) when its exit took over 3 s."""
+    stopped = _run([sys.executable, "-c", _SLOW_EXIT_AFTER_A_SIGTERM_IN_RAY_INIT,
+                    *_args(photos, tiny_bundle, out, "local")])
+    assert stopped.returncode == EXIT_FAILED, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("breedlabel label: error: stopped by SIGTERM: 0 images")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_ray_shuts_down_is_ignored(photos, tiny_bundle, out, tmp_path):
+    """Ray's shutdown at exit, cut by a second Ctrl-C, printed a traceback and left its agents running."""
+    marker = f"breedlabel-test-{os.getpid()}-{tmp_path.name}"
+    done = subprocess.run(label_command(_args(photos, tiny_bundle, out, "local"),
+                                        Point("ray:shutdown", when="before", action="int")), cwd=REPO,
+                          env=job_env({"BREEDLABEL_TEST_MARKER": marker}), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert_one_row_per_input(out, photos)
+    wait_until(lambda: not _processes_with(marker), what="Ray's processes of the run to exit",
+               timeout_s=30, every_s=0.5, describe=lambda: str(_processes_with(marker)))
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Command lines of the processes whose environment carries `marker` (a run and all it started)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 @pytest.mark.slow
