@@ -16,12 +16,14 @@ innermost armed stop that asked for it (`GracefulStop(polled=True)`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from typing import Iterator
 
 from core.errors import BreedlabelError
 
+log = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _polled: list["GracefulStop"] = []
 
@@ -70,6 +72,21 @@ class GracefulStop:
     def check(self) -> None:
         if self.reason is not None:
             raise Stopped(self.reason)
+
+    def why(self, exc: BaseException, *, library_exits: bool = False) -> str | None:
+        """Why `exc` ended the run if a stop did, else None (a failure: re-raise it). A Ctrl-C the
+        library turned into its own KeyboardInterrupt (or, `library_exits`, SystemExit: Ray Train
+        and Tune end their fit and exit on SIGINT) reads "interrupted"."""
+        if self.reason is not None:
+            return self.reason
+        if isinstance(exc, KeyboardInterrupt) or (library_exits and isinstance(exc, SystemExit)):
+            return "interrupted"
+        return None
+
+    def warn_if_finished_anyway(self, what: str) -> None:
+        """A stop the last step swallowed (an export that finished): say what is whole, exit 0."""
+        if self.reason is not None:
+            log.warning("%s as %s", self.reason, what)
 
     @contextlib.contextmanager
     def deferred(self, *, second_interrupts: bool = False) -> Iterator[None]:

@@ -74,13 +74,12 @@ def run(args: argparse.Namespace) -> int:
             step = "export"
             export_trained(result, args.out, folder)  # removes what it wrote if a stop lands in it
     except BaseException as exc:
-        if stop.reason is None and not isinstance(exc, KeyboardInterrupt):
+        if (why := stop.why(exc)) is None:
             raise
         kept = f"; rerunning the same command reuses the features cached in {ckpt}" if ckpt else ""
         during = " during the export" if step == "export" else ""
-        raise Stopped(f"training {stop.reason or 'interrupted'}{during}, nothing exported{kept}") from None
-    if stop.reason:  # the export swallowed the signal and finished: the bundle is whole, say so
-        log.warning("%s as the export finished; the bundle at %s is complete", stop.reason, args.out)
+        raise Stopped(f"training {why}{during}, nothing exported{kept}") from None
+    stop.warn_if_finished_anyway(f"the export finished; the bundle at {args.out} is complete")
     summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),
                **{k: v for k, v in result.extras.items() if k != "timings"}, **result.card,
                "timings": result.extras["timings"]}

@@ -336,13 +336,11 @@ def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
             done = run_distributed(cfg.with_absolute_paths(), storage.normalize_uri(args.data), dist, out=args.out,
                                    progress=True)
     except BaseException as exc:
-        # Ray Train handles SIGINT during fit itself: it aborts the run, then exits (SystemExit)
-        if stop.reason is None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if (why := stop.why(exc, library_exits=True)) is None:
             raise
-        raise Stopped(f"training {stop.reason or 'interrupted'}, nothing exported; to resume from its last "
-                      f"checkpoint, rerun with --storage {dist.storage} --run-name {dist.run_name}") from None
-    if stop.reason:  # the export swallowed the signal and finished: the bundle is whole, say so
-        log.warning("%s as the export finished; the bundle at %s is complete", stop.reason, args.out)
+        raise Stopped(f"training {why}, nothing exported; to resume from its last checkpoint, rerun with "
+                      f"--storage {dist.storage} --run-name {dist.run_name}") from None
+    stop.warn_if_finished_anyway(f"the export finished; the bundle at {args.out} is complete")
     print(json.dumps({"out": args.out, "top1": round(done.card_metrics["top1"], 4),
                       "top3": round(done.card_metrics["top3"], 4), "workers": dist.workers,
                       "best_epoch": done.metrics.get("epoch"), "run": done.run_path,

@@ -226,12 +226,12 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
                                 stop=stop)
             return _search(tc, base, data, out, space, storage, restore, callbacks)
     except BaseException as exc:
-        if stop.reason is None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if (why := stop.why(exc, library_exits=True)) is None:
             raise
         if isinstance(exc, JobError):  # Tune ended the search early: "… N of M trials (interrupted) …"
-            raise Stopped(str(exc).replace("(interrupted)", f"({stop.reason or 'interrupted'})")) from None
-        raise Stopped(f"the search {stop.reason or 'was interrupted'}; resume it with the same options plus --restore "
-                      f"(state in {storage}/{tc.run_name})") from None
+            raise Stopped(str(exc).replace("(interrupted)", f"({why})")) from None
+        raise Stopped(f"the search {why.replace('interrupted', 'was interrupted')}; resume it with the same "
+                      f"options plus --restore (state in {storage}/{tc.run_name})") from None
 
 
 class _TuneStopLines(logging.Filter):
