@@ -31,6 +31,7 @@ import functools
 import json
 import logging
 import posixpath
+import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,10 +123,22 @@ def _io_errors(method):
 
 def _named_os_error(out: "Output", exc: OSError, what: str) -> BreedlabelError:
     if not out.local and any(m in str(exc) for m in _NETWORK_MARKS):
-        return ServiceError(f"{out.uri}: {out.s3.endpoint} does not answer ({what}: "
-                            f"{str(exc).splitlines()[0]}); rerun when it is back (a label run resumes)")
+        return ServiceError(f"{out.uri}: {out.s3.endpoint} does not answer ({what}: {_aws_sdk_reason(str(exc))}); "
+                            "check AWS_ENDPOINT_URL and the network, then rerun")
     return StorageError(f"{out.uri}: cannot {what}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
                         "check the output URI and its permissions")
+
+
+def _aws_sdk_reason(message: str) -> str:
+    """The gist of an AWS C++ SDK error as pyarrow words it ("When listing objects under key … AWS
+    Error NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 7, Could not connect to
+    server; Details: …"): "NETWORK_CONNECTION during ListObjectsV2: Could not connect to server"."""
+    first = message.splitlines()[0] if message else ""
+    error = re.search(r"AWS Error (\w+) during (\w+) operation", first)
+    detail = re.search(r"curlCode: \d+, ([^;]+)", first)
+    if error is None:
+        return first
+    return f"{error[1]} during {error[2]}" + (f": {detail[1].strip()}" if detail else "")
 
 
 _NETWORK_MARKS = ("NETWORK_CONNECTION", "curlCode", "Timeout", "timed out", "Couldn't connect", "Connection refused",
