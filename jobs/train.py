@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as exc:
         if (why := stop.why(exc)) is None:
             raise
-        kept = f"; rerunning the same command reuses the features cached in {ckpt}" if ckpt else ""
+        kept = f"; rerunning the same command reuses the features cached in {ckpt}" if _has_features(ckpt) else ""
         during = " during the export" if step == "export" else ""
         raise Stopped(f"training {why}{during}, nothing exported{kept}") from None
     stop.warn_if_finished_anyway(f"the export finished; the bundle at {args.out} is complete")
@@ -85,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
                "timings": result.extras["timings"]}
     print(json.dumps(summary))
     return 0
+
+
+def _has_features(checkpoint_dir: str | None) -> bool:
+    """Whether a stopped run left features a rerun reuses (the stop line says so only then)."""
+    return bool(checkpoint_dir) and "://" not in checkpoint_dir and any(Path(checkpoint_dir).glob("features-*.npz"))
 
 
 def _check_destinations(out: str, checkpoint_dir: str | None) -> None:

@@ -119,7 +119,8 @@ def test_sigterm_stops_training_with_one_line_and_exit_1(tmp_path):
     (Point("core.train_model:BestRestore.on_epoch_end", when="before", action="swallowed-term"), ""),
     (Point("core.train:train", when="after", action="swallowed-term"), ""),
     (Point("core.bundle:_save_serving_model", when="before", action="term"), " during the export"),
-], ids=["swallowed-in-an-epoch", "swallowed-after-training", "in-the-export"])
+    (Point("core.datasets:discover", when="after", action="term"), ""),
+], ids=["swallowed-in-an-epoch", "swallowed-after-training", "in-the-export", "before-training"])
 def test_a_stop_is_never_lost_and_leaves_no_bundle(tmp_path, point, during):
     """SIGTERM whose `Stopped` TensorFlow swallows (a weakref callback, a broad except) still stops
     the run at the next batch or step, and a stop in the export removes what it wrote: exit 1,
@@ -134,6 +135,16 @@ def test_a_stop_is_never_lost_and_leaves_no_bundle(tmp_path, point, during):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
-    assert ours == [f"breedlabel train: error: training stopped by SIGTERM{during}, nothing exported; rerunning "
-                    f"the same command reuses the features cached in {out}.run"], proc.stderr[-3000:]
+    # the smoke preset trains on the fly: no features cached, none promised (the line claimed a cache)
+    assert ours == [f"breedlabel train: error: training stopped by SIGTERM{during}, nothing exported"], \
+        proc.stderr[-3000:]
     assert proc.stdout == "" and not out.exists()  # a stop in the export removes the folder it made
+
+
+def test_the_stop_line_promises_a_feature_cache_only_where_there_is_one(tmp_path):
+    from jobs.train import _has_features
+
+    assert not _has_features(None) and not _has_features(str(tmp_path / "absent"))
+    assert not _has_features(str(tmp_path))  # a run's folder with epoch weights only
+    (tmp_path / "features-0a1b.npz").write_bytes(b"")
+    assert _has_features(str(tmp_path)) and not _has_features("s3://bucket/run")
