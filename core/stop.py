@@ -74,13 +74,13 @@ class GracefulStop:
             raise Stopped(self.reason)
 
     def why(self, exc: BaseException, *, library_exits: bool = False) -> str | None:
-        """Why `exc` ended the run if a stop did, else None (a failure: re-raise it). A Ctrl-C the
-        library turned into its own KeyboardInterrupt (or, `library_exits`, SystemExit: Ray Train
-        and Tune end their fit and exit on SIGINT) reads "interrupted"."""
+        """Why `exc` ended the run if a stop did, else None (a failure: re-raise it). A Ctrl-C that
+        a library's own SIGINT handler took (KeyboardInterrupt, or with `library_exits` the
+        SystemExit of Ray Train and Tune, which end their fit on SIGINT) reads as ours would."""
         if self.reason is not None:
             return self.reason
         if isinstance(exc, KeyboardInterrupt) or (library_exits and isinstance(exc, SystemExit)):
-            return "interrupted"
+            return f"stopped by {signal.SIGINT.name}"
         return None
 
     def warn_if_finished_anyway(self, what: str) -> None:

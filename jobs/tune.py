@@ -78,7 +78,12 @@ class TuneConfig:
             raise ConfigError("--grace-period must be >= 1 and --reduction-factor > 1")
 
 
+class SearchInterrupted(JobError):
+    """Tune ended the search before its trials did (a stop): resume it with --restore."""
+
+
 # ---------------------------------------------------------------- search space -> Ray Tune
+
 def to_tune_space(space: dict[str, search_space.Dim]) -> dict:
     from ray import tune
 
@@ -225,13 +230,13 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
             ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose(),
                                 stop=stop)
             return _search(tc, base, data, out, space, storage, restore, callbacks)
+    except SearchInterrupted as exc:  # Tune's SIGINT handler took it (a SIGTERM would have been ours first)
+        raise Stopped(str(exc).replace("(interrupted)", f"({stop.reason or 'stopped by SIGINT'})")) from None
     except BaseException as exc:
         if (why := stop.why(exc, library_exits=True)) is None:
             raise
-        if isinstance(exc, JobError):  # Tune ended the search early: "… N of M trials (interrupted) …"
-            raise Stopped(str(exc).replace("(interrupted)", f"({why})")) from None
-        raise Stopped(f"the search {why.replace('interrupted', 'was interrupted')}; resume it with the same "
-                      f"options plus --restore (state in {storage}/{tc.run_name})") from None
+        raise Stopped(f"the search {why}; resume it with the same options plus --restore "
+                      f"(state in {storage}/{tc.run_name})") from None
 
 
 class _TuneStopLines(logging.Filter):
@@ -281,7 +286,7 @@ def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict,
     short = grid.num_terminated + grid.num_errors < tc.num_samples and tc.time_budget_s is None
     if tune_stop.interrupted or short:  # a trial Tune cut short counts as terminated: count those that reported
         finished = sum(1 for r in grid if r.error is not None or METRIC in (r.metrics or {}))
-        raise JobError(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
+        raise SearchInterrupted(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
                        f"resume it with the same options plus --restore (state in {storage}/{tc.run_name})")
     poll()  # a SIGTERM taken by our handler once Tune's was gone: no outputs from a stopped search
     table = results_table(grid, base)

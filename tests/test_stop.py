@@ -54,8 +54,8 @@ def test_poll_raises_again_a_stop_a_library_swallowed():
 
 def test_why_tells_a_stop_from_a_failure():
     stop = GracefulStop()
-    assert stop.why(KeyboardInterrupt()) == "interrupted"  # a library's own Ctrl-C handling
-    assert stop.why(SystemExit(1)) is None and stop.why(SystemExit(1), library_exits=True) == "interrupted"
+    assert stop.why(KeyboardInterrupt()) == "stopped by SIGINT"  # a library's own Ctrl-C handling
+    assert stop.why(SystemExit(1)) is None and stop.why(SystemExit(1), library_exits=True) == "stopped by SIGINT"
     assert stop.why(ValueError("a real failure")) is None
     stop.request("stopped by SIGTERM")
     assert stop.why(ValueError("what the stop left behind")) == "stopped by SIGTERM"
