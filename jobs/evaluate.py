@@ -109,12 +109,10 @@ def _not_dog_groups(folder: str) -> dict[str, list[Path]]:
     return groups
 
 
-def _not_dogs(predictor, result, folder: str, groups: dict[str, list[Path]]) -> tuple[dict, list]:
-    """Dog scores of every image of `groups` (from `_not_dog_groups(folder)`), measured against the
-    dogs of `result`; the metrics and the report's histogram section."""
-    from core import plots
-    from core.evaluate import not_a_dog_metrics
-
+def _score_not_dogs(predictor, folder: str, groups: dict[str, list[Path]]) -> dict[str, tuple]:
+    """(dog scores, top-1 probabilities) of every readable image of `groups` (from
+    `_not_dog_groups(folder)`), by group. Run before the pass over --data: a --not-dogs of
+    unreadable files fails in seconds, not after it."""
     scored, unread = {}, []
     for name, paths in groups.items():
         results = [r for r in predictor.predict_paths([str(p) for p in paths], k=1) if r.ok]
@@ -128,6 +126,15 @@ def _not_dogs(predictor, result, folder: str, groups: dict[str, list[Path]]) -> 
         raise InputError(f"--not-dogs {folder}: none of its {total} photos could be read")
     for line in unread:
         print(line, file=sys.stderr)
+    return scored
+
+
+def _not_dogs(predictor, result, scored: dict[str, tuple]) -> tuple[dict, list]:
+    """The not-dog scores (`_score_not_dogs`) measured against the dogs of `result`: the metrics
+    and the report's histogram section."""
+    from core import plots
+    from core.evaluate import not_a_dog_metrics
+
     threshold = predictor.dog_threshold
     metrics = not_a_dog_metrics(result.dog_scores, result.probs.max(axis=1), scored, threshold)
     png = plots.score_histogram_png([("dogs", result.dog_scores), *((k, v[0]) for k, v in scored.items())], threshold)
@@ -189,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         paths += [str(p) for p in ds.paths]
         labels += list(map_labels(ds.classes, predictor.classes)[ds.labels])
         source_of.update({str(p): source for p in ds.paths})
+    not_dog_scores = _score_not_dogs(predictor, args.not_dogs, not_dog_groups) if args.not_dogs else {}
     result = evaluate_paths(predictor, paths, np.asarray(labels, np.int64))
     if not len(result.labels):
         reasons = ", ".join(sorted(set(result.errors.values()))) or "no images"
@@ -203,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         metrics["card_calibration"] = calibration
     extra_sections = []
     if args.not_dogs:
-        metrics["not_a_dog"], extra_sections = _not_dogs(predictor, result, args.not_dogs, not_dog_groups)
+        metrics["not_a_dog"], extra_sections = _not_dogs(predictor, result, not_dog_scores)
     print(_summary(metrics, predictor.classes))
     for path, reason in sorted(result.errors.items()):
         print(f"breedlabel evaluate: skipped {path}: {reason}", file=sys.stderr)

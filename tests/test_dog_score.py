@@ -244,3 +244,4 @@ def test_evaluate_checks_not_dogs_before_measuring_and_says_it_once(trained_bund
     ours = [line for line in proc.stderr.splitlines() if line.startswith("breedlabel")]
     assert proc.returncode == 1 and ours == [f"breedlabel evaluate: error: --not-dogs {cats.parent}: none of its 1 "
                                              "photos could be read"], proc.stderr[-2000:]
+    assert "evaluated" not in proc.stderr  # found before the pass over --data, not after it
