@@ -148,3 +148,26 @@ def test_the_stop_line_promises_a_feature_cache_only_where_there_is_one(tmp_path
     assert not _has_features(str(tmp_path))  # a run's folder with epoch weights only
     (tmp_path / "features-0a1b.npz").write_bytes(b"")
     assert _has_features(str(tmp_path)) and not _has_features("s3://bucket/run")
+
+
+def test_a_second_signal_while_a_stopped_run_winds_down_keeps_exit_1(tmp_path):
+    """Ctrl-C, then Ctrl-C again as the process exits: it died by the second signal (130/143)
+    after its one line. The second signal here: SIGTERM from the exit path itself, after the line."""
+    import signal
+
+    data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=6, size=40)
+    cmd = train_command(["--data", str(data), "--out", str(tmp_path / "b"), "--preset", "smoke", "--head-epochs",
+                         "500", "--input-size", "32"],
+                        Point("jobs.ray_session:shutdown_uninterruptible", when="before", action="term"))
+    env = job_env({"BREEDLABEL_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # wait until it trains
+        seen.append(line)
+        if re.search(r"Epoch \d+/500|head \d+/500", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 1, "".join(seen)[-2000:] + rest[-2000:]
+    ours = [line for line in rest.splitlines() if line.startswith("breedlabel")]
+    assert ours == ["breedlabel train: error: training stopped by SIGINT, nothing exported"], rest[-2000:]
