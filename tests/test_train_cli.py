@@ -98,17 +98,10 @@ def test_sigterm_stops_training_with_one_line_and_exit_1(tmp_path):
 
     data = make_synthetic_dataset(tmp_path / "ds", num_classes=2, images_per_class=6, size=40)
     env = dict(os.environ, BREEDLABEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out",
-                             str(tmp_path / "b"), "--preset", "smoke", "--head-epochs", "500", "--input-size", "32"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stderr:  # wait until it trains
-        seen.append(line)
-        if re.search(r"Epoch \d+/500|head \d+/500", line):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=120)
-    assert proc.returncode == 1, "".join(seen)[-2000:] + rest[-2000:]
+    proc, rest = _signal_once_training([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out",
+                                        str(tmp_path / "b"), "--preset", "smoke", "--head-epochs", "500",
+                                        "--input-size", "32"], env, signal.SIGTERM)
+    assert proc.returncode == 1, rest[-3000:]
     last = [line for line in rest.splitlines() if line.startswith("breedlabel")][-1]
     assert last.startswith("breedlabel train: error: training stopped by SIGTERM, nothing exported"), last
     assert not (tmp_path / "b").exists()
@@ -160,14 +153,20 @@ def test_a_second_signal_while_a_stopped_run_winds_down_keeps_exit_1(tmp_path):
                          "500", "--input-size", "32"],
                         Point("jobs.ray_session:shutdown_uninterruptible", when="before", action="term"))
     env = job_env({"BREEDLABEL_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc, rest = _signal_once_training(cmd, env, signal.SIGINT)
+    assert proc.returncode == 1, rest[-3000:]
+    ours = [line for line in rest.splitlines() if line.startswith("breedlabel")]
+    assert ours == ["breedlabel train: error: training stopped by SIGINT, nothing exported"], rest[-2000:]
+
+
+def _signal_once_training(cmd: list[str], env: dict, sig: int) -> tuple[subprocess.Popen, str]:
+    """Run `cmd` (a train of --head-epochs 500), send `sig` once it trains; (process, its stderr)."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
-    for line in proc.stderr:  # wait until it trains
+    for line in proc.stderr:
         seen.append(line)
         if re.search(r"Epoch \d+/500|head \d+/500", line):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, rest = proc.communicate(timeout=120)
-    assert proc.returncode == 1, "".join(seen)[-2000:] + rest[-2000:]
-    ours = [line for line in rest.splitlines() if line.startswith("breedlabel")]
-    assert ours == ["breedlabel train: error: training stopped by SIGINT, nothing exported"], rest[-2000:]
+    return proc, "".join(seen) + rest
