@@ -215,7 +215,8 @@ def write_outputs(out: str, table, best_cfg: TrainConfig, best: dict) -> None:
 
 def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: dict | None = None,
              restore: bool = False, callbacks: Sequence = ()) -> dict:
-    """Search, write the table and best config, optionally train the best config in full."""
+    """Search, write the table and best config, optionally train the best config in full.
+    Raises Stopped when a signal (or Tune on a Ctrl-C) ended the search: `restore=True` resumes it."""
     from core import console
     from jobs import ray_session
 

@@ -45,7 +45,7 @@ from ray.tune import Callback
 from ray.util.placement_group import placement_group_table
 from core import search_space
 from core.config import smoke
-from core.errors import JobError
+from core.stop import Stopped
 from jobs.tune import TuneConfig, run_tune
 
 root, data = Path(sys.argv[1]), sys.argv[2]
@@ -73,7 +73,7 @@ tc = TuneConfig(num_samples=%(n)d, max_concurrent=1, grace_period=2, reduction_f
 try:
     run_tune(tc, base, data, out, space=space, callbacks=[InterruptAfter()])
     error = None
-except JobError as exc:
+except Stopped as exc:  # the search stopped (Tune saw the Ctrl-C): resume it with restore
     error = str(exc)
 interrupted = {"error": error, "results_written": (Path(out) / "results.csv").exists()}
 best = run_tune(tc, base, data, out, space=space, restore=True)
@@ -98,7 +98,7 @@ def search(tmp_path_factory):
 
 
 def test_interrupted_search_resumes_with_restore(search):
-    assert "stopped after 2 of 3 trials (interrupted)" in search["interrupted"]["error"]
+    assert "stopped after 2 of 3 trials (stopped by SIGINT)" in search["interrupted"]["error"]
     assert not search["interrupted"]["results_written"]
     table = pd.read_csv(search["out"] / "results.csv")
     assert len(table) == NUM_SAMPLES  # the restored search finished the same trials, no extra ones
