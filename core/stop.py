@@ -126,6 +126,25 @@ def poll() -> None:
         raise Stopped(_polled[-1].reason)
 
 
+def ignore_signals() -> dict[int, object]:
+    """SIGTERM and SIGINT ignored from now on (main thread only); returns the handlers they had.
+    For a process that has stopped and said so, or the part of its exit no signal may cut."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, signal.SIG_IGN) for sig in _SIGNALS}
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """`ignore_signals()` for the block, then the handlers of before."""
+    previous = ignore_signals()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
 @contextlib.contextmanager
 def sigint_handler_restored() -> Iterator[None]:
     """Ray Train and Tune install a SIGINT handler of their own for a fit and leave it there; put

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
-import threading
 from typing import Sequence
 
 from core import console, installed_version
 from core.errors import EXIT_FAILED, EXIT_LEASE_HELD, BreedlabelError
-from core.stop import Stopped
+from core.stop import Stopped, ignore_signals
 from jobs import ray_session
 
 # name -> (module, one-line help). Explicit: a command exists because it is listed here.
@@ -87,26 +85,18 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # a reader gone meanwhile shows here, not in Python's flush at exit
         return code
     except BreedlabelError as exc:
-        if isinstance(exc, Stopped):
-            _ignore_further_stops()
+        if isinstance(exc, Stopped):  # stopped, and saying so: a second signal while it winds down (Ray's
+            ignore_signals()  # shutdown, TensorFlow's teardown) must not turn exit 1 into 130/143
         what = "skipped" if exc.exit_code == EXIT_LEASE_HELD else "error"
         print(f"breedlabel {args.command}: {what}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        _ignore_further_stops()
+        ignore_signals()
         print(f"breedlabel {args.command}: interrupted", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as `cat` does
         _drop_stdout()
         return EXIT_FAILED
-
-
-def _ignore_further_stops() -> None:
-    """The run has stopped and says so: a second Ctrl-C or SIGTERM while the process winds down
-    (Ray's shutdown, TensorFlow's teardown) would end it by the signal (exit 130/143), not 1."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 def _drop_stdout() -> None:

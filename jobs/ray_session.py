@@ -12,18 +12,13 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from typing import TYPE_CHECKING
-
 from core.errors import JobError
-
-if TYPE_CHECKING:
-    from core.stop import GracefulStop
+from core.stop import GracefulStop, signals_ignored
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
-            quiet: bool = False, stop: "GracefulStop | None" = None) -> bool:
+            quiet: bool = False, stop: GracefulStop | None = None) -> bool:
     """ray.init once; returns True when this call started it (so the caller shuts it down).
 
     quiet: keep workers' logs off the driver's console (the label job prints its own progress).
@@ -109,13 +104,8 @@ def shutdown_uninterruptible() -> None:
     if not _started or ray is None:  # started, even if a stop cut ray.init short: its processes run
         return
     _started = False
-    main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
+    with signals_ignored():
         ray.shutdown()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # Its "token authentication is enabled for this Ray cluster" notice is about a cluster someone

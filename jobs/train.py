@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _has_features(checkpoint_dir: str | None) -> bool:
-    """Whether a stopped run left features a rerun reuses (the stop line says so only then)."""
+    """Whether a stopped run left features a rerun reuses (the stop line says so only then). The
+    name is core.feature_cache's `features-<key>.npz`, not imported: it loads TensorFlow."""
     return bool(checkpoint_dir) and "://" not in checkpoint_dir and any(Path(checkpoint_dir).glob("features-*.npz"))
 
 

@@ -81,6 +81,14 @@ class TuneConfig:
 class SearchInterrupted(JobError):
     """Tune ended the search before its trials did (a stop): resume it with --restore."""
 
+    def __init__(self, finished: int, total: int, state: str, why: str = "interrupted"):
+        self.finished, self.total, self.state = finished, total, state
+        super().__init__(f"the search stopped after {finished} of {total} trials ({why}){_resume_hint(state)}")
+
+
+def _resume_hint(state: str) -> str:
+    return f"; resume it with the same options plus --restore (state in {state})"
+
 
 # ---------------------------------------------------------------- search space -> Ray Tune
 
@@ -232,12 +240,12 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
                                 stop=stop)
             return _search(tc, base, data, out, space, storage, restore, callbacks)
     except SearchInterrupted as exc:  # Tune's SIGINT handler took it (a SIGTERM would have been ours first)
-        raise Stopped(str(exc).replace("(interrupted)", f"({stop.reason or 'stopped by SIGINT'})")) from None
+        why = stop.reason or "stopped by SIGINT"
+        raise Stopped(str(SearchInterrupted(exc.finished, exc.total, exc.state, why))) from None
     except BaseException as exc:
         if (why := stop.why(exc, library_exits=True)) is None:
             raise
-        raise Stopped(f"the search {why}; resume it with the same options plus --restore "
-                      f"(state in {storage}/{tc.run_name})") from None
+        raise Stopped(f"the search {why}{_resume_hint(f'{storage}/{tc.run_name}')}") from None
 
 
 class _TuneStopLines(logging.Filter):
@@ -287,8 +295,7 @@ def _search(tc: TuneConfig, base: TrainConfig, data: str, out: str, space: dict,
     short = grid.num_terminated + grid.num_errors < tc.num_samples and tc.time_budget_s is None
     if tune_stop.interrupted or short:  # a trial Tune cut short counts as terminated: count those that reported
         finished = sum(1 for r in grid if r.error is not None or METRIC in (r.metrics or {}))
-        raise SearchInterrupted(f"the search stopped after {finished} of {tc.num_samples} trials (interrupted); "
-                       f"resume it with the same options plus --restore (state in {storage}/{tc.run_name})")
+        raise SearchInterrupted(finished, tc.num_samples, f"{storage}/{tc.run_name}")
     poll()  # a SIGTERM taken by our handler once Tune's was gone: no outputs from a stopped search
     table = results_table(grid, base)
     ok = table.dropna(subset=[METRIC])
