@@ -124,7 +124,7 @@ def _io_errors(method):
 def _named_os_error(out: "Output", exc: OSError, what: str) -> BreedlabelError:
     if not out.local and any(m in str(exc) for m in _NETWORK_MARKS):
         return ServiceError(f"{out.uri}: {out.s3.endpoint} does not answer ({what}: {_aws_sdk_reason(str(exc))}); "
-                            "check AWS_ENDPOINT_URL and the network, then rerun")
+                            f"{out.s3.endpoint_check}, then rerun")
     return StorageError(f"{out.uri}: cannot {what}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
                         "check the output URI and its permissions")
 

@@ -88,6 +88,18 @@ class S3Options:
         url = self.resolved().endpoint_url
         return f"the S3 endpoint {url}" if url else "AWS's default S3 endpoint"
 
+    @property
+    def endpoint_check(self) -> str:
+        """What to check when the endpoint does not answer: the setting that chose it, or (AWS's
+        default endpoint) the network, and the variable that points elsewhere."""
+        url = self.resolved().endpoint_url
+        if not url:
+            return "check the network (an S3-compatible store other than AWS needs AWS_ENDPOINT_URL)"
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if os.environ.get(var) == url:
+                return f"check {var} and the network"
+        return "check the endpoint URL and the network"
+
 
 _client_lock = threading.Lock()
 
@@ -141,7 +153,7 @@ def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[No
             raise ObjectForbiddenError(uri, code) from None
         if code == "NoSuchBucket":
             raise StorageError(f"{uri}: bucket {split_s3_uri(uri)[0]!r} does not exist at {endpoint}; "
-                               "check the bucket name, AWS_ENDPOINT_URL and region") from None
+                               "check the bucket name, the endpoint and the region") from None
         if code in _DENIED_CODES:
             raise StorageError(f"{uri}: access denied while trying to {action} ({code}); "
                                "check the credentials and the bucket policy") from None
@@ -157,8 +169,8 @@ def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[No
                            "or AWS_PROFILE, or run where an instance/pod role provides them") from None
     except BotoCoreError as exc:  # connection refused or reset, connect/read timeouts, after the retries
         raise ServiceError(f"{uri}: {endpoint} does not answer ({type(exc).__name__}; {opts.max_attempts} "
-                           f"attempts to {action}, {opts.read_timeout_s:g} s timeout each); check "
-                           "AWS_ENDPOINT_URL and the network, then rerun") from None
+                           f"attempts to {action}, {opts.read_timeout_s:g} s timeout each); "
+                           f"{opts.endpoint_check}, then rerun") from None
 
 
 class S3RangeReader(io.RawIOBase):

@@ -319,6 +319,20 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
     return done
 
 
+def _saved_a_checkpoint(dist: DistributedConfig) -> bool:
+    """Whether the run under --storage holds a checkpoint a rerun resumes from (Ray Train saves each in a
+    `checkpoint_*` folder), so a stop says "resume" only where there is something to resume. True when
+    the storage cannot be listed: the hint is then the safe one."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = storage.get_filesystem(storage.join(storage.normalize_uri(dist.storage), dist.run_name))
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except Exception:  # noqa: BLE001 - S3 unreachable or no credentials: keep the resume hint
+        return True
+    return any(f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_") for f in found)
+
+
 def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
     """`breedlabel train --workers N …`: fit, export, print the summary line."""
     from core import console
@@ -338,6 +352,9 @@ def run_from_args(cfg: TrainConfig, dist: DistributedConfig, args) -> int:
     except BaseException as exc:
         if (why := stop.why(exc, library_exits=True)) is None:
             raise
+        if not _saved_a_checkpoint(dist):
+            raise Stopped(f"training {why} before its first checkpoint, nothing exported; rerun the command "
+                          "to start it again") from None
         raise Stopped(f"training {why}, nothing exported; to resume from its last checkpoint, rerun with "
                       f"--storage {dist.storage} --run-name {dist.run_name}") from None
     stop.warn_if_finished_anyway(f"the export finished; the bundle at {args.out} is complete")

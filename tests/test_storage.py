@@ -223,3 +223,15 @@ def test_a_write_where_no_folder_can_be_made_says_so():
     with pytest.raises(StorageError, match="cannot write there") as info:
         storage.write_bytes("/proc/no-such-dir/x.json", b"{}")
     assert not isinstance(info.value, ObjectNotFoundError)  # not "deleted since listing"
+
+
+def test_an_unreachable_endpoint_names_the_setting_to_check(monkeypatch):
+    """"Check AWS_ENDPOINT_URL" only where that variable chose the endpoint; AWS's own endpoint
+    points at the network (it said to check a variable nobody had set)."""
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    assert S3Options().endpoint_check.startswith("check the network")
+    assert S3Options(endpoint_url="http://h:1").endpoint_check == "check the endpoint URL and the network"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://h:2")
+    assert S3Options().endpoint_check == "check AWS_ENDPOINT_URL_S3 and the network"
+    assert S3Options().resolved().endpoint_check == "check AWS_ENDPOINT_URL_S3 and the network"

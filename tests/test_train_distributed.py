@@ -106,3 +106,17 @@ def test_cli_prints_our_progress_not_the_workers_output(tiny_dogs, tmp_path):
     assert foreign_lines(proc.stderr) == [], proc.stderr[-4000:]
     assert "epoch 1 (head 1/2): val_top1 " in proc.stderr and "epoch 2 (head 2/2): " in proc.stderr
     assert json.loads(proc.stdout)["workers"] == 2
+
+
+def test_a_stop_offers_resume_only_where_a_checkpoint_was_saved(tmp_path):
+    """The stop line says "resume from its last checkpoint" only when the run folder holds one:
+    Ray Train's snapshot file beside them does not count, nor a run folder that was never made."""
+    from jobs.train_distributed import DistributedConfig, _saved_a_checkpoint
+
+    dist = DistributedConfig(storage=str(tmp_path), run_name="r1")
+    assert not _saved_a_checkpoint(dist)
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert not _saved_a_checkpoint(dist)
+    (tmp_path / "r1" / "checkpoint_2026-12-05_13-00-00.000000").mkdir()
+    assert _saved_a_checkpoint(dist)
