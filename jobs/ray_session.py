@@ -82,14 +82,38 @@ def check_reachable(address: str, given: str = "--address", *, timeout_s: float 
     for attempt in range(attempts):
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-            return
+            break
         except OSError as exc:
             error = exc
             if attempt + 1 < attempts:
                 time.sleep(1)
-    raise JobError(f"{given} {address}: no Ray cluster answers there ({error.strerror or error}; {attempts} "
-                   f"attempts, {timeout_s:.0f} s each); start it (`ray start --head`), or give the right address, "
-                   "or none for a Ray of this command's own")
+    else:
+        raise JobError(f"{given} {address}: no Ray cluster answers there ({error.strerror or error}; {attempts} "
+                       f"attempts, {timeout_s:.0f} s each); start it (`ray start --head`), or give the right "
+                       "address, or none for a Ray of this command's own")
+    if not _speaks_grpc(f"{host}:{port}", timeout_s):
+        raise JobError(f"{given} {address}: something listens there, but not a Ray cluster (no gRPC answer in "
+                       f"{timeout_s:.0f} s); give the address `ray status` prints on the cluster's head (GCS, "
+                       "port 6379 by default; ray://HEAD:10001 for Ray Client), or none for a Ray of this "
+                       "command's own")
+
+
+def _speaks_grpc(target: str, timeout_s: float) -> bool:
+    """Whether the server at `target` completes a gRPC (HTTP/2) handshake, as Ray's GCS and Ray Client
+    server do: `ray.init` against anything else (an SSH or web port) hangs for ~2 minutes. A cluster
+    with TLS (RAY_USE_TLS) is left to Ray: a plain channel cannot tell it from a wrong port."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 _started = False  # this process started the Ray it is connected to (connect): it shuts it down

@@ -338,11 +338,23 @@ def test_a_cluster_address_where_nothing_listens_fails_in_seconds(tiny_bundle, t
 def test_only_host_port_addresses_are_probed():
     from jobs.ray_session import check_reachable
 
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: Ray says the rest
     check_reachable("auto")  # Ray finds the address itself
     with pytest.raises(JobError, match=r"RAY_ADDRESS ray://127\.0\.0\.1:\d+: no Ray cluster answers there"):
         check_reachable(f"ray://127.0.0.1:{_closed_port()}", "RAY_ADDRESS", timeout_s=1, attempts=1)
 
+
+
+def test_an_address_where_something_else_listens_fails_in_seconds(ray_local):
+    """A port that accepts TCP but is not Ray (an SSH or web server, the dashboard's port given as the
+    GCS) made `ray.init` hang ~2 minutes; a Ray GCS passes the probe."""
+    import ray
+
+    from jobs.ray_session import check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        with pytest.raises(JobError, match=r"--address 127\.0\.0\.1:\d+: something listens there, but not a Ray "
+                                           r"cluster \(no gRPC answer in 1 s\)"):
+            check_reachable(f"127.0.0.1:{listening.getsockname()[1]}", timeout_s=1)
+    check_reachable(ray.get_runtime_context().gcs_address, timeout_s=5)
