@@ -84,11 +84,41 @@ def _job_namespace(kind: str, job_args: list[str]) -> argparse.Namespace:
     return parser.parse_args(job_args)  # exits 2 on a usage error
 
 
-def _check_paths(job_args: Sequence[str]) -> None:
-    for value in job_args:
-        if not value.startswith("-") and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
-            raise ConfigError(f"{value}: relative path; the job runs in its own working directory on "
-                              f"the cluster. Give {os.path.abspath(value)} or an s3:// URI")
+# The job options that name files or folders (label, train, tune): checked whether or not they exist
+# here, since an output usually does not exist yet. --weights also takes the keywords below.
+PATH_OPTIONS = ("inputs", "model", "out", "manifests", "data", "config", "checkpoint_dir", "not_dogs", "storage",
+                "weights")
+_WEIGHTS_KEYWORDS = ("imagenet", "none")
+
+
+def _relative(value: str) -> bool:
+    return "://" not in value and not os.path.isabs(value)
+
+
+def _check_paths(ns: argparse.Namespace, job_args: Sequence[str]) -> None:
+    """Refuse relative paths: the job runs in Ray's copy of the working dir on the cluster, where a
+    relative --out lands inside Ray's package cache (published there, then deleted) and a relative
+    --model is not found. Every path option is checked, and any other argument (`--opt=VALUE`
+    included) that names something existing here."""
+    for dest in PATH_OPTIONS:
+        value = getattr(ns, dest, None)
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if not isinstance(item, str) or not item or not _relative(item):
+                continue
+            if dest == "weights" and item.lower() in _WEIGHTS_KEYWORDS:
+                continue
+            name = "input" if dest == "inputs" else f"--{'manifest' if dest == 'manifests' else dest.replace('_', '-')}"
+            raise _relative_path_error(f"{name} {item}")
+    for token in job_args:
+        value = token.partition("=")[2] if token.startswith("--") else token
+        if value and not value.startswith("-") and _relative(value) and os.path.exists(value):
+            raise _relative_path_error(value)
+
+
+def _relative_path_error(what: str) -> ConfigError:
+    path = what.rpartition(" ")[2]
+    return ConfigError(f"{what}: relative path; the job runs in its own working directory on the cluster. "
+                       f"Give {os.path.abspath(path)} or an s3:// URI")
 
 
 def _lease_skip(output: str) -> int | None:
@@ -118,7 +148,7 @@ def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
 
 def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_submit.JobRequest:
     ns = _job_namespace(args.job, job_args)
-    _check_paths(job_args)
+    _check_paths(ns, job_args)
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
     env = runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir, env_vars=_env_vars(args.env))
     return cluster_submit.JobRequest(kind=args.job, job_args=tuple(job_args), runtime_env=env, output=output,

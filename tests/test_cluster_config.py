@@ -183,9 +183,26 @@ def test_relative_paths_are_refused(tmp_path, monkeypatch):
     from jobs import submit as submit_cli
 
     (tmp_path / "photos").mkdir()
+    (tmp_path / "m").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="relative path"):
-        submit_cli._check_paths(["photos", "--out", "s3://b/o"])
+
+    def check(kind: str, args: list[str]) -> None:
+        submit_cli._check_paths(submit_cli._job_namespace(kind, args), args)
+
+    with pytest.raises(ConfigError, match="input photos: relative path"):
+        check("label", ["photos", "--model", "s3://b/m", "--out", "s3://b/o"])
+    # an output does not exist yet: it was let through, and the job published its rows inside Ray's
+    # package cache on the cluster; the --opt=VALUE form skipped the check
+    with pytest.raises(ConfigError, match=rf"--out relout: relative path.*Give {tmp_path}/relout or an s3:// URI"):
+        check("label", [str(tmp_path / "photos"), "--model", "s3://b/m", "--out", "relout"])
+    with pytest.raises(ConfigError, match="--model m: relative path"):
+        check("label", [str(tmp_path / "photos"), "--model=m", "--out", "s3://b/o"])
+    with pytest.raises(ConfigError, match="--manifest list.csv: relative path"):
+        check("label", ["--manifest", "list.csv", "--model", "s3://b/m", "--out", "s3://b/o"])
+    with pytest.raises(ConfigError, match="--storage ckpt: relative path"):
+        check("train", ["--data", "s3://b/d", "--out", "s3://b/x", "--storage", "ckpt"])
+    check("train", ["--data", "s3://b/d", "--out", "/abs/x", "--weights", "imagenet"])  # a keyword, not a path
+    check("label", [str(tmp_path / "photos"), "--model", str(tmp_path / "m"), "--out", "s3://b/o"])
 
 
 # --- exit codes: the manifest decides -----------------------------------------------------------
