@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
+from cluster.address import check_reachable
 from core import console
 from core.errors import (EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, ConfigError, JobError,
                          StorageError)
@@ -92,14 +93,29 @@ def connect(address: str):
     """A JobSubmissionClient, or a JobError saying how to reach the head."""
     from ray.job_submission import JobSubmissionClient
 
+    from ray.exceptions import AuthenticationError, RpcError
+
     _enable_token_auth_if_available()
+    if "://" not in address:  # a GCS host:port: the client's GCS connection retries ~40 s, then a traceback
+        check_reachable(address, "--address")
     try:
         return JobSubmissionClient(address)
-    except (OSError, RuntimeError, ValueError) as exc:  # requests' errors are OSErrors
+    except AuthenticationError as exc:
+        raise _auth_error(address, exc) from None
+    except (OSError, RuntimeError, ValueError, RpcError) as exc:  # requests' errors are OSErrors
         raise JobError(
             f"cannot reach the Ray job API at {address} ({exc}). Is the head up? For a cluster "
             "started with `ray up ray_cluster.yaml`, run `ray dashboard ray_cluster.yaml` to "
             "forward it to http://127.0.0.1:8265, or pass --address http://HEAD:8265") from exc
+
+
+def _auth_error(where: str, exc: Exception) -> JobError:
+    """The cluster wants a token (Ray 2.60's default) and none, or another, was sent. Ray's own advice
+    (`ray get-auth-token --generate`, RAY_AUTH_MODE) is for starting a cluster, not joining one."""
+    refused = "Invalid" if "invalid" in str(exc).lower() else "Missing"
+    return JobError(f"{where}: the Ray job API refused the request ({refused.lower()} authentication token); "
+                    "set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the head prints it) "
+                    "or put it in ~/.ray/auth_token")
 
 
 def _enable_token_auth_if_available() -> None:
@@ -119,8 +135,12 @@ def _enable_token_auth_if_available() -> None:
 
 
 def _call(what: str, fn, *args, **kwargs):
+    from ray.exceptions import AuthenticationError
+
     try:
         return fn(*args, **kwargs)
+    except AuthenticationError as exc:
+        raise _auth_error(what, exc) from None
     except (RuntimeError, OSError) as exc:  # the SDK's HTTP errors / requests' connection errors
         raise JobError(f"{what}: {exc}") from exc
 

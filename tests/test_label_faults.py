@@ -336,7 +336,7 @@ def test_a_cluster_address_where_nothing_listens_fails_in_seconds(tiny_bundle, t
 
 
 def test_only_host_port_addresses_are_probed():
-    from jobs.ray_session import check_reachable
+    from cluster.address import check_reachable
 
     check_reachable("auto")  # Ray finds the address itself
     with pytest.raises(JobError, match=r"RAY_ADDRESS ray://127\.0\.0\.1:\d+: no Ray cluster answers there"):
@@ -349,7 +349,7 @@ def test_an_address_where_something_else_listens_fails_in_seconds(ray_local):
     GCS) made `ray.init` hang ~2 minutes; a Ray GCS passes the probe."""
     import ray
 
-    from jobs.ray_session import check_reachable
+    from cluster.address import check_reachable
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

@@ -146,3 +146,28 @@ def test_jobs_stop_releases_the_lease_and_a_rerun_resumes(ray_head, photos, tiny
     assert manifest[M_ATTEMPTS] == 2
     uris = _finished_rows(out).column("uri").to_pylist()
     assert sorted(uris) == sorted(str(p) for p in photos.rglob("*") if p.is_file())
+
+
+def test_the_job_api_refusing_or_a_wrong_address_is_one_line(ray_head, tmp_path):
+    """A cluster with token auth (Ray 2.60's default) and no token, or a wrong one, ended every `jobs` and
+    `submit` command in a traceback with Ray's advice for starting a cluster; the dashboard's host:port
+    given without http:// (read by Ray as a GCS address) hung ~40 s, then a traceback."""
+    no_token = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_TOKEN"}
+    cases = {
+        "missing": dict(no_token, HOME=str(tmp_path)),
+        "invalid": dict(no_token, HOME=str(tmp_path), RAY_AUTH_TOKEN="not-the-token"),
+    }
+    for refused, env in cases.items():
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "list", "--address", ray_head.address],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines() == [
+            f"breedlabel jobs: error: {ray_head.address}: the Ray job API refused the request ({refused} "
+            "authentication token); set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on the head "
+            "prints it) or put it in ~/.ray/auth_token"], done.stderr
+    schemeless = ray_head.address.removeprefix("http://")
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "list", "--address", schemeless],
+                          cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"breedlabel jobs: error: --address {schemeless}: something listens there, but not a Ray cluster"), done.stderr
