@@ -27,6 +27,7 @@ from core.errors import (EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_LEASE_HELD, EXIT_O
                          StorageError)
 from core.output import (M_ERROR_RATE, M_EXIT_CODE, M_FINISHED_AT, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED,
                          Output)
+from core.stop import Stopped
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINT_MODULES: Mapping[str, str] = {"label": "jobs.label", "train": "jobs.train", "tune": "jobs.tune"}
@@ -185,6 +186,8 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
 
     try:
         asyncio.run(tail())
+    except Stopped:  # a signal: the caller's wait ends, not a stream failure
+        raise
     except Exception as exc:  # noqa: BLE001 - any stream failure: wait() polls the status instead
         print(f"breedlabel: log stream ended early ({exc}); waiting by polling", file=sys.stderr)
 

@@ -29,6 +29,7 @@ from cluster import runtime_env
 from cluster import submit as cluster_submit
 from core import lease as leases
 from core.errors import EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
+from core.stop import GracefulStop, Stopped
 
 LOG_TAIL_LINES = 40
 
@@ -174,9 +175,14 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if not (args.wait or args.follow):
         return EXIT_OK
-    if args.follow:
-        cluster_submit.follow_logs(client, job_id, out=sys.stderr)
-    result = cluster_submit.outcome(cluster_submit.wait(client, job_id, timeout_s=args.wait_timeout))
+    try:  # SIGTERM (cron's timeout, a pod's deadline) and Ctrl-C end the wait, not the job: say so
+        with GracefulStop():
+            if args.follow:
+                cluster_submit.follow_logs(client, job_id, out=sys.stderr)
+            result = cluster_submit.outcome(cluster_submit.wait(client, job_id, timeout_s=args.wait_timeout))
+    except Stopped as exc:
+        raise Stopped(f"{exc} while waiting; job {job_id} keeps running on the cluster: `breedlabel jobs status "
+                      f"{job_id}` follows it, `breedlabel jobs stop {job_id}` stops it") from None
     if result.exit_code != EXIT_OK and not args.follow:  # the scheduler's log shows why
         tail = cluster_submit.logs(client, job_id).splitlines()[-LOG_TAIL_LINES:]
         print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)

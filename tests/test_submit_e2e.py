@@ -8,6 +8,7 @@ pid, never `ray stop`), so this never touches another Ray instance on the machin
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -171,3 +172,30 @@ def test_the_job_api_refusing_or_a_wrong_address_is_one_line(ray_head, tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"breedlabel jobs: error: --address {schemeless}: something listens there, but not a Ray cluster"), done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_stopped_wait_says_the_job_keeps_running(ray_head, photos, tiny_bundle, tmp_path, sig):
+    """cron's `timeout` or a pod's deadline ends a `submit --wait`: it died by SIGTERM without a word
+    (143), Ctrl-C said only "interrupted", and the cluster job, still running and holding the output's
+    lease, was never mentioned. The job here cannot start (it asks for a GPU the head lacks): it waits."""
+    script = Path(sys.executable).with_name("breedlabel")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    proc = subprocess.Popen([*cmd, "submit", "label", str(photos), "--model", str(tiny_bundle), "--out",
+                             str(tmp_path / "o"), "--address", ray_head.address, "--entrypoint-num-gpus", "1",
+                             "--wait"], cwd=REPO, env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    job_id = proc.stdout.readline().strip()
+    assert job_id, proc.stderr.read()
+    time.sleep(1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    try:
+        assert proc.returncode == 1, err
+        assert err.strip().splitlines()[-1] == (
+            f"breedlabel submit: error: stopped by {sig.name} while waiting; job {job_id} keeps running on the "
+            f"cluster: `breedlabel jobs status {job_id}` follows it, `breedlabel jobs stop {job_id}` stops it"), err
+        status = _breedlabel(ray_head, "jobs", "status", job_id, "--address", ray_head.address)
+        assert "PENDING" in status.stdout + status.stderr, status.stdout + status.stderr
+    finally:
+        _breedlabel(ray_head, "jobs", "stop", job_id, "--address", ray_head.address)
