@@ -218,19 +218,31 @@ def status_of(info) -> str:
     return getattr(info.status, "value", str(info.status))
 
 
-def read_run_manifest(output: str, started_ms: int | None = None) -> dict | None:
-    """The newest run manifest finished after the job started (the job held the output's lease,
-    so no other run finished there meanwhile).
+def read_run_manifest(output: str, started_ms: int | None = None, ended_ms: int | None = None) -> dict | None:
+    """The newest run manifest finished while the job ran (it held the output's lease, so no other
+    run finished there meanwhile): from its start, and up to its end once it has ended, so a job
+    asked about later is not judged by a later run on the same output.
 
     Why by finish time: a label run that resumes a crashed one keeps the older run id.
     """
     out = Output(output)
     floor = (started_ms or 0) / 1000 - 2.0
+    ceiling = ended_ms / 1000 + 2.0 if ended_ms else float("inf")
+
+    def during(m: dict) -> bool:
+        return floor <= _epoch(m.get(M_FINISHED_AT)) <= ceiling
+
     last = out.last_run()  # every run that ends writes it; a run with nothing to label writes only it
-    if last is not None and _epoch(last.get(M_FINISHED_AT)) >= floor:
+    if last is not None and during(last):
         return last
-    runs = [m for m in out.finished_runs() if _epoch(m.get(M_FINISHED_AT)) >= floor]
+    runs = [m for m in out.finished_runs() if during(m)]
     return max(runs, key=lambda m: _epoch(m.get(M_FINISHED_AT))) if runs else None
+
+
+def _replaced_since(output: str, ended_ms: int | None) -> bool:
+    """A later run on the output has rewritten the record a job with nothing to label leaves."""
+    last = Output(output).last_run()
+    return bool(ended_ms) and last is not None and _epoch(last.get(M_FINISHED_AT)) > ended_ms / 1000 + 2.0
 
 
 def _epoch(value: Any) -> float:
@@ -256,14 +268,14 @@ def outcome(info) -> Outcome:
     if status == "STOPPED":
         return Outcome(EXIT_FAILED, status, "stopped before it finished")
     if meta.get(META_KIND) == "label" and meta.get(META_OUTPUT):
-        return _label_outcome(status, code, meta, info.start_time)
+        return _label_outcome(status, code, meta, info.start_time, getattr(info, "end_time", None))
     if status == "SUCCEEDED":
         return Outcome(EXIT_OK, status, "succeeded")
     return Outcome(code if code in (EXIT_USAGE, EXIT_ERROR_BUDGET) else EXIT_FAILED, status,
                    f"failed (exit code {code}): {info.message or ''}".strip())
 
 
-def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms) -> Outcome:
+def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms, ended_ms=None) -> Outcome:
     output = meta[META_OUTPUT]
     if code == EXIT_USAGE:
         return Outcome(EXIT_USAGE, status, "the label job rejected its options (see its log)")
@@ -271,10 +283,14 @@ def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], start
         return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): nothing of it is published; its log says "
                        "why, and a rerun of the same job resumes what it staged")
     try:
-        manifest = read_run_manifest(output, started_ms)
+        manifest = read_run_manifest(output, started_ms, ended_ms)
+        replaced = manifest is None and code in (EXIT_OK, EXIT_ERROR_BUDGET) and _replaced_since(output, ended_ms)
     except StorageError as exc:
         return Outcome(EXIT_FAILED, status, f"Ray says {status}, but the run manifest cannot be read "
                        f"from here to confirm it: {exc}")
+    if replaced:  # it had nothing to label (no manifest of its own) and a later run rewrote its record
+        return Outcome(int(code), status, f"ended with exit code {code}; a later run on {output} has since "
+                       "replaced its record, so its counts are in its log only")
     if manifest is None:
         return Outcome(EXIT_FAILED, status, f"Ray says {status}, but no run manifest under {output} is newer "
                        "than the job: the run did not finish (its rows are not published)")

@@ -214,6 +214,7 @@ class FakeInfo:
     metadata: dict
     start_time: int = 0
     message: str = ""
+    end_time: int | None = None
 
 
 def _write_manifest(out: str, run_id: str, exit_code: int, finished_at: str = "2030-01-01T00:00:00+00:00") -> None:
@@ -245,6 +246,32 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     assert cluster_submit.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
     assert cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, {cluster_submit.META_KIND: "train"})).exit_code == 0
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"})).exit_code == 1
+
+
+def test_an_ended_job_is_judged_by_its_own_run_not_a_later_one(tmp_path):
+    """`jobs status` of a job that ended over the error budget read 'done …' with exit 0 once a later
+    run had finished on the same output: the newest manifest after the job's start was taken."""
+    from core import output
+
+    out = str(tmp_path / "labels")
+    meta = {cluster_submit.META_KIND: "label", cluster_submit.META_OUTPUT: out}
+    ms = lambda iso: int(cluster_submit._epoch(iso) * 1000)  # noqa: E731
+    _write_manifest(out, "r1", 3, finished_at="2030-01-01T00:00:10+00:00")
+    _write_manifest(out, "r2", 0, finished_at="2030-01-01T01:00:10+00:00")  # the next hour's run
+    job = FakeInfo("FAILED", 3, meta, start_time=ms("2030-01-01T00:00:00+00:00"),
+                   end_time=ms("2030-01-01T00:00:11+00:00"))
+    assert cluster_submit.outcome(job).exit_code == 3
+    # a job with nothing to label leaves only the output's last-run record, which a later run rewrites
+    dest = output.Output(out)
+    dest.write_json(dest.path(output.LAST_RUN_FILE), {output.M_RUN_ID: "r3", output.M_EXIT_CODE: 0,
+                                                      output.M_FINISHED_AT: "2030-01-01T02:00:10+00:00"})
+    noop = FakeInfo("SUCCEEDED", 0, meta, start_time=ms("2030-01-01T01:30:00+00:00"),
+                    end_time=ms("2030-01-01T01:30:05+00:00"))
+    judged = cluster_submit.outcome(noop)
+    assert judged.exit_code == 0 and "a later run on" in judged.message and "r3" not in judged.message
+    running_then = FakeInfo("SUCCEEDED", 0, meta, start_time=ms("2030-01-01T03:00:00+00:00"),
+                            end_time=ms("2030-01-01T03:00:05+00:00"))
+    assert cluster_submit.outcome(running_then).exit_code == 1  # nothing after it: it did not finish
 
 
 class FlakyClient:
