@@ -28,6 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
+from core import console
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
 SCHEDULES_DIR = REPO / "cluster" / "schedules"
@@ -65,7 +67,9 @@ def ray_semantic_errors(config: dict) -> list[str]:
     except ImportError:  # private API moved: the schema check above still holds
         return []
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # its logger's handler holds the real stderr: the redirect alone left "setting max workers …"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                console.quiet_logger(prepare_config.__module__):
             validate_config(prepare_config(copy.deepcopy(config)))
     except Exception as exc:  # noqa: BLE001 - report whatever Ray rejects
         return [f"ray rejects it: {exc}"]
@@ -106,8 +110,13 @@ def breedlabel_rules(config: dict, text: str) -> list[str]:
 
 
 def check_cluster_config(path: Path = CLUSTER_YAML) -> list[str]:
-    text = path.read_text()
-    config = yaml.safe_load(text)
+    try:
+        text = path.read_text()
+        config = yaml.safe_load(text)
+    except OSError as exc:
+        return [f"{path}: cannot read it ({exc.strerror or exc})"]
+    except yaml.YAMLError as exc:
+        return [f"{path.name}: does not parse: {' '.join(str(exc).split())}"]
     problems = schema_errors(config)
     if not problems:
         problems += ray_semantic_errors(config)
@@ -127,7 +136,8 @@ def commands_in(path: Path) -> Iterator[list[str]]:
         line = line.strip()
         if not line or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
             continue
-        yield from _segments(shlex.split(line, comments=True)[5:])  # after the 5 time fields
+        words = shlex.split(line, comments=True)
+        yield from _segments(words[1:] if words[0].startswith("@") else words[5:])  # @hourly, or 5 time fields
 
 
 def _commands_in_doc(doc: Any) -> Iterator[list[str]]:
@@ -160,13 +170,17 @@ def _segments(words: list[str]) -> Iterator[list[str]]:
             current.append(word)
 
 
+_FLOCK_VALUE_OPTIONS = ("-E", "--conflict-exit-code", "-w", "--wait", "--timeout")
+
+
 def check_command(argv: Sequence[str]) -> list[str]:
     """Problems with one command: unknown entry point, or options its parser rejects."""
     argv = list(argv)
-    if argv and argv[0] == "flock":  # flock [-n ...] LOCKFILE CMD...
+    if argv and argv[0] == "flock":  # flock [-n -E 75 -w S …] LOCKFILE CMD...
         rest = argv[1:]
         while rest and rest[0].startswith("-"):
-            rest = rest[1:]
+            takes_value = rest[0] in _FLOCK_VALUE_OPTIONS
+            rest = rest[2 if takes_value else 1:]
         argv = rest[1:]
     if not argv:
         return []

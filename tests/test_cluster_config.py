@@ -70,6 +70,33 @@ def test_schedules_parse_and_name_existing_entry_points():
     assert any("breedlabel" in c and "submit" in c and "--incremental" in c for c in cron)
 
 
+def test_the_check_prints_problems_only(capfd):
+    """Ray's "setting max workers for head node type to 0" came through on every run (its logger's
+    handler holds the real stderr, past the redirect)."""
+    import logging
+
+    logging.basicConfig()  # a root handler, as a user's logging setup would have
+    assert check.main([]) == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == "cluster_check: 0 problem(s)\n", err
+
+
+def test_schedule_lines_as_cron_and_flock_write_them(tmp_path):
+    """`@hourly` has one time field, not five (a valid line was 'not a breedlabel entry point'), and
+    flock's `-E 75` takes a value (it was read as the lock file); a config that is not there or
+    not YAML is one line, not a traceback."""
+    (tmp_path / "crontab").write_text(
+        "@hourly flock -n -E 75 /tmp/l breedlabel submit label s3://b/in --model s3://b/m --out s3://b/o --wait\n"
+        "5 * * * * flock -w 10 /tmp/l breedlabel submit label s3://b/in --model s3://b/m --out s3://b/o --bogus\n")
+    problems = check.check_schedules(tmp_path)
+    assert len(problems) == 1 and "unrecognized arguments: --bogus" in problems[0], problems
+    assert check.check_cluster_config(tmp_path / "nope.yaml") == [f"{tmp_path}/nope.yaml: cannot read it "
+                                                                  "(No such file or directory)"]
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    (problem,) = check.check_cluster_config(tmp_path / "bad.yaml")
+    assert problem.startswith("bad.yaml: does not parse: ") and "\n" not in problem
+
+
 def test_kubernetes_manifests(tmp_path):
     (cronjob,) = check.load_yaml_docs(check.SCHEDULES_DIR / "cronjob.yaml")
     assert cronjob["kind"] == "CronJob" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
