@@ -12,7 +12,10 @@ stopped, no manifest).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import io
 import os
 import shlex
 import sys
@@ -22,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TextIO
 
 from cluster.address import check_reachable
-from core import console
+from core import console, options
 from core.errors import (EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, ConfigError, JobError,
                          StorageError)
+from core.label_config import LabelConfig
 from core.output import (M_ERROR_RATE, M_EXIT_CODE, M_FINISHED_AT, M_IMAGES, M_LABELLED, M_MAX_ERROR_RATE, M_SKIPPED,
                          Output)
 from core.stop import Stopped
@@ -261,7 +265,7 @@ def _epoch(value: Any) -> float:
 def outcome(info) -> Outcome:
     """Judge a finished job: the label run's manifest decides; Ray's status only for other jobs."""
     status, code = status_of(info), info.driver_exit_code
-    meta = info.metadata or {}
+    meta = _label_metadata(info)
     if code == EXIT_LEASE_HELD:
         return Outcome(EXIT_LEASE_HELD, status, f"skipped: another run holds the lease of "
                        f"{meta.get(META_OUTPUT, 'the output')} (its holder is in the job's log)")
@@ -273,6 +277,31 @@ def outcome(info) -> Outcome:
         return Outcome(EXIT_OK, status, "succeeded")
     return Outcome(code if code in (EXIT_USAGE, EXIT_ERROR_BUDGET) else EXIT_FAILED, status,
                    f"failed (exit code {code}): {info.message or ''}".strip())
+
+
+def _label_metadata(info) -> dict:
+    """The job's metadata; for a label job submitted with plain `ray job submit` (no metadata), the
+    output read from its entrypoint (`python -m jobs.label … --out URI`), so its manifest decides too."""
+    meta = dict(info.metadata or {})
+    if meta.get(META_KIND):
+        return meta
+    try:
+        words = shlex.split(getattr(info, "entrypoint", "") or "")
+    except ValueError:
+        return meta
+    starts = [i + 2 for i in range(len(words) - 1) if words[i:i + 2] == ["-m", ENTRYPOINT_MODULES["label"]]]
+    if not starts:
+        return meta
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    options.add_options(parser, LabelConfig)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args, _ = parser.parse_known_args(words[starts[0]:])
+    except (argparse.ArgumentError, SystemExit):  # its options do not parse: Ray's status alone
+        return meta
+    if args.out and not args.dry_run:
+        meta.update({META_KIND: "label", META_OUTPUT: args.out})
+    return meta
 
 
 def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms, ended_ms=None) -> Outcome:

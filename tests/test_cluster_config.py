@@ -242,6 +242,7 @@ class FakeInfo:
     start_time: int = 0
     message: str = ""
     end_time: int | None = None
+    entrypoint: str = ""
 
 
 def _write_manifest(out: str, run_id: str, exit_code: int, finished_at: str = "2030-01-01T00:00:00+00:00") -> None:
@@ -273,6 +274,20 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     assert cluster_submit.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
     assert cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, {cluster_submit.META_KIND: "train"})).exit_code == 0
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"})).exit_code == 1
+
+
+def test_a_plain_ray_job_submit_label_job_is_judged_by_its_manifest(tmp_path):
+    """README: `ray job submit` reads no manifest, `breedlabel jobs status` does; with no breedlabel
+    metadata on the job it judged by Ray's status alone ("SUCCEEDED: succeeded")."""
+    out = str(tmp_path / "labels")
+    ray_job = FakeInfo("SUCCEEDED", 0, {}, entrypoint=f"/venv/bin/python -m jobs.label s3://b/in --model s3://b/m "
+                                                      f"--out {out} --incremental")
+    judged = cluster_submit.outcome(ray_job)
+    assert judged.exit_code == 1 and f"no run manifest under {out}" in judged.message
+    _write_manifest(out, "r1", 3)
+    assert cluster_submit.outcome(ray_job).exit_code == 3
+    dry = FakeInfo("SUCCEEDED", 0, {}, entrypoint=f"python -m jobs.label s3://b/in --model m --out {out} --dry-run")
+    assert cluster_submit.outcome(dry).message == "succeeded"
 
 
 def test_an_ended_job_is_judged_by_its_own_run_not_a_later_one(tmp_path):
