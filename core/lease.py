@@ -148,6 +148,11 @@ def _os_errors(method):
         try:
             return method(self, *args)
         except OSError as exc:
+            folder = os.path.dirname(self.path)
+            if isinstance(exc, (FileExistsError, NotADirectoryError)) and os.path.exists(folder) \
+                    and not os.path.isdir(folder):
+                raise StorageError(f"{folder}: a file, not a folder; the output must be a folder (it is made if "
+                                   "missing) or an s3:// prefix") from None
             raise StorageError(f"{self.path}: cannot use the lease file ({exc.strerror or exc}); "
                                "check that the output folder exists and is writable") from exc
     return wrapper

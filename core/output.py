@@ -176,8 +176,10 @@ class Output:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:
             raise StorageError(f"{path}: cannot read run metadata ({exc}); remove it if it is damaged") from exc
+        except OSError as exc:  # S3 not answering is not a damaged file
+            raise _named_os_error(self, exc, "read run metadata") from None
 
     def _write_atomic(self, path: str, write) -> None:
         """Local: temp file + rename (a reader never sees half a file). S3: PUT is atomic."""

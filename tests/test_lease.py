@@ -138,3 +138,12 @@ def test_a_holder_elsewhere_or_alive_is_waited_for(tmp_path):
     reused = dataclasses.replace(me.info, pid_started=me.info.pid_started - 3600)  # same pid, another process
     assert leases.holder_gone(reused)
     me.release()
+
+
+def test_an_output_that_is_a_file_is_named_as_such(tmp_path):
+    """`--out` naming a file said "cannot use the lease file (File exists)", mkdir's errno."""
+    from core.errors import StorageError
+
+    (tmp_path / "labels").write_text("not a folder")
+    with pytest.raises(StorageError, match=rf"^{tmp_path}/labels: a file, not a folder; the output must be a folder"):
+        leases.acquire(str(tmp_path / "labels"), "run-a")

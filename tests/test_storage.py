@@ -158,6 +158,9 @@ def test_an_unreachable_endpoint_is_named_whichever_it_is(monkeypatch):
         Output("s3://b/out").finished_runs()
     assert "curlCode" not in str(err.value) and "Details" not in str(err.value)  # the AWS SDK's words, gist only
     assert str(err.value).endswith("check AWS_ENDPOINT_URL and the network, then rerun")
+    with pytest.raises(ServiceError, match=r"does not answer \(read run metadata") as err:
+        Output("s3://b/out").last_run()  # was "cannot read run metadata (…); remove it if it is damaged"
+    assert "damaged" not in str(err.value)
 
 
 def test_s3_no_credentials(moto_s3, monkeypatch):
