@@ -155,8 +155,28 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or "No available agent" in str(exc)
 
 
+# Ray's client-side chatter on every submit ("'.git' is now ignored by default", "Uploading package",
+# "Ignoring upload to cluster for these files", "WebSocket closed … code 1000"): not notes for the
+# person or cron log reading ours; `breedlabel -v` shows them.
+_RAY_CLIENT_LOGGERS = ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+                       "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
+
+
+@contextlib.contextmanager
+def _ray_client_quiet():
+    with contextlib.ExitStack() as stack:
+        for name in _RAY_CLIENT_LOGGERS:
+            stack.enter_context(console.quiet_logger(name, enabled=not console.is_verbose()))
+        yield
+
+
 def submit(client, req: JobRequest) -> str:
     """Submit and return the submission id."""
+    with _ray_client_quiet():
+        return _submit(client, req)
+
+
+def _submit(client, req: JobRequest) -> str:
     metadata = {META_KIND: req.kind}
     if req.output:
         metadata[META_OUTPUT] = req.output
@@ -165,14 +185,20 @@ def submit(client, req: JobRequest) -> str:
         submission_id=req.submission_id or f"breedlabel-{req.kind}-{uuid.uuid4().hex[:12]}",
         entrypoint_num_cpus=req.entrypoint_num_cpus, entrypoint_num_gpus=req.entrypoint_num_gpus)
     deadline = time.monotonic() + AGENT_WAIT_S
+    retried = False
     while True:
         try:
             return client.submit_job(**kwargs)
         except (RuntimeError, OSError) as exc:
-            if "already" in str(exc) and kwargs["submission_id"] in str(exc) and req.submission_id is None:
-                return kwargs["submission_id"]  # our earlier attempt got through; its reply was lost
+            if "already" in str(exc) and kwargs["submission_id"] in str(exc):
+                if req.submission_id is None or retried:
+                    return kwargs["submission_id"]  # our earlier attempt got through; its reply was lost
+                taken = req.submission_id
+                raise ConfigError(f"--submission-id {taken}: a job with this id already exists on the cluster "
+                                  f"(`breedlabel jobs status {taken}`); choose another id") from None
             if not _transient(exc) or time.monotonic() >= deadline:
                 raise JobError(f"submitting the job: {exc}") from exc
+            retried = True
             time.sleep(POLL_S)
 
 
@@ -189,7 +215,8 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
             out.flush()
 
     try:
-        asyncio.run(tail())
+        with _ray_client_quiet():
+            asyncio.run(tail())
     except Stopped:  # a signal: the caller's wait ends, not a stream failure
         raise
     except Exception as exc:  # noqa: BLE001 - any stream failure: wait() polls the status instead

@@ -63,6 +63,14 @@ def test_submit_label_then_incremental_then_skip(ray_head, photos, tiny_bundle, 
     assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
     job_id = first.stdout.strip()  # the id alone on stdout: JOB=$(breedlabel submit …)
     assert job_id.startswith("breedlabel-label-") and "SUCCEEDED" in first.stderr
+    # ours only: Ray's "'.git' is now ignored", "Uploading package", "Ignoring upload" lines came with every submit
+    assert [line for line in first.stderr.splitlines() if not line.startswith("breedlabel submit: ")] == [], \
+        first.stderr
+    again = _breedlabel(ray_head, "submit", "label", str(photos), "--model", str(tiny_bundle), "--out",
+                        str(tmp_path / "other"), "--address", ray_head.address, "--submission-id", job_id)
+    assert again.returncode == 2 and again.stderr.strip() == (  # was a 30-line server traceback, exit 1
+        f"breedlabel submit: error: --submission-id {job_id}: a job with this id already exists on the cluster "
+        f"(`breedlabel jobs status {job_id}`); choose another id"), again.stderr
 
     rows = _finished_rows(out)
     expected = {str(p) for p in photos.rglob("*") if p.is_file()}
