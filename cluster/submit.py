@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shlex
 import sys
 import time
@@ -44,10 +45,12 @@ AGENT_WAIT_S = 120.0  # how long to retry a head whose job agent is starting or 
 
 
 def default_address() -> str:
-    """The job API address: $RAY_API_SERVER_ADDRESS, else an http $RAY_ADDRESS, else localhost."""
+    """The job API address: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is an http(s)://
+    address or a GCS host:port (the job client finds the dashboard from it; replacing it with
+    localhost's 8265 could submit to another cluster), else localhost."""
     for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         value = os.environ.get(name, "")
-        if value.startswith(("http://", "https://")):
+        if value.startswith(("http://", "https://")) or re.fullmatch(r"[\w.\-\[\]:]+:\d+", value):
             return value
     return DEFAULT_ADDRESS
 
@@ -337,7 +340,7 @@ def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], start
         return Outcome(EXIT_USAGE, status, "the label job rejected its options (see its log)")
     if code not in (None, EXIT_OK, EXIT_ERROR_BUDGET):
         return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): nothing of it is published; its log says "
-                       "why, and a rerun of the same job resumes what it staged")
+                       "why; once that is fixed, a rerun of the same job resumes anything it staged")
     try:
         manifest = read_run_manifest(output, started_ms, ended_ms)
         replaced = manifest is None and code in (EXIT_OK, EXIT_ERROR_BUDGET) and _replaced_since(output, ended_ms)

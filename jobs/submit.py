@@ -28,7 +28,9 @@ from typing import Sequence
 from cluster import runtime_env
 from cluster import submit as cluster_submit
 from core import lease as leases
+from core import options
 from core.errors import EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
+from core.label_config import LabelConfig
 from core.stop import GracefulStop, Stopped
 
 LOG_TAIL_LINES = 40
@@ -150,6 +152,8 @@ def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
 def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_submit.JobRequest:
     ns = _job_namespace(args.job, job_args)
     _check_paths(ns, job_args)
+    if args.job == "label":  # its value checks too (--top-k 0, --lease-ttl 1): found on the cluster, after sending
+        LabelConfig(**options.values(ns, LabelConfig)).check()
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
     env = runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir, env_vars=_env_vars(args.env))
     return cluster_submit.JobRequest(kind=args.job, job_args=tuple(job_args), runtime_env=env, output=output,

@@ -256,6 +256,32 @@ def _write_manifest(out: str, run_id: str, exit_code: int, finished_at: str = "2
         output.M_FINISHED_AT: finished_at})
 
 
+@pytest.mark.parametrize("env, expect", [
+    ({"RAY_ADDRESS": "http://head:8265"}, "http://head:8265"),
+    ({"RAY_ADDRESS": "10.0.0.5:6379"}, "10.0.0.5:6379"),  # was replaced by localhost's 8265: maybe another cluster
+    ({"RAY_ADDRESS": "auto"}, cluster_submit.DEFAULT_ADDRESS),
+    ({"RAY_ADDRESS": "10.0.0.5:6379", "RAY_API_SERVER_ADDRESS": "http://api:8265"}, "http://api:8265"),
+])
+def test_the_job_api_address_comes_from_the_environment(monkeypatch, env, expect):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cluster_submit.default_address() == expect
+
+
+def test_label_values_are_checked_before_sending(tmp_path):
+    """Only argparse's types were checked here: `--top-k 0` was sent, and failed on the cluster."""
+    from jobs import submit as submit_cli
+
+    parser = argparse.ArgumentParser()
+    submit_cli.add_arguments(parser)
+    for bad, says in ((["--top-k", "0"], "--top-k must be at least 1"), (["--lease-ttl", "1"], "--lease-ttl must be")):
+        ns = parser.parse_args(["label", "s3://b/in", "--model", "s3://b/m", "--out", "s3://b/o", *bad])
+        with pytest.raises(ConfigError, match=says):
+            submit_cli.build_request(ns, submit_cli.split_args(ns))
+
+
 def test_exit_codes_follow_the_manifest(tmp_path):
     out = str(tmp_path / "labels")
     meta = {cluster_submit.META_KIND: "label", cluster_submit.META_OUTPUT: out}
