@@ -70,6 +70,7 @@ class LabelRun:
         self.resumed_rows = 0
         self.skipset = SkipSet()  # what finished runs (and earlier attempts of this one) hold
         self.keys = KeyLog()      # the keys of this run's rows: its `_keys.npz`
+        self.whole_archives: set[str] = set()  # archives listed whole (not members named by a manifest)
 
     @property
     def done_keys(self) -> np.ndarray | None:
@@ -136,6 +137,7 @@ class LabelRun:
         """False for each listed object (or whole archive) whose listed version a finished run
         holds: it is skipped without being read. Objects listed without a version are read."""
         mask = np.ones(len(items), dtype=bool)
+        self.whole_archives.update(item.uri for item in items if item.is_archive)
         known = [i for i, item in enumerate(items) if item.version is not None]
         if not known or not len(self.skipset.listing):
             return mask
@@ -213,7 +215,8 @@ class LabelRun:
         manifest[output.M_RUNTIMES] = dict(self.runtimes)
         # staged rows of an earlier attempt are listed and skipped again: not "already labelled" by another run
         manifest[output.M_SKIPPED] = max(0, self.stats.skipped - self.resumed_rows)
-        return self.out.commit(self.run_id, manifest, self.keys.skipset(), parts=[*self.staged, *self.writer.files])
+        return self.out.commit(self.run_id, manifest, self.keys.skipset(self.whole_archives),
+                               parts=[*self.staged, *self.writer.files])
 
     def abandon(self) -> None:
         """A new run that failed before staging anything leaves no trace (no `_run.json` debris)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Container, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -93,6 +93,9 @@ class KeyLog:
 
     def __init__(self) -> None:
         self.content, self.listing = array("Q"), array("Q")
+        # (uri, version, model_id) of the archives these rows come from: False once a member's read
+        # failed in a way a later run retries (the archive must then be read again)
+        self.archives: dict[tuple[str, str, str], bool] = {}
 
     def add_rows(self, rows: pa.Table, *, content: bool = True, archives: bool = True) -> None:
         """Keys of label rows (FILE_SCHEMA columns). `content=False`: only their listing keys
@@ -110,10 +113,21 @@ class KeyLog:
                                                               versions, errors):
             if content:
                 self.content.append(content_key(uri, member, sha, model_id))
-            if version is not None and not is_retried(error):
+            if version is None:
+                continue
+            retried = is_retried(error)
+            if not retried:
                 self.listing.append(listing_key(uri, member, version, model_id))
-                if archives and (member is not None or is_archive_uri(uri)):
-                    self.listing.append(archive_key(uri, version, model_id))
+            if archives and (member is not None or is_archive_uri(uri)):
+                key = (uri, version, model_id)
+                self.archives[key] = self.archives.get(key, True) and not retried
 
-    def skipset(self) -> SkipSet:
-        return SkipSet(key_set(np.frombuffer(self.content, np.uint64)), key_set(np.frombuffer(self.listing, np.uint64)))
+    def skipset(self, whole_archives: Container[str] | None = None) -> SkipSet:
+        """The keys, with an archive key for each archive all of whose rows are here: those listed
+        whole by the run (`whole_archives`, their URIs), not an archive a manifest named only some
+        members of (its other members were never labelled); None: every archive the rows come from
+        (outputs written before runs kept their keys)."""
+        archives = [archive_key(*key) for key, complete in self.archives.items()
+                    if complete and (whole_archives is None or key[0] in whole_archives)]
+        listing = np.concatenate([np.frombuffer(self.listing, np.uint64), np.asarray(archives, np.uint64)])
+        return SkipSet(key_set(np.frombuffer(self.content, np.uint64)), key_set(listing))

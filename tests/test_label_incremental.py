@@ -154,3 +154,24 @@ def test_touched_file_is_read_once_then_skipped_unread(ray_local, tmp_path, tiny
     quiet = label(cfg)
     assert quiet[output.M_IMAGES] == 0 and quiet[output.M_CONFIG]["plan"] is None
     assert len(_one_row_per_key(str(tmp_path / "out"))) == 3
+
+
+def test_an_archive_key_needs_the_archive_listed_whole_and_read_cleanly():
+    """Rows of some members (a manifest naming them) must not mark the whole archive done, nor an
+    archive one of whose members failed to read in a way a later run retries."""
+    import pyarrow as pa
+
+    from core import schema
+    from core.skipset import KeyLog, archive_key, contains
+
+    def rows(member: str, error: str | None = None) -> pa.Table:
+        return pa.table({schema.URI: ["s3://b/a.tar"], schema.MEMBER: [member], schema.CONTENT_SHA256: ["0" * 64],
+                         schema.MODEL_ID: ["m"], schema.VERSION: ["e1"], schema.ERROR: [error]})
+
+    log = KeyLog()
+    log.add_rows(rows("x.jpg"))
+    key = archive_key("s3://b/a.tar", "e1", "m")
+    assert not contains(log.skipset(whole_archives=set()).listing, key)  # named by a manifest only
+    assert contains(log.skipset(whole_archives={"s3://b/a.tar"}).listing, key)
+    log.add_rows(rows("y.jpg", error="cannot read: connection reset"))
+    assert not contains(log.skipset(whole_archives={"s3://b/a.tar"}).listing, key)

@@ -75,3 +75,23 @@ def test_keys_with_hash_and_question_mark_are_the_objects_listed(ray_local, moto
     for uri, row in rows.items():
         assert row["error"] is None and row["bytes"] == len(bodies[uri[len(src) + 1:]])
     assert client.list_objects_v2(Bucket="odd-out", Prefix="runs?x=1#y/run_id=")["KeyCount"] > 0
+
+
+@pytest.mark.slow
+def test_a_manifest_naming_one_member_does_not_mark_the_archive_done(ray_local, moto_s3, buckets, tiny_bundle):
+    """A manifest row for one member of an archive (with the archive's ETag) made the finished run hold
+    the whole archive's key: a later run over the archive skipped it unread, and its other members
+    were never labelled ("nothing new to label", exit 0)."""
+    src, dst = buckets
+    out = f"{dst}/members"
+    etag = storage.stat(f"{src}/packs/pack.tar").version
+    moto_s3.client().put_object(Bucket="label-in", Key="lists/one.csv",
+                    Body=f'uri,member,e_tag\n{src}/packs/pack.tar,a.jpg,"{etag}"\n'.encode())
+    first = label(LabelConfig(manifests=(f"{src}/lists/one.csv",), model=str(tiny_bundle), out=out, **SMALL))
+    assert first[output.M_IMAGES] == 1
+    whole = label(LabelConfig(inputs=(f"{src}/packs/pack.tar",), model=str(tiny_bundle), out=out, **SMALL))
+    assert whole[output.M_LABELLED] == 1 and whole[output.M_SKIPPED] == 1  # b.png labelled, a.jpg skipped
+    rows = output.Output(out).read_finished()
+    assert sorted(rows.column("member").to_pylist()) == ["a.jpg", "b.png"]
+    again = label(LabelConfig(inputs=(f"{src}/packs/pack.tar",), model=str(tiny_bundle), out=out, **SMALL))
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 1  # listed whole now: skipped unread
