@@ -126,7 +126,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     """s3://BUCKET/KEY -> (BUCKET, KEY). Not urlparse: '?' and '#' are legal in a key, not a query
     or a fragment."""
     bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key.lstrip("/")
+    return bucket, key  # a key may begin with "/" ("s3://b//x.jpg" is the key "/x.jpg")
 
 
 @contextmanager

@@ -185,9 +185,10 @@ def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
     exts = tuple(extensions) if extensions is not None else None
     listings = [iter_items(inputs, extensions=exts, s3=s3, follow_symlinks=follow_symlinks)] if inputs else []
     listings += [iter_items([], manifest=m, extensions=exts, s3=s3) for m in manifests]
-    listed = chain.from_iterable(listings)
+    listed: Iterable[InputItem] = chain.from_iterable(listings)
+    seen = _Seen()
     if len(inputs) + len(manifests) > 1 or manifests:
-        listed = _once(listed)
+        listed = seen.once(listed)
     while batch := list(islice(listed, _KEEP_BATCH)):
         for item, wanted in zip(batch, keep(batch) if keep is not None else [True] * len(batch)):
             if not wanted:
@@ -195,25 +196,48 @@ def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
             if item.size is not None and item.size > max_object_bytes and item.error is None:
                 yield ItemData(replace(item, error=REASON_TOO_LARGE), None, REASON_TOO_LARGE)
             elif not item.is_archive:
-                yield ItemData(item, None, item.error)
+                if item.member is None or not seen.expanded_already(item):
+                    yield ItemData(item, None, item.error)
             else:
-                yield from _members(item, exts, s3, keep, max_object_bytes)
+                yield from _members(item, exts, s3, keep, max_object_bytes, seen)
 
 
-def _members(archive: InputItem, exts, s3, keep: Keep | None, max_bytes: int) -> Iterator[ItemData]:
+def _members(archive: InputItem, exts, s3, keep: Keep | None, max_bytes: int, seen: "_Seen") -> Iterator[ItemData]:
     for got in iter_archive_members(archive.uri, extensions=exts, s3=s3, max_member_bytes=max_bytes):
         member = replace(got.item, version=archive.version)
+        if got.item.member is not None and not seen.expand(member):
+            continue
         if keep is None or got.item.member is None or keep([member])[0]:
             yield ItemData(member, got.data, got.error)
 
 
-def _once(items: Iterable[InputItem]) -> Iterator[InputItem]:
-    seen: set[int] = set()
-    for item in items:
-        key = hash((item.uri, item.member))
-        if key not in seen:
-            seen.add(key)
-            yield item
+class _Seen:
+    """What a run has listed, as 8-byte hashes of (uri, member), so each is labelled once: objects
+    listed twice (overlapping folders, repeated manifest lines), a member named by a manifest and
+    also met in its archive listed whole, and a name found twice in one archive (`tar -r` appends a
+    second `x.jpg`; the first is labelled, as the listing order puts it first)."""
+
+    def __init__(self) -> None:
+        self.listed: set[int] = set()
+        self.expanded: set[int] = set()
+
+    def once(self, items: Iterable[InputItem]) -> Iterator[InputItem]:
+        for item in items:
+            key = hash((item.uri, item.member))
+            if key not in self.listed:
+                self.listed.add(key)
+                yield item
+
+    def expand(self, member: InputItem) -> bool:
+        """True the first time a member comes out of an archive, unless a manifest named it itself."""
+        key = hash((member.uri, member.member))
+        if key in self.expanded or key in self.listed:
+            return False
+        self.expanded.add(key)
+        return True
+
+    def expanded_already(self, item: InputItem) -> bool:
+        return hash((item.uri, item.member)) in self.expanded
 
 
 # --- manifests -----------------------------------------------------------------------------
@@ -385,8 +409,8 @@ def _resolve(manifest_uri: str, row_uri: str) -> str:
 def read_item(item: InputItem, *, s3: S3Options | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
     """Bytes of one item. For many members of one archive use `iter_archive_members` instead.
 
-    Raises ObjectNotFoundError (vanished object), ObjectTooLargeError (over `max_bytes`) or
-    InputError (item error, missing/corrupt member).
+    Raises ObjectNotFoundError (vanished object), ObjectTooLargeError (over `max_bytes`),
+    MemberError (a member missing, or one the archive does not give) or InputError (item error).
     """
     if item.error:
         raise InputError(f"{item.uri}: {item.error}")
@@ -395,9 +419,19 @@ def read_item(item: InputItem, *, s3: S3Options | None = None, max_bytes: int = 
     for got in iter_archive_members(item.uri, extensions=None, members={item.member}, s3=s3,
                                     max_member_bytes=max_bytes):
         if got.error:
-            raise InputError(f"{item.uri}[{item.member}]: {got.error}")
+            raise MemberError(item, got.error)
         return got.data  # type: ignore[return-value]
-    raise InputError(f"{item.uri}[{item.member}]: {REASON_MEMBER_NOT_FOUND}")
+    raise MemberError(item, REASON_MEMBER_NOT_FOUND)
+
+
+class MemberError(InputError):
+    """A member named on its own (a manifest row) that the archive does not give: its row's reason
+    is the one the member would get with the archive listed whole (not found, a link, too large…),
+    not "cannot read", which a later run retries."""
+
+    def __init__(self, item: InputItem, reason: str):
+        self.reason = reason
+        super().__init__(f"{item.uri}[{item.member}]: {reason}")
 
 
 def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,

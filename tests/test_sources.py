@@ -222,3 +222,53 @@ def test_a_folder_of_symlinked_folders_says_how_to_follow_them(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(sources.InputError, match="check the path or prefix"):
         list(sources.iter_items([str(tmp_path / "empty")]))
+
+
+def _archive_with(members: list[tuple[str, bytes]], kind: str) -> bytes:
+    buf = io.BytesIO()
+    if kind == "zip":
+        import warnings
+
+        with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Duplicate name": what an appended zip holds
+            for name, data in members:
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_each_member_name_is_labelled_once(tmp_path, kind):
+    """A name twice in one archive (`tar -r` appends a second x.jpg) gave two rows in one run, and a
+    member a manifest names beside its archive listed whole gave two rows too."""
+    arc = tmp_path / f"a.{kind}"
+    arc.write_bytes(_archive_with([("x.jpg", b"first"), ("y.jpg", b"y"), ("x.jpg", b"second")], kind))
+    got = [(d.item.member, d.data) for d in sources.iter_label_items([str(arc)])]
+    assert got == [("x.jpg", b"first"), ("y.jpg", b"y")]
+    for rows in ([f"{arc},y.jpg", f"{arc},"], [f"{arc},", f"{arc},y.jpg"]):  # the member before or after
+        manifest = tmp_path / "m.csv"
+        manifest.write_text("uri,member\n" + "\n".join(rows) + "\n")
+        members = sorted(d.item.member for d in sources.iter_label_items([], [str(manifest)]))
+        assert members == ["x.jpg", "y.jpg"], rows
+
+
+def test_a_member_named_alone_gets_the_reason_it_would_get_listed_whole(tmp_path):
+    """A manifest row naming a member the archive lacks, or a link member, said "cannot read",
+    which every later run retries (reading the archive again) for good."""
+    from core.labelling import fetch
+    from core.reasons import REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    (tmp_path / "a.tar").write_bytes(buf.getvalue())
+    uri = str(tmp_path / "a.tar")
+    fetched = fetch([uri, uri], ["nope.jpg", "link.jpg"])
+    assert fetched.errors == [REASON_MEMBER_NOT_FOUND, REASON_LINK_MEMBER]

@@ -238,3 +238,11 @@ def test_an_unreachable_endpoint_names_the_setting_to_check(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://h:2")
     assert S3Options().endpoint_check == "check AWS_ENDPOINT_URL_S3 and the network"
     assert S3Options().resolved().endpoint_check == "check AWS_ENDPOINT_URL_S3 and the network"
+
+
+def test_a_key_that_begins_with_a_slash_is_read_as_listed(bucket, moto_s3):
+    """`/lead.jpg` was listed as s3://B//lead.jpg, then read as `lead.jpg`: "not found" on every run."""
+    name = bucket.removeprefix("s3://")
+    moto_s3.client().put_object(Bucket=name, Key="/lead.jpg", Body=b"lead")
+    (uri,) = [f.uri for f in storage.list_files(f"{bucket}/")]
+    assert uri == f"{bucket}//lead.jpg" and storage.read_bytes(uri) == b"lead"
