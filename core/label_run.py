@@ -36,7 +36,7 @@ from core.label_summary import RunStats, build_manifest
 from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
 from core.lease import Lease, LeaseLostError
 from core.reasons import is_retried, reason_of
-from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key
+from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key, too_large_version
 from core.sources import InputItem
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,9 @@ class LabelRun:
         self.seen = 0      # rows that came back from the pipeline (written + skipped)
         self.resumed_rows = 0
         self.skipset = SkipSet()  # what finished runs (and earlier attempts of this one) hold
-        self.keys = KeyLog()      # the keys of this run's rows: its `_keys.npz`
+        self.keys = KeyLog(cfg.max_object_bytes)  # the keys of this run's rows: its `_keys.npz`
         self.whole_archives: set[str] = set()  # archives listed whole (not members named by a manifest)
+        self.limit = cfg.max_object_bytes
 
     @property
     def done_keys(self) -> np.ndarray | None:
@@ -141,16 +142,21 @@ class LabelRun:
         known = [i for i, item in enumerate(items) if item.version is not None]
         if not known or not len(self.skipset.listing):
             return mask
-        keys = np.fromiter((self._listing_key(items[i]) for i in known), np.uint64, count=len(known))
-        done = contains_all(self.skipset.listing, keys)
+        keys = np.fromiter((self._listing_key(items[i], items[i].version) for i in known), np.uint64,
+                           count=len(known))
+        too_large = np.fromiter((self._listing_key(items[i], too_large_version(items[i].version, self.limit))
+                                 for i in known), np.uint64, count=len(known))
+        done = contains_all(self.skipset.listing, keys) | contains_all(self.skipset.listing, too_large)
         mask[np.asarray(known)[done]] = False
         self.stats.skipped += int(done.sum())
         return mask
 
-    def _listing_key(self, item: InputItem) -> int:
+    def _listing_key(self, item: InputItem, version: str) -> int:
+        """Its key as labelled; with `too_large_version`, as a row found too large at this run's
+        --max-object-mb (a larger limit reads it again)."""
         if item.is_archive:
-            return archive_key(item.uri, item.version, self.model_id)
-        return listing_key(item.uri, item.member, item.version, self.model_id)
+            return archive_key(item.uri, version, self.model_id)
+        return listing_key(item.uri, item.member, version, self.model_id)
 
     # -- rows
     def add(self, rows: pa.Table) -> pa.Table:

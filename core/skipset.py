@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from core import schema
-from core.reasons import is_retried
+from core.reasons import REASON_TOO_LARGE, is_retried, reason_of
 from core.sources import is_archive_uri
 
 _ARCHIVE = "\0archive"   # the member field of an archive's own key
@@ -45,6 +45,12 @@ def listing_key(uri: str, member: str | None, version: str, model_id: str) -> in
 def archive_key(uri: str, version: str, model_id: str) -> int:
     """Every member of this archive version has a row: the archive need not be read again."""
     return _hash(uri, _ARCHIVE, _VERSION + version, model_id)
+
+
+def too_large_version(version: str, max_bytes: int) -> str:
+    """The version a `too large` row is remembered by: with the limit it was too large for, so a run
+    with a larger --max-object-mb reads the object, and one with the same limit skips it unread."""
+    return f"{version}\0max={max_bytes}"
 
 
 def key_set(keys: Iterable[int] | np.ndarray) -> np.ndarray:
@@ -91,11 +97,14 @@ class SkipSet:
 class KeyLog:
     """Keys of the rows a run writes, kept as it goes (8 bytes a key) for the run's `_keys` file."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_object_bytes: int | None = None) -> None:
         self.content, self.listing = array("Q"), array("Q")
-        # (uri, version, model_id) of the archives these rows come from: False once a member's read
-        # failed in a way a later run retries (the archive must then be read again)
-        self.archives: dict[tuple[str, str, str], bool] = {}
+        # the run's --max-object-mb, in bytes: `too large` rows are remembered with it (None: outputs
+        # read back without knowing it, whose too-large rows count as done, as they were written)
+        self.max_object_bytes = max_object_bytes
+        # (uri, version, model_id) of the archives these rows come from -> [complete, a member too large]:
+        # not complete once a member's read failed in a way a later run retries (it is read again)
+        self.archives: dict[tuple[str, str, str], list[bool]] = {}
 
     def add_rows(self, rows: pa.Table, *, content: bool = True, archives: bool = True) -> None:
         """Keys of label rows (FILE_SCHEMA columns). `content=False`: only their listing keys
@@ -116,18 +125,24 @@ class KeyLog:
             if version is None:
                 continue
             retried = is_retried(error)
+            too_large = (error is not None and self.max_object_bytes is not None
+                         and reason_of(error) == REASON_TOO_LARGE)
             if not retried:
-                self.listing.append(listing_key(uri, member, version, model_id))
+                listed = too_large_version(version, self.max_object_bytes) if too_large else version
+                self.listing.append(listing_key(uri, member, listed, model_id))
             if archives and (member is not None or is_archive_uri(uri)):
-                key = (uri, version, model_id)
-                self.archives[key] = self.archives.get(key, True) and not retried
+                state = self.archives.setdefault((uri, version, model_id), [True, False])
+                state[0] = state[0] and not retried
+                state[1] = state[1] or too_large
 
     def skipset(self, whole_archives: Container[str] | None = None) -> SkipSet:
         """The keys, with an archive key for each archive all of whose rows are here: those listed
         whole by the run (`whole_archives`, their URIs), not an archive a manifest named only some
         members of (its other members were never labelled); None: every archive the rows come from
         (outputs written before runs kept their keys)."""
-        archives = [archive_key(*key) for key, complete in self.archives.items()
-                    if complete and (whole_archives is None or key[0] in whole_archives)]
+        archives = [archive_key(uri, too_large_version(version, self.max_object_bytes) if too_large else version,
+                                model_id)
+                    for (uri, version, model_id), (complete, too_large) in self.archives.items()
+                    if complete and (whole_archives is None or uri in whole_archives)]
         listing = np.concatenate([np.frombuffer(self.listing, np.uint64), np.asarray(archives, np.uint64)])
         return SkipSet(key_set(np.frombuffer(self.content, np.uint64)), key_set(listing))

@@ -175,3 +175,27 @@ def test_an_archive_key_needs_the_archive_listed_whole_and_read_cleanly():
     assert contains(log.skipset(whole_archives={"s3://b/a.tar"}).listing, key)
     log.add_rows(rows("y.jpg", error="cannot read: connection reset"))
     assert not contains(log.skipset(whole_archives={"s3://b/a.tar"}).listing, key)
+
+
+def test_too_large_is_read_again_when_the_limit_is_raised(ray_local, tmp_path, tiny_bundle):
+    """A row `too large` at --max-object-mb 0.01 counted as done: raising the limit said "nothing new
+    to label" and the object was never labelled (only --relabel, of everything, got it). Now the
+    same limit still skips it unread, and a larger one reads and labels it, for a folder and for
+    a member of an archive."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    big = jpeg_bytes(400, 300, quality=100)
+    assert len(big) > 12_000
+    (folder / "big.jpg").write_bytes(big)
+    (folder / "small.jpg").write_bytes(jpeg_bytes(20, 20))
+    (folder / "pack.tar").write_bytes(_tar({"inner.jpg": big}))
+    base = dict(inputs=(str(folder),), model=str(tiny_bundle), out=str(tmp_path / "out"), **SMALL)
+    first = label(LabelConfig(**base, max_object_mb=0.01))
+    assert first[output.M_ERRORS_BY_KIND] == {"too large": 2}
+    same = label(LabelConfig(**base, max_object_mb=0.01))
+    assert same[output.M_IMAGES] == 0 and same[output.M_CONFIG]["plan"] is None  # unread, before Ray
+    raised = label(LabelConfig(**base))
+    assert raised[output.M_IMAGES] == 2 and raised[output.M_ERRORS] == 0
+    rows = output.Output(str(tmp_path / "out")).read_finished().to_pandas()
+    labelled = rows[rows.error.isna()]
+    assert sorted(labelled.member.fillna("").map(str)) == ["", "", "inner.jpg"]
