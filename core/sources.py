@@ -193,7 +193,8 @@ def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
         for item, wanted in zip(batch, keep(batch) if keep is not None else [True] * len(batch)):
             if not wanted:
                 continue
-            if item.size is not None and item.size > max_object_bytes and item.error is None:
+            if item.size is not None and item.size > max_object_bytes and item.error is None and not item.is_archive:
+                # an archive is streamed, one member in memory at a time: the limit is its members' own
                 yield ItemData(replace(item, error=REASON_TOO_LARGE), None, REASON_TOO_LARGE)
             elif not item.is_archive:
                 if item.member is None or not seen.expanded_already(item):

@@ -272,3 +272,12 @@ def test_a_member_named_alone_gets_the_reason_it_would_get_listed_whole(tmp_path
     uri = str(tmp_path / "a.tar")
     fetched = fetch([uri, uri], ["nope.jpg", "link.jpg"])
     assert fetched.errors == [REASON_MEMBER_NOT_FOUND, REASON_LINK_MEMBER]
+
+
+def test_the_size_limit_is_each_members_not_the_archives(tmp_path):
+    """An archive larger than --max-object-mb was refused whole (one `too large` row, no member read),
+    though archives are streamed a member at a time."""
+    arc = tmp_path / "a.tar"
+    arc.write_bytes(_archive_with([("x.jpg", b"x" * 600), ("y.jpg", b"y" * 600), ("big.jpg", b"b" * 1500)], "tar"))
+    got = [(d.item.member, d.error) for d in sources.iter_label_items([str(arc)], max_object_bytes=1000)]
+    assert got == [("x.jpg", None), ("y.jpg", None), ("big.jpg", "too large")]
