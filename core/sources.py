@@ -363,7 +363,7 @@ def _inventory_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
     """An S3 Inventory report as S3 writes it: `manifest.json` names its CSV (gzip) or Parquet files."""
     import gzip
     import json
-    from urllib.parse import unquote
+    from urllib.parse import unquote_plus
 
     try:
         spec = json.loads(storage.read_bytes(uri, s3=s3))
@@ -381,7 +381,7 @@ def _inventory_rows(uri: str, s3: S3Options | None) -> Iterator[_ManifestRow]:
             text = gzip.decompress(storage.read_bytes(data_uri, s3=s3)).decode("utf-8")
             for values in csv.reader(io.StringIO(text)):
                 row = dict(zip(schema, values))
-                row[INVENTORY_KEY] = unquote(row.get(INVENTORY_KEY, ""))  # CSV inventories URL-encode keys
+                row[INVENTORY_KEY] = unquote_plus(row.get(INVENTORY_KEY, ""))  # URL-encoded: " " is "+", "+" is "%2B"
                 yield from _row(row)
         else:
             raise InputError(f"{uri}: S3 Inventory format {fmt} is not supported; use CSV or Parquet")

@@ -117,8 +117,11 @@ def test_s3_inventory_manifests_as_s3_writes_them(ray_local, moto_s3, bucket, ti
     pq.write_table(pa.Table.from_pylist(rows), inventory)
     client.put_object(Bucket=bucket, Key="photos/with space.jpg", Body=jpeg_bytes(33, 33))
     etag = client.head_object(Bucket=bucket, Key="photos/with space.jpg")["ETag"]
+    client.put_object(Bucket=bucket, Key="photos/a+b c.jpg", Body=jpeg_bytes(34, 33))  # S3 writes it a%2Bb+c
+    etag2 = client.head_object(Bucket=bucket, Key="photos/a+b c.jpg")["ETag"]
     lines = [f'"{bucket}","{k}","{h["ContentLength"]}","{h["ETag"].strip(chr(34))}"' for k, h in
-             list(heads.items())[4:]] + [f'"{bucket}","photos/with%20space.jpg","1","{etag.strip(chr(34))}"']
+             list(heads.items())[4:]] + [f'"{bucket}","photos/with%20space.jpg","1","{etag.strip(chr(34))}"',
+                                         f'"{bucket}","photos/a%2Bb+c.jpg","1","{etag2.strip(chr(34))}"']
     client.put_object(Bucket=bucket, Key="inv/data/part0.csv.gz", Body=gzip.compress("\n".join(lines).encode()))
     spec = {"sourceBucket": bucket, "destinationBucket": f"arn:aws:s3:::{bucket}", "fileFormat": "CSV",
             "fileSchema": "Bucket, Key, Size, ETag", "files": [{"key": "inv/data/part0.csv.gz", "size": 1}]}
@@ -128,12 +131,12 @@ def test_s3_inventory_manifests_as_s3_writes_them(ray_local, moto_s3, bucket, ti
     cfg = LabelConfig(manifests=(str(inventory), f"s3://{bucket}/inv/manifest.json"), model=str(tiny_bundle),
                       out=out, **SMALL)
     first = label(cfg)
-    assert first[output.M_IMAGES] == 9 and first[output.M_ERRORS] == 0
+    assert first[output.M_IMAGES] == 10 and first[output.M_ERRORS] == 0  # "a+b c.jpg" was "not found"
     gets = len(moto_s3.object_gets(bucket))
     again = label(cfg)
-    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 9
+    assert again[output.M_IMAGES] == 0 and again[output.M_SKIPPED] == 10
     assert [k for k in moto_s3.object_gets(bucket)[gets:] if k.startswith("photos/")] == []
-    assert f"s3://{bucket}/photos/with space.jpg" in set(_one_row_per_key(out).uri)
+    assert {f"s3://{bucket}/photos/with space.jpg", f"s3://{bucket}/photos/a+b c.jpg"} <= set(_one_row_per_key(out).uri)
 
 
 @pytest.mark.slow
