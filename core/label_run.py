@@ -71,7 +71,6 @@ class LabelRun:
         self.skipset = SkipSet()  # what finished runs (and earlier attempts of this one) hold
         self.keys = KeyLog(cfg.max_object_bytes)  # the keys of this run's rows: its `_keys.npz`
         self.whole_archives: set[str] = set()  # archives listed whole (not members named by a manifest)
-        self.limit = cfg.max_object_bytes
 
     @property
     def done_keys(self) -> np.ndarray | None:
@@ -144,9 +143,16 @@ class LabelRun:
             return mask
         keys = np.fromiter((self._listing_key(items[i], items[i].version) for i in known), np.uint64,
                            count=len(known))
-        too_large = np.fromiter((self._listing_key(items[i], too_large_version(items[i].version, self.limit))
-                                 for i in known), np.uint64, count=len(known))
-        done = contains_all(self.skipset.listing, keys) | contains_all(self.skipset.listing, too_large)
+        done = contains_all(self.skipset.listing, keys)
+        # as a `too large` row at this limit: only what can be one (an archive: one of its members)
+        limit = self.cfg.max_object_bytes
+        maybe = [j for j, i in enumerate(known) if items[i].is_archive or items[i].size is None
+                 or items[i].size > limit]
+        if maybe:
+            too_large = np.fromiter((self._listing_key(items[known[j]], too_large_version(items[known[j]].version,
+                                                                                          limit)) for j in maybe),
+                                    np.uint64, count=len(maybe))
+            done[maybe] |= contains_all(self.skipset.listing, too_large)
         mask[np.asarray(known)[done]] = False
         self.stats.skipped += int(done.sum())
         return mask
