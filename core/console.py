@@ -133,6 +133,29 @@ def native_output_to_log(name: str) -> Iterator[Path | None]:
         terminal.close()
 
 
+def native_output_to_log_until_exit(name: str) -> Path | None:
+    """`native_output_to_log` for the rest of the process: for a command that has said its last
+    line and is shutting Ray down. Ray Data's threads still running after a stop call into the
+    core worker Ray has shut down, and its C++ then logs "The core worker has already been
+    shutdown" to file descriptor 2, after (under) the command's one-line message."""
+    if is_verbose():
+        return None
+    path = default_log_dir() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = sys.stderr
+    old.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                         errors="backslashreplace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(terminal)
+    sys.stderr = terminal
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    return path
+
+
 @contextlib.contextmanager
 def tensorflow_startup(log_dir: str | os.PathLike | None = None) -> Iterator[None]:
     """Around `import tensorflow` and what first initialises its runtime (device discovery, where

@@ -78,12 +78,16 @@ _started = False  # this process started the Ray it is connected to (connect): i
 def shutdown_uninterruptible() -> None:
     """Shut down the Ray `connect` started (not one a caller started: tests share theirs), with
     SIGINT/SIGTERM ignored meanwhile: a second Ctrl-C during Ray's own shutdown at exit ended it
-    half-way (a traceback, and Ray's agents left running with no parent)."""
+    half-way (a traceback, and Ray's agents left running with no parent). Native lines from then
+    on go to a log: the command's own message stays its last line."""
     global _started
     ray = sys.modules.get("ray")
     if not _started or ray is None:  # started, even if a stop cut ray.init short: its processes run
         return
     _started = False
+    from core import console
+
+    console.native_output_to_log_until_exit("ray-shutdown.log")
     with signals_ignored():
         ray.shutdown()
 
