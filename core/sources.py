@@ -93,20 +93,21 @@ def _wanted_member(name: str, extensions: Iterable[str] | None) -> bool:
 
 def iter_items(inputs: Sequence[str], *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
                manifest: str | None = None, s3: S3Options | None = None,
-               follow_symlinks: bool = False) -> Iterator[InputItem]:
+               follow_symlinks: bool = False, exclude: str | None = None) -> Iterator[InputItem]:
     """Stream the items of every input, in input order (archives whole: `iter_label_items` reads
-    their members); an input with no images is an InputError."""
+    their members); an input with no images is an InputError. A folder's files under `exclude`
+    (the run's output) are not listed."""
     exts = tuple(extensions) if extensions is not None else None
     if not inputs and manifest is None:
         raise InputError("no inputs given; pass folders, files, archives or s3:// prefixes, or --manifest")
     for raw in inputs:
-        yield from _expand(storage.normalize_uri(raw), exts, s3, follow_symlinks)
+        yield from _expand(storage.normalize_uri(raw), exts, s3, follow_symlinks, exclude)
     if manifest is not None:
         yield from _iter_manifest(manifest, s3)
 
 
 def _expand(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None,
-            follow_symlinks: bool = False) -> Iterator[InputItem]:
+            follow_symlinks: bool = False, exclude: str | None = None) -> Iterator[InputItem]:
     if is_archive_uri(uri):
         try:
             yield _item(storage.stat(uri, s3=s3))
@@ -122,15 +123,18 @@ def _expand(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None,
             return
         except ObjectNotFoundError:
             pass  # not an object: a prefix
-    yield from _expand_listing(uri, exts, s3, follow_symlinks)
+    yield from _expand_listing(uri, exts, s3, follow_symlinks, exclude)
 
 
 def _expand_listing(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None,
-                    follow_symlinks: bool) -> Iterator[InputItem]:
+                    follow_symlinks: bool, exclude: str | None) -> Iterator[InputItem]:
     """A folder/prefix: its images and the archives found there (whole)."""
     found = 0
     listed = None if exts is None else exts + ARCHIVE_SUFFIXES
+    below = exclude.rstrip("/") + "/" if exclude else None
     for info in storage.list_files(uri, extensions=listed, s3=s3, follow_symlinks=follow_symlinks):
+        if below is not None and info.uri.startswith(below):
+            continue
         found += 1
         yield _item(info)
     if not found:
@@ -170,7 +174,7 @@ _KEEP_BATCH = 1024  # listed items judged together (one vectorised lookup)
 def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
                      extensions: Iterable[str] | None = IMAGE_EXTENSIONS, s3: S3Options | None = None,
                      keep: Keep | None = None, follow_symlinks: bool = False,
-                     max_object_bytes: int = MAX_OBJECT_BYTES) -> Iterator[ItemData]:
+                     max_object_bytes: int = MAX_OBJECT_BYTES, exclude: str | None = None) -> Iterator[ItemData]:
     """Everything a label run labels, streamed in input order: plain objects without their bytes
     (the actors read them, in parallel), archive members with theirs (read here, once per archive,
     one member in memory at a time).
@@ -180,10 +184,13 @@ def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
     fetched. Members carry their archive's version. An object listed larger than
     `max_object_bytes` is an error item, never read. When several inputs or a manifest could
     list an object twice (overlapping folders, repeated lines), it is listed once (a set of
-    8-byte hashes of what was listed: ~70 bytes an object in the driver).
+    8-byte hashes of what was listed: ~70 bytes an object in the driver). Nothing under
+    `exclude` is listed: the run's own output, kept inside an input folder, is not an input
+    (with --any-extension its Parquet parts and run files were labelled, more every run).
     """
     exts = tuple(extensions) if extensions is not None else None
-    listings = [iter_items(inputs, extensions=exts, s3=s3, follow_symlinks=follow_symlinks)] if inputs else []
+    listings = [iter_items(inputs, extensions=exts, s3=s3, follow_symlinks=follow_symlinks, exclude=exclude)] \
+        if inputs else []
     listings += [iter_items([], manifest=m, extensions=exts, s3=s3) for m in manifests]
     listed: Iterable[InputItem] = chain.from_iterable(listings)
     seen = _Seen()

@@ -113,7 +113,7 @@ def _pending(cfg: LabelConfig, run: LabelRun | None) -> Iterator[ItemData]:
     """The listing, without what a finished run labelled (judged from the listing alone)."""
     return iter_label_items(cfg.inputs, cfg.manifests, extensions=None if cfg.any_extension else IMAGE_EXTENSIONS,
                             keep=run.keep if run else None, s3=cfg.s3, follow_symlinks=cfg.follow_symlinks,
-                            max_object_bytes=cfg.max_object_bytes)
+                            max_object_bytes=cfg.max_object_bytes, exclude=cfg.out)
 
 
 def dry_run(cfg: LabelConfig, model_id: str) -> None:

@@ -66,6 +66,16 @@ def test_folder_is_listed_recursively_and_sorted(root):
     assert list(sources.iter_label_items([root])) == [ItemData(i, None, None) for i in items]  # actors read them
 
 
+def test_the_runs_own_output_inside_an_input_is_not_listed(root):
+    _put(root, {"a.jpg": b"1", "labels/part-0.parquet": b"p", "labels/_last_run.json": b"{}",
+                "labels2/b.jpg": b"2"})
+    out = storage.normalize_uri(storage.join(root, "labels"))
+    listed = [d.item.uri for d in sources.iter_label_items([root], extensions=None, exclude=out)]
+    assert [u[len(storage.normalize_uri(root)):] for u in listed] == ["/a.jpg", "/labels2/b.jpg"]
+    with pytest.raises(InputError, match="no files found"):  # a folder that holds only the output has no inputs
+        list(sources.iter_label_items([storage.join(root, "labels")], extensions=None, exclude=out))
+
+
 def test_single_file_and_extension_less(root):
     _put(root, {"one.jpg": b"1", "blobs/k1": b"k"})
     one = storage.join(root, "one.jpg")
