@@ -96,8 +96,9 @@ def _fetch_one(uri: str, member: str | None, data: bytes | None, error: str | No
         except (StorageError, InputError) as exc:
             log.warning("cannot read %s%s: %s", uri, f" [{member}]" if member else "", exc)
             error = REASON_UNREADABLE
-    payload = data if data is not None else b""
-    return (data if error is None else None, len(payload), hashlib.sha256(payload).hexdigest(), error)
+    if data is None:
+        return None, 0, schema.UNREAD_SHA256, error
+    return (data if error is None else None, len(data), hashlib.sha256(data).hexdigest(), error)
 
 
 def fetch(uris: Sequence[str], members: Sequence[str | None], datas: Sequence[bytes | None] | None = None,

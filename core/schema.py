@@ -44,6 +44,10 @@ VERSION = "version"
 BREED_ID = "breed_id"
 
 KEY_COLUMNS = (URI, MEMBER, CONTENT_SHA256, MODEL_ID)  # what an incremental run matches on
+# content_sha256 of a row whose bytes were never read (not found, access denied, too large, a link
+# member): never the hash of any bytes, so an object that later turns up empty (sha256 of b"") is
+# labelled, not taken for the failed read's row
+UNREAD_SHA256 = ""
 PARTITION_KEY = RUN_ID  # Hive-style directories: run_id=<id>/
 
 TOP_K_TYPE = pa.list_(pa.struct([

@@ -120,11 +120,11 @@ class KeyLog:
         for uri, member, sha, model_id, version, error in zip(cols[schema.URI], cols[schema.MEMBER],
                                                               cols[schema.CONTENT_SHA256], cols[schema.MODEL_ID],
                                                               versions, errors):
-            if content:
-                self.content.append(content_key(uri, member, sha, model_id))
+            retried = is_retried(error)
+            if content:  # a failed read written before UNREAD_SHA256 has the hash of no bytes, b""
+                self.content.append(content_key(uri, member, schema.UNREAD_SHA256 if retried else sha, model_id))
             if version is None:
                 continue
-            retried = is_retried(error)
             too_large = (error is not None and self.max_object_bytes is not None
                          and reason_of(error) == REASON_TOO_LARGE)
             if not retried:

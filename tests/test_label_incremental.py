@@ -202,3 +202,44 @@ def test_too_large_is_read_again_when_the_limit_is_raised(ray_local, tmp_path, t
     rows = output.Output(str(tmp_path / "out")).read_finished().to_pandas()
     labelled = rows[rows.error.isna()]
     assert sorted(labelled.member.fillna("").map(str)) == ["", "", "inner.jpg"]
+
+
+def test_a_file_not_found_that_turns_up_empty_gets_its_own_row(ray_local, tmp_path, tiny_bundle):
+    """A manifest line "not found" had the content key of no bytes, sha256(b""): when the file
+    then turned up with 0 bytes, the run took it for labelled ("already done"), and the output
+    said "not found" for a file that exists. A failed read's row has content_sha256 "" now, and
+    a "not found" row written before that (with the empty hash) is read the same way."""
+    from core import schema
+
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(30, 30))
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("a.jpg\nlater.jpg\n")
+    cfg = LabelConfig(inputs=(), manifests=(str(manifest),), model=str(tiny_bundle), out=str(tmp_path / "out"),
+                      **SMALL)
+    first = label(cfg)
+    assert first[output.M_ERRORS_BY_KIND] == {"not found": 1}
+    rows = output.Output(str(tmp_path / "out")).read_finished().to_pandas()
+    assert rows.set_index("error").loc["not found", "content_sha256"] == schema.UNREAD_SHA256
+    (tmp_path / "later.jpg").write_bytes(b"")
+    again = label(cfg)
+    assert again[output.M_ERRORS_BY_KIND] == {"empty file": 1}
+    rows = _one_row_per_key(str(tmp_path / "out"))
+    assert sorted(rows.error.dropna()) == ["empty file", "not found"]
+
+
+def test_a_failed_read_written_with_the_empty_hash_is_still_one_key():
+    """Outputs written before UNREAD_SHA256 gave a failed read sha256(b""): its content key is the
+    unread one, so failing again adds no second row, and an empty file is not taken for it."""
+    import hashlib
+
+    from core import schema
+    from core.skipset import KeyLog, content_key, contains
+
+    empty = hashlib.sha256(b"").hexdigest()
+    log = KeyLog()
+    log.add_rows(pa.table({schema.URI: ["/p/x.jpg"], schema.MEMBER: pa.array([None], pa.string()),
+                           schema.CONTENT_SHA256: [empty], schema.MODEL_ID: ["m"], schema.VERSION: [None],
+                           schema.ERROR: ["not found"]}))
+    keys = log.skipset().content
+    assert contains(keys, content_key("/p/x.jpg", None, schema.UNREAD_SHA256, "m"))
+    assert not contains(keys, content_key("/p/x.jpg", None, empty, "m"))

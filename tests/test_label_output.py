@@ -258,8 +258,10 @@ def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(
     n = len(errors)
     uris = [f"/data/f{i}.jpg" for i in range(n)]
     labelled = np.array([e is None for e in errors])
+    shas = [schema.UNREAD_SHA256 if e in ("access denied", "not found", "cannot read") else f"sha{i}"
+            for i, e in enumerate(errors)]  # a failed read has no bytes to hash
     table = schema.build_table(
-        uris=uris, members=[None] * n, sizes=[0] * n, sha256s=[f"sha{i}" for i in range(n)], widths=[10] * n,
+        uris=uris, members=[None] * n, sizes=[0] * n, sha256s=shas, widths=[10] * n,
         heights=[10] * n, probs=np.tile(np.float32([[0.2, 0.7, 0.1]]), (int(labelled.sum()), 1)),
         labelled=labelled, errors=errors, class_ids=CLASS_IDS, class_names=CLASS_NAMES, model_id="M", k=2,
         versions=[f"v{i}" for i in range(n)])
@@ -272,7 +274,7 @@ def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(
     listed = [InputItem(uri, version=f"v{i}") for i, uri in enumerate(uris)]
     assert again.keep(listed).tolist() == [False, True, True, True, False, False]
     for i in range(n):  # the actors skip a row whose read fails the same way again
-        assert skipset.contains(again.done_keys, skipset.content_key(uris[i], None, f"sha{i}", "M"))
+        assert skipset.contains(again.done_keys, skipset.content_key(uris[i], None, shas[i], "M"))
     retried = table.slice(1, 3)  # read again (the listing kept them); they failed again: skipped by content
     again.add(retried.append_column(SKIPPED, pa.array([True] * 3)))
     manifest = again.commit(None)
