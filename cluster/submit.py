@@ -150,6 +150,8 @@ def _call(what: str, fn, *args, **kwargs):
     except AuthenticationError as exc:
         raise _auth_error(what, exc) from None
     except (RuntimeError, OSError) as exc:  # the SDK's HTTP errors / requests' connection errors
+        if "status code 404" in str(exc) and "does not exist" in str(exc):
+            raise JobError(f"{what}: no such job on this cluster; `breedlabel jobs list` shows its jobs") from None
         raise JobError(f"{what}: {exc}") from exc
 
 
@@ -209,8 +211,12 @@ def job_info(client, job_id: str):
     return _call(f"job {job_id}", client.get_job_info, job_id)
 
 
-def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
-    """Stream the job's output until it ends (the websocket closes at a terminal state)."""
+def follow_logs(client, job_id: str, out: TextIO = sys.stdout, *, timeout_s: float | None = None) -> None:
+    """Stream the job's output until it ends (the websocket closes at a terminal state), or for
+    at most `timeout_s` (JobError then, as `wait`'s: the job keeps running). A job id the
+    cluster does not know is a JobError, not an empty stream."""
+    job_info(client, job_id)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -219,10 +225,15 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
 
     try:
         with _ray_client_quiet():
-            asyncio.run(tail())
+            asyncio.run(asyncio.wait_for(tail(), timeout_s))
     except Stopped:  # a signal: the caller's wait ends, not a stream failure
         raise
     except Exception as exc:  # noqa: BLE001 - any stream failure: wait() polls the status instead
+        if deadline is not None and time.monotonic() >= deadline:
+            status = status_of(job_info(client, job_id))
+            if status not in TERMINAL:
+                raise _still_running(job_id, status, timeout_s) from None
+            return
         print(f"breedlabel: log stream ended early ({exc}); waiting by polling", file=sys.stderr)
 
 
@@ -243,9 +254,13 @@ def wait(client, job_id: str, *, timeout_s: float | None = None, poll_s: float =
         if status_of(info) in TERMINAL:
             return info
         if deadline is not None and time.monotonic() >= deadline:
-            raise JobError(f"job {job_id} is still {status_of(info)} after {timeout_s:.0f} s; it keeps "
-                           f"running: `breedlabel jobs status {job_id}` or `breedlabel jobs stop {job_id}`")
+            raise _still_running(job_id, status_of(info), timeout_s)
         time.sleep(poll_s)
+
+
+def _still_running(job_id: str, status: str, timeout_s: float) -> JobError:
+    return JobError(f"job {job_id} is still {status} after {timeout_s:.0f} s; it keeps running: "
+                    f"`breedlabel jobs status {job_id}` or `breedlabel jobs stop {job_id}`")
 
 
 def status_of(info) -> str:

@@ -181,9 +181,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:  # SIGTERM (cron's timeout, a pod's deadline) and Ctrl-C end the wait, not the job: say so
         with GracefulStop():
+            started = time.monotonic()
             if args.follow:
-                cluster_submit.follow_logs(client, job_id, out=sys.stderr)
-            result = cluster_submit.outcome(cluster_submit.wait(client, job_id, timeout_s=args.wait_timeout))
+                cluster_submit.follow_logs(client, job_id, out=sys.stderr, timeout_s=args.wait_timeout)
+            left = None if args.wait_timeout is None else max(0.0, args.wait_timeout - (time.monotonic() - started))
+            result = cluster_submit.outcome(cluster_submit.wait(client, job_id, timeout_s=left))
     except Stopped as exc:
         raise Stopped(f"{exc} while waiting; job {job_id} keeps running on the cluster: `breedlabel jobs status "
                       f"{job_id}` follows it, `breedlabel jobs stop {job_id}` stops it") from None

@@ -207,3 +207,25 @@ def test_a_stopped_wait_says_the_job_keeps_running(ray_head, photos, tiny_bundle
         assert "PENDING" in status.stdout + status.stderr, status.stdout + status.stderr
     finally:
         _breedlabel(ray_head, "jobs", "stop", job_id, "--address", ray_head.address)
+
+
+def test_follow_keeps_to_the_wait_timeout_and_an_unknown_job_is_an_error(ray_head, photos, tiny_bundle, tmp_path):
+    """`submit --follow --wait-timeout 5` streamed a job that could not start until someone killed it
+    (the timeout bounded only the poll after the stream), and `jobs logs nosuch --follow` printed
+    nothing and exited 0. The job here waits for a GPU the head lacks."""
+    done = _breedlabel(ray_head, "submit", "label", str(photos), "--model", str(tiny_bundle), "--out",
+                       str(tmp_path / "o"), "--address", ray_head.address, "--entrypoint-num-gpus", "1",
+                       "--follow", "--wait-timeout", "5")
+    job_id = done.stdout.strip()
+    try:
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"breedlabel submit: error: job {job_id} is still PENDING after 5 s; it keeps running: "
+            f"`breedlabel jobs status {job_id}` or `breedlabel jobs stop {job_id}`"), done.stderr[-3000:]
+    finally:
+        _breedlabel(ray_head, "jobs", "stop", job_id, "--address", ray_head.address)
+    for follow in ([], ["--follow"]):
+        unknown = _breedlabel(ray_head, "jobs", "logs", "nosuch", *follow, "--address", ray_head.address)
+        assert unknown.returncode == 1 and "Traceback" not in unknown.stderr, unknown.stderr[-3000:]
+        assert unknown.stderr.strip().splitlines()[-1].endswith(
+            "job nosuch: no such job on this cluster; `breedlabel jobs list` shows its jobs"), unknown.stderr
