@@ -211,12 +211,13 @@ def job_info(client, job_id: str):
     return _call(f"job {job_id}", client.get_job_info, job_id)
 
 
-def follow_logs(client, job_id: str, out: TextIO = sys.stdout, *, timeout_s: float | None = None) -> None:
+def follow_logs(client, job_id: str, out: TextIO | None = None, *, timeout_s: float | None = None) -> None:
     """Stream the job's output until it ends (the websocket closes at a terminal state), or for
     at most `timeout_s` (JobError then, as `wait`'s: the job keeps running). A job id the
     cluster does not know is a JobError, not an empty stream."""
     job_info(client, job_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -234,7 +235,7 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout, *, timeout_s: flo
             if status not in TERMINAL:
                 raise _still_running(job_id, status, timeout_s) from None
             return
-        print(f"breedlabel: log stream ended early ({exc}); waiting by polling", file=sys.stderr)
+        print(f"breedlabel: the log stream of job {job_id} ended early ({exc})", file=sys.stderr)
 
 
 def wait(client, job_id: str, *, timeout_s: float | None = None, poll_s: float = POLL_S):
@@ -321,7 +322,19 @@ def outcome(info) -> Outcome:
     if status == "SUCCEEDED":
         return Outcome(EXIT_OK, status, "succeeded")
     return Outcome(code if code in (EXIT_USAGE, EXIT_ERROR_BUDGET) else EXIT_FAILED, status,
-                   f"failed (exit code {code}): {info.message or ''}".strip())
+                   f"failed (exit code {code}): {_why_failed(info.message or '')}".strip())
+
+
+_OUR_ERROR = re.compile(r"^breedlabel [\w-]+: error: ")
+
+
+def _why_failed(message: str) -> str:
+    """One line for a failed job: the job's own `breedlabel …: error:` line where its log has one,
+    else the first line of Ray's message (which goes on with up to 20,000 characters of the log,
+    printed above already as its tail)."""
+    lines = message.strip().splitlines()
+    ours = [line for line in lines if _OUR_ERROR.match(line)]
+    return ours[-1] if ours else (lines[0] if lines else "")
 
 
 def _label_metadata(info) -> dict:

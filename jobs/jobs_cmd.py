@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from cluster import submit as cluster_submit
-from core.errors import EXIT_FAILED, EXIT_OK, ConfigError
+from core.errors import EXIT_FAILED, EXIT_OK, ConfigError, JobError
 
 ACTIONS = ("status", "logs", "stop", "list")
 
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         return _stop(client, args.job_id)
     if args.follow:
         cluster_submit.follow_logs(client, args.job_id)
+        status = cluster_submit.status_of(cluster_submit.job_info(client, args.job_id))
+        if status not in cluster_submit.TERMINAL:  # the stream dropped (a head restart, a proxy's timeout)
+            raise JobError(f"job {args.job_id} is still {status} but its log stream ended; run the same "
+                           "command again to go on following it")
     else:
         sys.stdout.write(cluster_submit.logs(client, args.job_id))
     return EXIT_OK

@@ -302,6 +302,21 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"})).exit_code == 1
 
 
+def test_a_failed_jobs_line_is_one_line():
+    """Ray's message for a failed entrypoint goes on with up to 20,000 characters of the job's log
+    (printed above already as its tail): the closing line was that whole log, a second time."""
+    log = ("Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+           "2026-12-05 14:09:35,326\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+           + "epoch 1/5 ...\n" * 500 +
+           "breedlabel train: error: /data/b: a bundle already exists there; export to a new location\n")
+    failed = cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"}, message=log))
+    assert failed.message == ("failed (exit code 1): breedlabel train: error: /data/b: a bundle already exists "
+                              "there; export to a new location")
+    crashed = cluster_submit.outcome(FakeInfo("FAILED", 1, {}, message=log.replace("breedlabel train: error", "x")))
+    assert crashed.message == ("failed (exit code 1): Job entrypoint command failed with exit code 1, last "
+                               "available logs (truncated to 20,000 chars):")
+
+
 def test_a_plain_ray_job_submit_label_job_is_judged_by_its_manifest(tmp_path):
     """README: `ray job submit` reads no manifest, `breedlabel jobs status` does; with no breedlabel
     metadata on the job it judged by Ray's status alone ("SUCCEEDED: succeeded")."""
@@ -412,3 +427,26 @@ def test_submit_prints_only_the_job_id_on_stdout(tmp_path, monkeypatch, capsys, 
         assert "SUCCEEDED" in err and "SUCCEEDED" not in out
     if mode == ["--follow"]:
         assert "the job's log" in err
+
+
+class DroppedStreamClient(FinishedJobClient):
+    """A running job whose log stream drops after one line (a head restart, a proxy's idle timeout)."""
+
+    def get_job_info(self, job_id):
+        return FakeInfo("RUNNING", None, {cluster_submit.META_KIND: "train"})
+
+    async def tail_job_logs(self, job_id):
+        yield "epoch 1\n"
+        raise ConnectionResetError("connection reset by peer")
+
+
+def test_jobs_logs_follow_of_a_dropped_stream_says_so(monkeypatch, capsys):
+    """It said "waiting by polling" and exited 0 at once (nothing polled), as if the job had ended."""
+    from jobs.cli import main
+
+    monkeypatch.setattr(cluster_submit, "connect", lambda address: DroppedStreamClient())
+    code = main(["jobs", "logs", "j1", "--follow"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "epoch 1\n"
+    assert err.strip().splitlines()[-1] == ("breedlabel jobs: error: job j1 is still RUNNING but its log stream "
+                                            "ended; run the same command again to go on following it"), err
