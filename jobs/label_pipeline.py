@@ -19,8 +19,10 @@ Everything that is not Ray lives in core: the plan (core.label_plan), the chunk 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import sys
 import threading
 from typing import Iterable, Iterator
 
@@ -34,7 +36,7 @@ from core.label_plan import FUSED, ClusterResources, PipelinePlan, plan
 from core.label_run import LabelRun
 from core.sources import ItemData
 from core.s3 import S3Options
-from core.stop import GracefulStop
+from core.stop import GracefulStop, Stopped
 from jobs import ray_session
 
 log = logging.getLogger(__name__)
@@ -298,6 +300,7 @@ def build_dataset(cfg: LabelConfig, pipeline_plan: PipelinePlan, queue, finished
 def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], stop: GracefulStop) -> PipelinePlan:
     """Label `items` (the listing, what is left of it) into `run`; returns the plan it ran with."""
     import ray
+    from ray.data.exceptions import ExecutionTimeoutError
 
     pipeline_plan = plan(cfg, cluster_resources())
     log.debug("label plan: %s", pipeline_plan)
@@ -306,11 +309,14 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
     pbar = _progress(cfg)
     try:
         ds = build_dataset(cfg, pipeline_plan, feeder.queue, finished_ref)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for rows in _tables(batch):
-                run.add(rows)
-                _tick(pbar, feeder, rows.num_rows, run)
-            stop.check()
+        with _ray_data_quiet_on_stop():
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for rows in _tables(batch):
+                    run.add(rows)
+                    _tick(pbar, feeder, rows.num_rows, run)
+                stop.check()
+    except ExecutionTimeoutError as exc:
+        raise _no_progress(exc, pipeline_plan, run) from None
     finally:
         feeder.stop()
         if pbar is not None:
@@ -321,6 +327,39 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
         raise JobError(f"run {run.run_id}: {feeder.listed} inputs listed but {run.seen} came back from the "
                        "pipeline; nothing was published. Rerun the same command: it resumes from the staged parts")
     return pipeline_plan
+
+
+class _NotAStop(logging.Filter):
+    """Ray Data logs whatever leaves `iter_batches` as "Exception occurred in Ray Data or Ray Core
+    internal code … please open an issue", with a traceback, before re-raising it. A stop is not
+    that: `Stopped` is raised by the signal handler wherever the main thread is, often in Ray
+    Data's wait for the next block (`breedlabel jobs stop`, a scheduler's SIGTERM)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not isinstance(sys.exc_info()[1], Stopped)
+
+
+@contextlib.contextmanager
+def _ray_data_quiet_on_stop() -> Iterator[None]:
+    logger, quiet = logging.getLogger("ray.data.exceptions"), _NotAStop()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _no_progress(exc: Exception, pipeline_plan: PipelinePlan, run: LabelRun) -> JobError:
+    """Ray Data gives up after `RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S` (30 min) without a block:
+    almost always predict actors the cluster cannot place (another job, or a stalled run whose
+    lease this one took over, holds the CPUs), so say that in one line, not Ray's traceback."""
+    each = f"{pipeline_plan.cpus_per_actor} CPU" + (f", {pipeline_plan.gpus_per_actor} GPU"
+                                                     if pipeline_plan.gpus_per_actor else "")
+    seconds = str(exc).split("at least ", 1)[-1].split(" of", 1)[0] if "at least " in str(exc) else "too long"
+    return JobError(f"run {run.run_id}: no progress for {seconds}: the cluster did not give the "
+                    f"{pipeline_plan.actors} predict actor(s) their resources ({each} each; {run.stats.images} "
+                    "images labelled). Another job or a stalled run may hold them: see `ray status` and `breedlabel "
+                    "jobs list`, then rerun the same command; it resumes from the staged parts")
 
 
 def _progress(cfg: LabelConfig) -> console.Progress | None:

@@ -314,3 +314,33 @@ def _wait_for(marker: Path, proc: subprocess.Popen) -> None:
     """Until the paused process reaches its pause point (it writes `marker`), or dies."""
     wait_until(marker.exists, what="at its pause point", timeout_s=RUN_TIMEOUT_S, every_s=0.1, proc=proc,
                describe=lambda: proc.stderr.read()[-3000:])
+
+
+@pytest.mark.slow
+def test_a_cluster_with_no_room_for_the_actors_ends_in_one_line(photos, tiny_bundle, out, address):
+    """A run that took over a frozen run's lease while that run's actor still held the CPUs waited
+    30 minutes (Ray Data's no-progress timeout), then ended in Ray's ExecutionTimeoutError
+    traceback. It ends in one line that says what is missing and what to do; the timeout is
+    Ray's, shortened here to 5 s (RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S)."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.options(num_cpus=int(ray.available_resources().get("CPU", 0))).remote()
+    ray.get(holder.ping.remote())
+    try:
+        done = subprocess.run(label_command(_args(photos, tiny_bundle, out, address)), cwd=REPO,
+                              env=job_env({"RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "5"}), capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
+    finally:
+        ray.kill(holder)
+    assert done.returncode == EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("breedlabel label: error: run ") and "no progress for 5" in last, last
+    assert "the 1 predict actor(s) their resources (1 CPU each" in last and "rerun the same command" in last, last
+    assert not storage.exists(lease.lease_uri(out))
+    assert _run(label_command(_args(photos, tiny_bundle, out, address))).returncode == EXIT_OK  # room again
+    assert_one_row_per_input(out, photos)

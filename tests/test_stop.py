@@ -7,7 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-from core.stop import GracefulStop
+import pytest
+
+from core.stop import GracefulStop, Stopped
 from tests.fixtures.crash import REPO, job_env
 
 _PRELUDE = """
@@ -84,3 +86,35 @@ def test_why_tells_a_stop_from_a_failure():
     assert stop.why(ValueError("a real failure")) is None
     stop.request("stopped by SIGTERM")
     assert stop.why(ValueError("what the stop left behind")) == "stopped by SIGTERM"
+
+
+def test_a_stop_inside_ray_data_is_not_reported_as_a_ray_bug():
+    """Ray Data logs any exception out of `iter_batches` as "Exception occurred in Ray Data or Ray
+    Core internal code … open an issue on the Ray project", with a traceback: `breedlabel jobs
+    stop` of a label job printed that whenever the signal landed in Ray Data's wait for a block.
+    Ray's own decorator, with the label pipeline's filter: a stop is quiet, a real error is not."""
+    import logging
+
+    from ray.data.exceptions import omit_traceback_stdout
+
+    from jobs.label_pipeline import _ray_data_quiet_on_stop
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ray.data.exceptions")
+    logger.addHandler(handler)
+
+    @omit_traceback_stdout
+    def raises(exc: Exception):
+        raise exc
+
+    try:
+        with _ray_data_quiet_on_stop(), pytest.raises(Stopped):
+            raises(Stopped("stopped by SIGTERM"))
+        assert records == []
+        with _ray_data_quiet_on_stop(), pytest.raises(ValueError):
+            raises(ValueError("a real failure"))
+        assert any("internal code" in r.getMessage() for r in records)
+    finally:
+        logger.removeHandler(handler)
