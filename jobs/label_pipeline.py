@@ -304,6 +304,7 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
 
     pipeline_plan = plan(cfg, cluster_resources())
     log.debug("label plan: %s", pipeline_plan)
+    _warn_if_no_room(pipeline_plan)
     finished_ref = ray.put(run.done_keys) if run.done_keys is not None else None
     feeder = Feeder(items, cfg.batch_size, cfg.queue_chunks, cfg.chunk_bytes).start()
     pbar = _progress(cfg)
@@ -327,6 +328,22 @@ def run_pipeline(cfg: LabelConfig, run: LabelRun, items: Iterable[ItemData], sto
         raise JobError(f"run {run.run_id}: {feeder.listed} inputs listed but {run.seen} came back from the "
                        "pipeline; nothing was published. Rerun the same command: it resumes from the staged parts")
     return pipeline_plan
+
+
+def _warn_if_no_room(pipeline_plan: PipelinePlan) -> None:
+    """Say so at once when not even one predict actor fits in what the cluster has free: the run
+    waits (for an autoscaler's node, or for whatever holds the CPUs to end) with no progress."""
+    import ray
+
+    free = ray.available_resources()
+    short = [f"{need} {name}" for name, need in (("CPU", pipeline_plan.cpus_per_actor),
+                                                 ("GPU", pipeline_plan.gpus_per_actor))
+             if need and free.get(name, 0) < need]
+    if short:
+        log.warning("waiting for room: a predict actor needs %s, and the cluster has %s free (`ray status` shows "
+                    "what holds them); the run goes on once they are free, or ends after Ray Data's no-progress "
+                    "timeout", " and ".join(short),
+                    " and ".join(f"{free.get(n, 0):g} {n}" for n in ("CPU", "GPU") if n in free or n == "CPU"))
 
 
 class _NotAStop(logging.Filter):
