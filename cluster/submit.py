@@ -316,7 +316,8 @@ def outcome(info) -> Outcome:
         return Outcome(EXIT_LEASE_HELD, status, f"skipped: another run holds the lease of "
                        f"{meta.get(META_OUTPUT, 'the output')} (its holder is in the job's log)")
     if status == "STOPPED":
-        return Outcome(EXIT_FAILED, status, "stopped before it finished")
+        how = _STOPPED_RESUME.get(meta.get(META_KIND, ""))
+        return Outcome(EXIT_FAILED, status, "stopped before it finished" + (f"; {how}" if how else ""))
     if meta.get(META_KIND) == "label" and meta.get(META_OUTPUT):
         return _label_outcome(status, code, meta, info.start_time, getattr(info, "end_time", None))
     if status == "SUCCEEDED":
@@ -335,6 +336,16 @@ def _why_failed(message: str) -> str:
     lines = message.strip().splitlines()
     ours = [line for line in lines if _OUR_ERROR.match(line)]
     return ours[-1] if ours else (lines[0] if lines else "")
+
+
+# How each kind of job stopped (`jobs stop`) goes on: its own last line says it too, but `ray job
+# stop` SIGKILLs the driver 3 s after SIGTERM, which a search's trials outlast
+_STOPPED_RESUME = {
+    "label": "what it labelled is staged: submit the same job again to resume",
+    "tune": "submit the same job again with --restore to resume the search",
+    "train": "submit the same job again with the --storage and --run-name its log names to resume from its last "
+             "checkpoint",
+}
 
 
 def _label_metadata(info) -> dict:

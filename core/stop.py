@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from core.errors import BreedlabelError
 
@@ -35,8 +35,12 @@ class Stopped(BreedlabelError):
 class GracefulStop:
     """Context manager: turns SIGTERM/SIGINT into `Stopped`, raised in the main thread."""
 
-    def __init__(self, *, polled: bool = False, sigterm_as_sigint: bool = False) -> None:
+    def __init__(self, *, polled: bool = False, sigterm_as_sigint: bool = False,
+                 announce: Callable[[str], None] | None = None) -> None:
         self.reason: str | None = None
+        # said at the first signal, before the slow part of stopping: `ray job stop` SIGKILLs the
+        # driver 3 s after its SIGTERM, and a search's trials take longer than that to end
+        self.announce = announce
         self.polled = polled
         # a library that handles SIGINT itself (Ray Train aborts its controller and returns from
         # fit) gets SIGTERM the same way; `poll()` afterwards turns the early return into Stopped
@@ -105,6 +109,8 @@ class GracefulStop:
     def _on_signal(self, signum: int, frame) -> None:
         first = self.reason is None
         self.request(f"stopped by {signal.Signals(signum).name}")
+        if first and self.announce is not None:
+            self.announce(self.reason)
         if self._deferring:
             if not first and self._second_interrupts[-1]:
                 raise KeyboardInterrupt  # a second signal while waiting: give up waiting

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -233,7 +234,10 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     out = storage_uri.normalize_uri(out)  # Ray Tune's storage is a URI: a relative path is refused deep inside
     # the trials' own logs: with -v; the dashboard for Train V2's cleaner (see jobs.train_distributed)
     storage = storage_uri.normalize_uri(tc.storage) if tc.storage else f"{out.rstrip('/')}/ray"
-    stop = GracefulStop(polled=True, sigterm_as_sigint=True)  # Tune and Ray Train end their fit on SIGINT
+    state = f"{storage}/{tc.run_name}"
+    stop = GracefulStop(polled=True, sigterm_as_sigint=True,  # Tune and Ray Train end their fit on SIGINT
+                        announce=lambda why: print(f"breedlabel tune: {why}: ending the trials{_resume_hint(state)}",
+                                                   file=sys.stderr, flush=True))
     try:  # SIGTERM (a scheduler, `breedlabel jobs stop`) ends the search as Ctrl-C does: one line, exit 1
         with stop:
             ray_session.connect(tc.address, num_cpus=tc.num_cpus, dashboard=True, quiet=not console.is_verbose(),
@@ -245,7 +249,7 @@ def run_tune(tc: TuneConfig, base: TrainConfig, data: str, out: str, *, space: d
     except BaseException as exc:
         if (why := stop.why(exc, library_exits=True)) is None:
             raise
-        raise Stopped(f"the search {why}{_resume_hint(f'{storage}/{tc.run_name}')}") from None
+        raise Stopped(f"the search {why}{_resume_hint(state)}") from None
 
 
 class _TuneStopLines(logging.Filter):

@@ -296,7 +296,12 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     # a job that failed is failed, whatever manifests other runs wrote
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, meta)).exit_code == 1
     assert cluster_submit.outcome(FakeInfo("FAILED", 75, meta)).exit_code == 75
-    assert cluster_submit.outcome(FakeInfo("STOPPED", None, meta)).exit_code == 1
+    stopped = cluster_submit.outcome(FakeInfo("STOPPED", None, meta))
+    assert stopped.exit_code == 1 and stopped.message.endswith("submit the same job again to resume")
+    stopped = cluster_submit.outcome(FakeInfo("STOPPED", None, {cluster_submit.META_KIND: "tune"}))
+    assert stopped.message == ("stopped before it finished; submit the same job again with --restore to resume the "
+                               "search")
+    assert cluster_submit.outcome(FakeInfo("STOPPED", None, {})).message == "stopped before it finished"
     assert cluster_submit.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
     assert cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, {cluster_submit.META_KIND: "train"})).exit_code == 0
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"})).exit_code == 1
