@@ -20,7 +20,8 @@ PIPELINES = ("auto", "fused", "two-stage")
 class LabelConfig:
     """One `breedlabel label` run."""
 
-    inputs: tuple[str, ...] = option((), "folders, file:// or s3:// prefixes, images, .tar/.tar.gz/.tgz/.zip archives",
+    inputs: tuple[str, ...] = option((), "folders, file:// or s3:// prefixes, images, .tar(.gz/.bz2/.xz)/.tgz/.zip "
+                                     "archives",
                                      action="positional", metavar="INPUT")
     model: str = option("", "bundle directory or URI", flag="--model", metavar="BUNDLE", required=True)
     out: str = option("", "output folder or s3:// prefix", metavar="OUTPUT")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import lzma
 import os
 import posixpath
 import re
@@ -50,7 +51,7 @@ MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
 
 
 @dataclass(frozen=True)

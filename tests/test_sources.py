@@ -40,7 +40,8 @@ def _zip() -> bytes:
 
 
 ARCHIVES = {"batch.tar": lambda: _tar(""), "batch.tar.gz": lambda: _tar("gz"),
-            "batch.tgz": lambda: _tar("gz"), "batch.zip": _zip}
+            "batch.tgz": lambda: _tar("gz"), "batch.tar.bz2": lambda: _tar("bz2"), "batch.tar.xz": lambda: _tar("xz"),
+            "batch.zip": _zip}
 
 
 @pytest.fixture(params=["local", "s3"])
