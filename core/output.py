@@ -26,10 +26,12 @@ Every step is idempotent, so a kill at any point and a rerun never duplicate a r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
 import logging
+import os
 import posixpath
 import re
 import secrets
@@ -257,6 +259,7 @@ class Output:
         if not parts and (keys is None or not len(keys.listing)):
             self.write_json(self.path(LAST_RUN_FILE), manifest)
             self.discard_staged(run_id)
+            self._drop_empty_staging()
             return manifest
         if keys is not None:
             self._write_atomic(self.staging(run_id, KEYS_FILE),
@@ -265,7 +268,15 @@ class Output:
         self.write_json(self.staging(run_id, MANIFEST_FILE), manifest)
         self._publish(run_id)
         self.write_json(self.path(LAST_RUN_FILE), manifest)
+        self._drop_empty_staging()
         return manifest
+
+    def _drop_empty_staging(self) -> None:
+        """A local output keeps no empty `_staging/` folder once its runs are published (S3 has no
+        folders); one still holding a stopped run's parts stays."""
+        if self.local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path(STAGING_DIR))
 
     @_io_errors
     def _publish(self, run_id: str) -> None:
