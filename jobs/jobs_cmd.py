@@ -44,17 +44,25 @@ def _status(client, args: argparse.Namespace) -> int:
 
 
 def _stop(client, job_id: str) -> int:
+    """Exit 0 once the job is not running: stopped now, or ended already (a script making sure)."""
     if cluster_submit.stop(client, job_id):
         info = cluster_submit.wait(client, job_id, timeout_s=60)
         print(f"{job_id} {cluster_submit.status_of(info)}")
         return EXIT_OK
-    print(f"{job_id} was not running", file=sys.stderr)
+    status = cluster_submit.status_of(cluster_submit.job_info(client, job_id))
+    if status in cluster_submit.TERMINAL:
+        print(f"{job_id} {status} already; nothing to stop")
+        return EXIT_OK
+    print(f"{job_id} is {status} and did not take the stop; try again", file=sys.stderr)
     return EXIT_FAILED
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.job_id:
         raise ConfigError(f"jobs {args.action}: give the job's submission id (`breedlabel jobs list` shows them)")
+    if args.action == "list" and args.job_id:
+        raise ConfigError(f"jobs list takes no job id ({args.job_id}); `breedlabel jobs status {args.job_id}` shows "
+                          "one job")
     client = cluster_submit.connect(args.address)
     if args.action == "list":
         print(cluster_submit.describe(cluster_submit.list_rows(client)))

@@ -455,3 +455,20 @@ def test_jobs_logs_follow_of_a_dropped_stream_says_so(monkeypatch, capsys):
     assert code == 1 and out == "epoch 1\n"
     assert err.strip().splitlines()[-1] == ("breedlabel jobs: error: job j1 is still RUNNING but its log stream "
                                             "ended; run the same command again to go on following it"), err
+
+
+class EndedJobClient(FinishedJobClient):
+    def stop_job(self, job_id):
+        return False  # Ray's answer for a job that is not running
+
+
+def test_jobs_stop_of_an_ended_job_is_done_and_list_takes_no_id(monkeypatch, capsys):
+    """A script making sure a job is stopped got exit 1 ("was not running") for a job that had ended;
+    `jobs list foo` ignored the id without a word."""
+    from jobs.cli import main
+
+    monkeypatch.setattr(cluster_submit, "connect", lambda address: EndedJobClient())
+    assert main(["jobs", "stop", "j1"]) == 0
+    assert capsys.readouterr().out == "j1 SUCCEEDED already; nothing to stop\n"
+    assert main(["jobs", "list", "j1"]) == 2
+    assert "jobs list takes no job id (j1)" in capsys.readouterr().err
