@@ -221,7 +221,7 @@ def follow_logs(client, job_id: str, out: TextIO | None = None, *, timeout_s: fl
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
+            out.write(chunk.replace(f"{RAY_PYTHON} ", "python "))
             out.flush()
 
     try:
@@ -406,7 +406,8 @@ def stop(client, job_id: str) -> bool:
 
 
 def logs(client, job_id: str) -> str:
-    return _call(f"logs of job {job_id}", client.get_job_logs, job_id)
+    """The job's log, its "Running entrypoint" line as `shown_entrypoint` writes it."""
+    return _call(f"logs of job {job_id}", client.get_job_logs, job_id).replace(f"{RAY_PYTHON} ", "python ")
 
 
 def list_rows(client) -> list[dict[str, str]]:

@@ -472,3 +472,21 @@ def test_jobs_stop_of_an_ended_job_is_done_and_list_takes_no_id(monkeypatch, cap
     assert capsys.readouterr().out == "j1 SUCCEEDED already; nothing to stop\n"
     assert main(["jobs", "list", "j1"]) == 2
     assert "jobs list takes no job id (j1)" in capsys.readouterr().err
+
+
+class EntrypointLogClient(FinishedJobClient):
+    def get_job_logs(self, job_id):
+        return f"Running entrypoint for job {job_id}: {cluster_submit.RAY_PYTHON} -m jobs.label /in --out /o\n"
+
+    async def tail_job_logs(self, job_id):
+        yield self.get_job_logs(job_id)
+
+
+@pytest.mark.parametrize("follow", [[], ["--follow"]])
+def test_job_logs_show_the_entrypoint_as_a_person_reads_it(monkeypatch, capsys, follow):
+    """The log's first line held the interpreter lookup (`PY=$(tr '\\000' … /proc/…)`), a shell one-liner."""
+    from jobs.cli import main
+
+    monkeypatch.setattr(cluster_submit, "connect", lambda address: EntrypointLogClient())
+    assert main(["jobs", "logs", "j1", *follow]) == 0
+    assert capsys.readouterr().out == "Running entrypoint for job j1: python -m jobs.label /in --out /o\n"
