@@ -82,10 +82,32 @@ class TrialProgress(Callback):
 
     def __init__(self, num_samples: int, metric: str, epochs_of: Callable[[dict], int]) -> None:
         self.num_samples, self.metric, self.epochs_of = num_samples, metric, epochs_of
-        self.t0, self.ended, self.best = time.monotonic(), 0, None
+        self.t0, self.best = time.monotonic(), None
+        self.ended: set[str] = set()
+        self.restored: int | None = None  # trials a restored search had ended before this process
         self.epochs_run: dict[str, int] = {}
 
+    def _catch_up(self, trials) -> None:
+        """A restored search (--restore) starts with the trials it ended before the stop: count
+        them, and their best value, so "N of M ended" and "best so far" hold across the stop."""
+        if self.restored is not None:
+            return
+        self.t0 = time.monotonic()  # a restored Tuner unpickles this callback as it was created
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        self.ended.update(t.trial_id for t in done)
+        self.restored = len(done)
+        for t in done:
+            value = (getattr(t, "metric_analysis", {}).get(self.metric) or {}).get("max")
+            if value is None:
+                value = (t.last_result or {}).get(self.metric)
+            if value is not None and (self.best is None or value > self.best[0]):
+                self.best = (value, t.trial_id)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._catch_up(trials)
+
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._catch_up(trials)
         params = ", ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
         log.info("trial %s started (%d of %d): %s", trial.trial_id, len(trials), self.num_samples, params)
 
@@ -107,11 +129,12 @@ class TrialProgress(Callback):
         self._ended(trial, f"FAILED (why: {trial.error_file})")
 
     def _ended(self, trial, how: str) -> None:
-        self.ended += 1
+        self.ended.add(trial.trial_id)
+        ended, here = len(self.ended), len(self.ended) - (self.restored or 0)
         elapsed = time.monotonic() - self.t0
-        left = elapsed / self.ended * (self.num_samples - self.ended)
-        eta = f", about {left / 60:.0f} min left" if self.ended < self.num_samples else ""
-        log.info("trial %s %s: %d of %d trials ended in %.1f min%s", trial.trial_id, how, self.ended,
+        left = elapsed / max(here, 1) * (self.num_samples - ended)
+        eta = f", about {left / 60:.0f} min left" if ended < self.num_samples else ""
+        log.info("trial %s %s: %d of %d trials ended in %.1f min%s", trial.trial_id, how, ended,
                  self.num_samples, elapsed / 60, eta)
 
 

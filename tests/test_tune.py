@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 # goes to that process, and TensorFlow, OpenVINO and Ray state from other test modules cannot
 # meet Tune's in one interpreter.
 _DRIVER = """
-import json, os, signal, sys
+import json, logging, os, signal, sys
 from pathlib import Path
 import ray
 from ray.tune import Callback
@@ -68,6 +68,9 @@ base = smoke().replace(head_epochs=3, finetune_epochs=0, batch_size=4, head_lr=3
                        augment={"crop_scale_min": 1.0, "flip": False})
 space = {"head_lr": search_space.choice(3e-3, 1e-9)}
 ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+progress = logging.getLogger("jobs.tune_callbacks")  # our progress lines, on stdout for the test
+progress.setLevel(logging.INFO)
+progress.addHandler(logging.StreamHandler(sys.stdout))
 tc = TuneConfig(num_samples=%(n)d, max_concurrent=1, grace_period=2, reduction_factor=2,
                 storage=str(root / "ray"), run_name="search", seed=1)
 try:
@@ -94,7 +97,8 @@ def search(tmp_path_factory):
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     got = json.loads(lines[-1][len("RESULT "):])
     return {"out": root / "out", "best": got["best"], "interrupted": got["interrupted"],
-            "base": TrainConfig.from_dict(got["base"]), "held": got["held"]}
+            "base": TrainConfig.from_dict(got["base"]), "held": got["held"],
+            "ended": [line for line in proc.stdout.splitlines() if " trials ended in " in line]}
 
 
 def test_interrupted_search_resumes_with_restore(search):
@@ -104,6 +108,9 @@ def test_interrupted_search_resumes_with_restore(search):
     assert len(table) == NUM_SAMPLES  # the restored search finished the same trials, no extra ones
     assert (table["status"] == "OK").all()
     assert set(pd.read_parquet(search["out"] / "results.parquet")["trial_id"]) == set(table["trial_id"])
+    # the restored search counts the trials ended before the stop: "3 of 3", not "1 of 3" again
+    assert [line.split(": ")[-1].split(" trials")[0] for line in search["ended"]] == ["1 of 3", "2 of 3", "3 of 3"], \
+        search["ended"]
 
 
 def test_every_trial_gives_its_cpus_back_on_two_cpus(search):
