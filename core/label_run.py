@@ -20,6 +20,7 @@ content_sha256, model_id across finished runs):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from dataclasses import asdict
 from typing import Sequence
@@ -30,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import output, schema, storage
+from core.errors import StorageError
 from core.label_config import LabelConfig
 from core.label_plan import PipelinePlan
 from core.label_summary import RunStats, build_manifest
@@ -194,7 +196,9 @@ class LabelRun:
     def stage(self) -> None:
         """Stage every row received so far (on a stop or a failure: the next run resumes them),
         unless the lease was lost: the run that took it over labels these inputs itself."""
-        if self._lease_lost:
+        try:
+            self._check_lease()
+        except LeaseLostError:
             log.warning("run %s: %d received rows not staged: the lease was taken over", self.run_id,
                         self.writer.buffered)
             return
@@ -205,7 +209,12 @@ class LabelRun:
         return self.lease is not None and self.lease.lost
 
     def _check_lease(self) -> None:
-        """A stalled run whose lease expired and was taken over must not stage another part."""
+        """A stalled run whose lease expired and was taken over must not stage another part: one
+        that finds its lease out of date renews it first (`Lease.confirm`)."""
+        if self.lease is not None and not self.lease.lost:
+            # lost: said below, in this run's words; S3 not answering: as the renewal thread, go on
+            with contextlib.suppress(LeaseLostError, StorageError):
+                self.lease.confirm(self.cfg.lease_ttl_s)
         if self._lease_lost:
             raise LeaseLostError(f"{self.lease.uri}: the lease of run {self.run_id} was taken over by another "
                                  "run after it expired; that run labels the rest, this one stops without staging")

@@ -301,6 +301,17 @@ class Lease:
                                      "another run after it expired; this run must stop writing")
             self.info, self._token = info, token
 
+    def confirm(self, ttl_s: float) -> None:
+        """Before a write: a lease that ran out by our own clock (this process stalled: a frozen VM,
+        SIGSTOP, a long GC) may have been taken over while the renewal thread slept too, so renew
+        it now, before writing (LeaseLostError if it was); otherwise nothing to do. The margin,
+        a tenth of the TTL, covers clock skew between hosts."""
+        if self.lost:
+            raise LeaseLostError(f"{self.uri}: lease of run {self.info.run_id} was taken over by another run "
+                                 "after it expired; this run must stop writing")
+        if self._clock() >= self.info.expires_at - ttl_s / 10:
+            self.renew(ttl_s)
+
     def release(self) -> None:
         with self._lock:
             if not self._backend.delete(self._token):

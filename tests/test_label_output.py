@@ -245,6 +245,27 @@ def test_an_attempt_that_stalled_past_its_lease_adds_no_row(tmp_path):
     assert out.staged_runs() == [] and out.read_finished().num_rows == 8
 
 
+def test_an_attempt_that_wakes_past_its_lease_asks_before_staging(tmp_path):
+    """The same stall, seen by A's own clock: A's first write after waking renews its out-of-date
+    lease, finds it taken over, and stages nothing (it used to stage one more part first)."""
+    from core import lease as leases
+    from core.label_config import LabelConfig
+    from core.label_run import LabelRun
+    from core.labelling import SKIPPED
+
+    out = output.Output(str(tmp_path))
+    cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path), rows_per_file=4, lease_ttl_s=10)
+    now = [1_000_000.0]
+    a = LabelRun.start(out, cfg, "M", leases.acquire(out.uri, "a", ttl_s=10, clock=lambda: now[0]))
+    a.add(rows(4, prefix="early").append_column(SKIPPED, pa.array([False] * 4)))
+    now[0] += 3600  # A froze for an hour; B took over meanwhile
+    LabelRun.start(out, cfg, "M", leases.acquire(out.uri, "b", ttl_s=10, clock=lambda: now[0]))
+    with pytest.raises(leases.LeaseLostError, match="taken over"):
+        a.add(rows(4, prefix="late").append_column(SKIPPED, pa.array([False] * 4)))
+    a.stage()
+    assert len(out.staged_parts(a.run_id)) == 1 and a.lease.lost
+
+
 def test_a_failed_read_is_read_again_by_the_next_run_and_a_failed_decode_is_not(tmp_path):
     """A row whose bytes could not be read (a permission fixed since, an object re-created) is
     listed and read again by the next run; one whose bytes failed to decode is skipped unread, as

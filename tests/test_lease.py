@@ -82,6 +82,25 @@ def test_expired_lease_is_taken_over_and_the_old_holder_loses_it(output_uri):
     assert leases.read_lease(output_uri) is None
 
 
+def test_a_stalled_holder_confirms_its_lease_before_writing(output_uri):
+    """A run frozen past its lease (a VM paused, SIGSTOP) woke up and staged one more part before
+    its renewal thread found the lease taken over. `confirm()` before each write renews a lease
+    that ran out by this process's clock, and so finds out first; a live lease costs no request."""
+    now = [time.time()]
+    stalled = leases.acquire(output_uri, "stalled", ttl_s=10, clock=lambda: now[0])
+    token = stalled._token
+    stalled.confirm(10)
+    assert stalled._token == token  # live: nothing written
+    now[0] += 11  # frozen past its lease, nobody took it: renewed
+    stalled.confirm(10)
+    assert stalled._token != token and leases.read_lease(output_uri).expires_at == now[0] + 10
+    now[0] += 11  # frozen again, and another run took over meanwhile
+    leases.acquire(output_uri, "taker", ttl_s=10, clock=lambda: now[0])
+    with pytest.raises(LeaseLostError):
+        stalled.confirm(10)
+    assert stalled.lost and leases.read_lease(output_uri).run_id == "taker"
+
+
 def test_takeover_is_compare_and_swap(output_uri):
     """Two contenders that both saw the same expired lease: only the first swap succeeds."""
     t0 = time.time()
