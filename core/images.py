@@ -183,9 +183,23 @@ def _open_pil(data: bytes, source: str | None) -> Image.Image:
         fmt = other.format
     except Exception:  # noqa: BLE001 - anything here just means "not an image"
         fmt = None
+    fmt = fmt or _iso_media_format(data)
     if fmt:
         raise ImageDecodeError(f"{REASON_UNSUPPORTED} ({fmt})", source)
     raise ImageDecodeError(REASON_TRUNCATED if _looks_like_truncated_header(data) else REASON_NOT_IMAGE, source)
+
+
+# ISO base media file brands of still images PIL has no plugin for: a phone's HEIC photo saved as
+# .jpg was "not an image", which sends people looking for corruption instead of a converter
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_AVIF_BRANDS = (b"avif", b"avis")
+
+
+def _iso_media_format(data: bytes) -> str | None:
+    if data[4:8] != b"ftyp":
+        return None
+    brand = data[8:12]
+    return "HEIF" if brand in _HEIF_BRANDS else "AVIF" if brand in _AVIF_BRANDS else None
 
 
 def _looks_like_truncated_header(data: bytes) -> bool:

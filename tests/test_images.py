@@ -169,3 +169,12 @@ def test_synthetic_classes_are_separable(tmp_path):
     centroids = np.stack([feats[ds.labels == c].mean(0) for c in range(6)])
     predicted = np.argmin(((feats[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (predicted == ds.labels).mean() >= 0.9
+
+
+@pytest.mark.parametrize("brand, fmt", [(b"heic", "HEIF"), (b"mif1", "HEIF"), (b"avif", "AVIF")])
+def test_a_phone_photo_pil_cannot_read_is_named(brand, fmt, backend):
+    """An iPhone's HEIC photo saved as .jpg said "not an image"; its header names the format."""
+    head = b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(head, size=(32, 32), source="IMG_0001.jpg")
+    assert info.value.reason == f"unsupported format ({fmt})"
