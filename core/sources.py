@@ -280,7 +280,8 @@ def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
     try:
         base = storage.normalize_uri(uri)
         for row in _manifest_rows(uri, lower, s3):
-            if _OTHER_SCHEME.match(row.uri) and not row.uri.startswith(("s3://", "file://")):
+            if (_OTHER_SCHEME.match(row.uri) and not row.uri.startswith(("s3://", "file://"))) \
+                    or _remote_file_uri(row.uri):
                 yield InputItem(row.uri, row.member, error=REASON_UNSUPPORTED_URI)
                 continue
             yield InputItem(_resolve(base, row.uri), row.member or None, version=row.version)
@@ -402,11 +403,21 @@ def _snake(column: str) -> str:
         f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(column))
 
 
+def _remote_file_uri(row_uri: str) -> bool:
+    """`file://imgs/a.jpg` names host "imgs" (RFC 8089), not a relative path: it was read as
+    /a.jpg. A host other than localhost is another machine's file, which no worker can read."""
+    if not row_uri.startswith("file://"):
+        return False
+    host = row_uri[len("file://"):].split("/", 1)[0]
+    return host not in ("", "localhost")
+
+
 def _resolve(manifest_uri: str, row_uri: str) -> str:
-    """Relative local paths in a manifest are relative to the manifest's folder."""
+    """Relative local paths in a manifest are relative to the manifest's folder; `~` is the
+    home folder, as on the command line."""
     if storage.is_s3(row_uri):
         return row_uri  # kept as written (no parse: a million-line inventory lists at >50,000 rows/s)
-    if row_uri.startswith("file://") or os.path.isabs(row_uri):
+    if row_uri.startswith(("file://", "~")) or os.path.isabs(row_uri):
         return storage.normalize_uri(row_uri)
     if storage.is_s3(manifest_uri):
         return storage.join(manifest_uri.rsplit("/", 1)[0], row_uri)

@@ -190,6 +190,19 @@ def test_manifest_relative_paths_and_archive_rows(tmp_path):
     assert [(i.uri, i.member) for i in items[1:]] == [(str(tmp_path / "b.zip"), m) for m in IMAGES]
 
 
+def test_manifest_home_and_host_forms(tmp_path, monkeypatch):
+    """`~/x.jpg` in a manifest was taken relative to the manifest's folder ("not found"), and
+    `file://imgs/a.jpg` (host "imgs", by RFC 8089) was silently read as /a.jpg."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _put(str(tmp_path), {"home/x.jpg": b"x", "imgs/a.jpg": b"a"})
+    lines = ["~/x.jpg", "file://imgs/a.jpg", f"file://localhost{tmp_path / 'imgs' / 'a.jpg'}"]
+    (tmp_path / "m.txt").write_text("".join(line + "\n" for line in lines))
+    items = [d.item for d in sources.iter_label_items([], [str(tmp_path / "m.txt")])]
+    assert [(i.uri, i.error) for i in items] == [(str(tmp_path / "home" / "x.jpg"), None),
+                                                 ("file://imgs/a.jpg", "unsupported URI scheme"),
+                                                 (str(tmp_path / "imgs" / "a.jpg"), None)]
+
+
 def test_input_errors_are_clear(tmp_path):
     with pytest.raises(InputError, match="no inputs given"):
         list(sources.iter_items([]))
