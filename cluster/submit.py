@@ -319,7 +319,8 @@ def outcome(info) -> Outcome:
         how = _STOPPED_RESUME.get(meta.get(META_KIND, ""))
         return Outcome(EXIT_FAILED, status, "stopped before it finished" + (f"; {how}" if how else ""))
     if meta.get(META_KIND) == "label" and meta.get(META_OUTPUT):
-        return _label_outcome(status, code, meta, info.start_time, getattr(info, "end_time", None))
+        return _label_outcome(status, code, meta, info.start_time, getattr(info, "end_time", None),
+                              info.message or "")
     if status == "SUCCEEDED":
         return Outcome(EXIT_OK, status, "succeeded")
     return Outcome(code if code in (EXIT_USAGE, EXIT_ERROR_BUDGET) else EXIT_FAILED, status,
@@ -373,13 +374,16 @@ def _label_metadata(info) -> dict:
     return meta
 
 
-def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms, ended_ms=None) -> Outcome:
+def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms, ended_ms=None,
+                   message: str = "") -> Outcome:
     output = meta[META_OUTPUT]
+    ours = _OUR_ERROR.match(_why_failed(message))  # the job's own one line, where its log has it
+    why = _why_failed(message) if ours else "its log says why"
     if code == EXIT_USAGE:
-        return Outcome(EXIT_USAGE, status, "the label job rejected its options (see its log)")
+        return Outcome(EXIT_USAGE, status, "the label job rejected its options: " + (why if ours else "see its log"))
     if code not in (None, EXIT_OK, EXIT_ERROR_BUDGET):
-        return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): nothing of it is published; its log says "
-                       "why; once that is fixed, a rerun of the same job resumes anything it staged")
+        return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): {why}; nothing of it is published; once "
+                       "that is fixed, a rerun of the same job resumes anything it staged")
     try:
         manifest = read_run_manifest(output, started_ms, ended_ms)
         replaced = manifest is None and code in (EXIT_OK, EXIT_ERROR_BUDGET) and _replaced_since(output, ended_ms)

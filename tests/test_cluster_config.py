@@ -317,6 +317,12 @@ def test_a_failed_jobs_line_is_one_line():
     failed = cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"}, message=log))
     assert failed.message == ("failed (exit code 1): breedlabel train: error: /data/b: a bundle already exists "
                               "there; export to a new location")
+    label = {cluster_submit.META_KIND: "label", cluster_submit.META_OUTPUT: "/o"}
+    bad = log.replace("breedlabel train: error: /data/b: a bundle already exists there; export to a new location",
+                      "breedlabel label: error: bundle /b not found or empty; check the URI")
+    failed = cluster_submit.outcome(FakeInfo("FAILED", 1, label, message=bad))
+    assert failed.message.startswith("failed (exit code 1): breedlabel label: error: bundle /b not found or empty; "
+                                     "check the URI; nothing of it is published"), failed.message
     crashed = cluster_submit.outcome(FakeInfo("FAILED", 1, {}, message=log.replace("breedlabel train: error", "x")))
     assert crashed.message == ("failed (exit code 1): Job entrypoint command failed with exit code 1, last "
                                "available logs (truncated to 20,000 chars):")
