@@ -373,10 +373,12 @@ def _no_progress(exc: Exception, pipeline_plan: PipelinePlan, run: LabelRun) -> 
     each = f"{pipeline_plan.cpus_per_actor} CPU" + (f", {pipeline_plan.gpus_per_actor} GPU"
                                                      if pipeline_plan.gpus_per_actor else "")
     seconds = str(exc).split("at least ", 1)[-1].split(" of", 1)[0] if "at least " in str(exc) else "too long"
-    return JobError(f"run {run.run_id}: no progress for {seconds}: the cluster did not give the "
-                    f"{pipeline_plan.actors} predict actor(s) their resources ({each} each; {run.stats.images} "
-                    "images labelled). Another job or a stalled run may hold them: see `ray status` and `breedlabel "
-                    "jobs list`, then rerun the same command; it resumes from the staged parts")
+    why = (f"the cluster did not give the {pipeline_plan.actors} predict actor(s) their resources ({each} each)"
+           if not run.stats.images else f"a predict actor ({each}) or a task is stuck or lost its resources "
+           f"({run.stats.images} images labelled before)")
+    return JobError(f"run {run.run_id}: no progress for {seconds}: {why}. Another job or a stalled run may hold "
+                    "them: see `ray status` and `breedlabel jobs list`, then rerun the same command; it resumes from "
+                    "the staged parts")
 
 
 def _progress(cfg: LabelConfig) -> console.Progress | None:

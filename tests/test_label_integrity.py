@@ -340,7 +340,7 @@ def test_a_cluster_with_no_room_for_the_actors_ends_in_one_line(photos, tiny_bun
     assert done.returncode == EXIT_FAILED and "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("breedlabel label: error: run ") and "no progress for 5" in last, last
-    assert "the 1 predict actor(s) their resources (1 CPU each" in last and "rerun the same command" in last, last
+    assert "the 1 predict actor(s) their resources (1 CPU each)" in last and "rerun the same command" in last, last
     assert "waiting for room: a predict actor needs 1 CPU, and the cluster has 0 CPU free" in done.stderr, \
         done.stderr[-3000:]  # said at once, not after the timeout
     assert not storage.exists(lease.lease_uri(out))
