@@ -132,9 +132,9 @@ def _expand_listing(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None
     """A folder/prefix: its images and the archives found there (whole)."""
     found = 0
     listed = None if exts is None else exts + ARCHIVE_SUFFIXES
-    below = exclude.rstrip("/") + "/" if exclude else None
+    below = _excluded_prefixes(uri, exclude)
     for info in storage.list_files(uri, extensions=listed, s3=s3, follow_symlinks=follow_symlinks):
-        if below is not None and info.uri.startswith(below):
+        if below and info.uri.startswith(below):
             continue
         found += 1
         yield _item(info)
@@ -144,6 +144,20 @@ def _expand_listing(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None
         if not follow_symlinks and _has_symlinked_folders(uri):
             hint = "its sub-folders are symlinks, which are not followed unless you pass --follow-symlinks"
         raise InputError(f"{uri}: no {what} found; {hint}")
+
+
+def _excluded_prefixes(root: str, exclude: str | None) -> tuple[str, ...]:
+    """`exclude` (the run's output) as the listing of `root` spells what lies under it: as given,
+    and, for local folders, as reached through `root` when either path goes through a symlink."""
+    if not exclude:
+        return ()
+    prefixes = [exclude.rstrip("/") + "/"]
+    if not storage.is_s3(root) and not storage.is_s3(exclude):
+        real_root = os.path.realpath(storage.parse_uri(root).path)
+        real_out = os.path.realpath(storage.parse_uri(exclude).path)
+        if real_out.startswith(real_root.rstrip("/") + "/"):
+            prefixes.append(storage.normalize_uri(root).rstrip("/") + real_out[len(real_root.rstrip("/")):] + "/")
+    return tuple(prefixes)
 
 
 def _has_symlinked_folders(uri: str) -> bool:

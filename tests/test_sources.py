@@ -77,6 +77,18 @@ def test_the_runs_own_output_inside_an_input_is_not_listed(root):
         list(sources.iter_label_items([storage.join(root, "labels")], extensions=None, exclude=out))
 
 
+
+def test_the_runs_own_output_is_not_listed_through_a_symlink(tmp_path):
+    """The input folder, or --out, reached through a symlink: the run listed its own files (the
+    live lease, its staging) and labelled them, more every run."""
+    _put(str(tmp_path / "real"), {"a.jpg": b"1", "labels/part-0.parquet": b"p"})
+    (tmp_path / "via").symlink_to(tmp_path / "real")
+    real, via = tmp_path / "real", tmp_path / "via"
+    for inputs, out in [(via, real / "labels"), (real, via / "labels")]:
+        listed = [d.item.uri for d in sources.iter_label_items([str(inputs)], extensions=None, exclude=str(out))]
+        assert listed == [str(inputs / "a.jpg")], (inputs, out)
+
+
 def test_single_file_and_extension_less(root):
     _put(root, {"one.jpg": b"1", "blobs/k1": b"k"})
     one = storage.join(root, "one.jpg")
