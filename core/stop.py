@@ -92,6 +92,13 @@ class GracefulStop:
         if self.reason is not None:
             log.warning("%s as %s", self.reason, what)
 
+    def finish(self) -> None:
+        """The run's work is whole (published): until the block ends, signals are only noted, as
+        in `deferred()`; `warn_if_finished_anyway` says so afterwards. A SIGTERM while the lease
+        was released or Ray shut down killed the process (143) with the run already published."""
+        self._deferring += 1
+        self._second_interrupts.append(False)
+
     @contextlib.contextmanager
     def deferred(self, *, second_interrupts: bool = False) -> Iterator[None]:
         """Signals inside are recorded, not raised (`check()` afterwards where it matters).

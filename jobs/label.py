@@ -65,39 +65,42 @@ def label(cfg: LabelConfig) -> dict | None:
         return None
     out = output.Output(cfg.out, s3=cfg.s3)
     started_ray = plan = None
-    with GracefulStop() as stop, lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s, s3=cfg.s3,
-                                             on_lost=lambda exc: stop.request(str(exc))) as held:
-        run = LabelRun.start(out, cfg, bundle.model_id, held)
-        try:
-            # List until the first object still to label before starting Ray: a bad input fails in
-            # a second, and a scheduled run over an unchanged bucket ends without Ray at all.
-            items = _pending(cfg, run)
-            first = next(items, None)
-            if first is not None:
-                # Ray's C++ lines ("E … core_worker.cc") go to a log file; our progress and messages stay
-                with console.native_output_to_log(f"label-{run.run_id}.log"):
-                    started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True, stop=stop)
-                    plan = run_pipeline(cfg, run, chain([first], items), stop)
-        except BaseException as exc:
+    with GracefulStop() as stop:
+        with lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s, s3=cfg.s3,
+                        on_lost=lambda exc: stop.request(str(exc))) as held:
+            run = LabelRun.start(out, cfg, bundle.model_id, held)
+            try:
+                # List until the first object still to label before starting Ray: a bad input fails in
+                # a second, and a scheduled run over an unchanged bucket ends without Ray at all.
+                items = _pending(cfg, run)
+                first = next(items, None)
+                if first is not None:
+                    # Ray's C++ lines ("E … core_worker.cc") go to a log file; our progress and messages stay
+                    with console.native_output_to_log(f"label-{run.run_id}.log"):
+                        started_ray = ray_session.connect(cfg.address, dashboard=False, quiet=True, stop=stop)
+                        plan = run_pipeline(cfg, run, chain([first], items), stop)
+            except BaseException as exc:
+                with stop.deferred():
+                    run.stage()  # what arrived is staged: a rerun resumes from it
+                    run.abandon()
+                if held.lost:  # stalled past its lease: the run that took over labels these inputs
+                    raise lease.LeaseLostError(f"{held.uri}: run {run.run_id} stalled past its lease and another "
+                                               "run took it over; that run finishes the labelling, nothing more "
+                                               "was staged here") from None
+                if isinstance(exc, Stopped):
+                    raise Stopped(f"{exc}: {run.stats.images} images of run {run.run_id} are staged; rerun the "
+                                  "same command to resume") from None
+                if isinstance(exc, ServiceError) and run.stats.images:
+                    raise ServiceError(f"{exc} ({run.stats.images} images of run {run.run_id} are staged; "
+                                       "nothing was published)") from None
+                raise  # the lease is released on the way out; Ray is shut down after the message (jobs.cli)
             with stop.deferred():
-                run.stage()  # what arrived is staged: a rerun resumes from it
-                run.abandon()
-            if held.lost:  # stalled past its lease: the run that took over labels these inputs
-                raise lease.LeaseLostError(f"{held.uri}: run {run.run_id} stalled past its lease and another run "
-                                           "took it over; that run finishes the labelling, nothing more was "
-                                           "staged here") from None
-            if isinstance(exc, Stopped):
-                raise Stopped(f"{exc}: {run.stats.images} images of run {run.run_id} are staged; rerun the "
-                              "same command to resume") from None
-            if isinstance(exc, ServiceError) and run.stats.images:
-                raise ServiceError(f"{exc} ({run.stats.images} images of run {run.run_id} are staged; nothing "
-                                   "was published)") from None
-            raise  # the lease is released on the way out; Ray is shut down after the message (jobs.cli)
-        with stop.deferred():
-            manifest = run.commit(plan)
-    if started_ray:
-        ray_session.shutdown_uninterruptible()
-    print(summary_text(manifest, cfg.min_prob, cfg.summary_breeds), file=sys.stderr)
+                manifest = run.commit(plan)
+            stop.finish()  # published: a signal from now on (lease release, Ray's shutdown) is only noted
+        if started_ray:
+            ray_session.shutdown_uninterruptible()
+        print(summary_text(manifest, cfg.min_prob, cfg.summary_breeds), file=sys.stderr)
+    stop.warn_if_finished_anyway(f"run {manifest[output.M_RUN_ID]} was already published")
     return manifest
 
 

@@ -205,6 +205,20 @@ def test_stop_signal_stages_releases_and_resumes(sig, photos, tiny_bundle, out, 
     assert_one_row_per_input(out, photos)
 
 
+@pytest.mark.parametrize("at", ["core.lease:Lease.release", "jobs.label:summary_text"], ids=["lease", "summary"])
+@pytest.mark.slow
+def test_a_stop_after_the_run_is_published_is_only_noted(at, photos, tiny_bundle, out, address):
+    """A SIGTERM in the second after the publish (the lease's release, Ray's shutdown, the summary)
+    killed the process: exit 143, no summary, no word, with the run published."""
+    done = _run(label_command(_args(photos, tiny_bundle, out, address), Point(at, when="before", action="term")))
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert f"run {output.Output(out).last_run()[output.M_RUN_ID]}: {N_IMAGES + 1} images" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(" was already published"), done.stderr[-3000:]
+    assert "stopped by SIGTERM as run" in done.stderr and "Traceback" not in done.stderr
+    assert not storage.exists(lease.lease_uri(out))
+    assert_one_row_per_input(out, photos)
+
+
 # Inside `ray.init` of a run that starts its own Ray: before the head's processes start (Ray's own
 # SIGTERM handler, sys.exit(15), is in place), while it connects to its GCS, and after the
 # driver's core worker exists (its native failure handler dumped a C++ stack, aborting on SIGTERM).
