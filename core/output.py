@@ -259,7 +259,6 @@ class Output:
         if not parts and (keys is None or not len(keys.listing)):
             self.write_json(self.path(LAST_RUN_FILE), manifest)
             self.discard_staged(run_id)
-            self._drop_empty_staging()
             return manifest
         if keys is not None:
             self._write_atomic(self.staging(run_id, KEYS_FILE),
@@ -312,6 +311,7 @@ class Output:
     def discard_staged(self, run_id: str) -> None:
         if self.exists(self.staging(run_id)):
             self.fs.delete_dir(self.staging(run_id))
+        self._drop_empty_staging()
 
     # -- finished runs
     @_io_errors

@@ -68,6 +68,9 @@ def test_staged_parts_are_invisible_until_commit(tmp_path):
     manifest = json.loads((tmp_path / "run_id=R1" / output.MANIFEST_FILE).read_text())
     assert len(manifest[output.M_FILES]) == 3
     assert not (tmp_path / "_staging").exists()  # no empty folder left behind
+    out.write_json(out.staging("R2", "_run.json"), {})  # a run stopped before staging a row: no folder left
+    out.discard_staged("R2")
+    assert not (tmp_path / "_staging").exists()
     assert out.read_finished().column("run_id").to_pylist() == ["R1"] * 10
 
 
