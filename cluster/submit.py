@@ -207,6 +207,18 @@ def _submit(client, req: JobRequest) -> str:
             time.sleep(POLL_S)
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_job_id(job_id: str, what: str = "job id") -> str:
+    """A job id goes into the job API's URL path: `.`, `a/b` or `%2e` reached other routes (a
+    traceback, raw HTTP 404/405 errors) instead of "no such job"."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise ConfigError(f"{what} {job_id!r}: not a job id (letters, digits, '.', '_' and '-', starting with a "
+                          "letter or digit); `breedlabel jobs list` shows the cluster's jobs")
+    return job_id
+
+
 def job_info(client, job_id: str):
     return _call(f"job {job_id}", client.get_job_info, job_id)
 

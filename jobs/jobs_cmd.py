@@ -60,6 +60,8 @@ def _stop(client, job_id: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.job_id:
         raise ConfigError(f"jobs {args.action}: give the job's submission id (`breedlabel jobs list` shows them)")
+    if args.job_id and args.action != "list":
+        cluster_submit.check_job_id(args.job_id)
     if args.action == "list" and args.job_id:
         raise ConfigError(f"jobs list takes no job id ({args.job_id}); `breedlabel jobs status {args.job_id}` shows "
                           "one job")

@@ -155,6 +155,8 @@ def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_subm
     if args.job == "label":  # its value checks too (--top-k 0, --lease-ttl 1): found on the cluster, after sending
         LabelConfig(**options.values(ns, LabelConfig)).check()
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
+    if args.submission_id:
+        cluster_submit.check_job_id(args.submission_id, "--submission-id")
     env = runtime_env.build_runtime_env(args.runtime_env, working_dir=args.working_dir, env_vars=_env_vars(args.env))
     return cluster_submit.JobRequest(kind=args.job, job_args=tuple(job_args), runtime_env=env, output=output,
                                      submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,

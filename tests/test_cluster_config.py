@@ -479,6 +479,10 @@ def test_jobs_stop_of_an_ended_job_is_done_and_list_takes_no_id(monkeypatch, cap
     assert main(["jobs", "list", "j1"]) == 2
     assert "jobs list takes no job id (j1)" in capsys.readouterr().err
 
+    for bad in (".", "a/b", "%2e", "../x"):  # into the API's URL path: a traceback or raw HTTP 404/405 errors
+        assert main(["jobs", "status", bad]) == 2
+        assert f"job id {bad!r}: not a job id" in capsys.readouterr().err
+
 
 class EntrypointLogClient(FinishedJobClient):
     def get_job_logs(self, job_id):
