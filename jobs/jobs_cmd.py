@@ -75,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
         return _stop(client, args.job_id)
     if args.follow:
         cluster_submit.follow_logs(client, args.job_id)
-        status = cluster_submit.status_of(cluster_submit.job_info(client, args.job_id))
+        try:
+            status = cluster_submit.status_of(cluster_submit.job_info(client, args.job_id))
+        except JobError as exc:  # the head went away mid-stream
+            raise JobError(f"the log stream of job {args.job_id} ended and the job API does not answer ({exc}); "
+                           "run the same command again once the cluster is back") from None
         if status not in cluster_submit.TERMINAL:  # the stream dropped (a head restart, a proxy's timeout)
             raise JobError(f"job {args.job_id} is still {status} but its log stream ended; run the same "
                            "command again to go on following it")

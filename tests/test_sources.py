@@ -207,12 +207,14 @@ def test_manifest_home_and_host_forms(tmp_path, monkeypatch):
     `file://imgs/a.jpg` (host "imgs", by RFC 8089) was silently read as /a.jpg."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     _put(str(tmp_path), {"home/x.jpg": b"x", "imgs/a.jpg": b"a"})
-    lines = ["~/x.jpg", "file://imgs/a.jpg", f"file://localhost{tmp_path / 'imgs' / 'a.jpg'}"]
+    lines = ["~/x.jpg", "file://imgs/a.jpg", f"file://localhost{tmp_path / 'imgs' / 'a.jpg'}",
+             "~nosuchuser-rt/y.jpg"]
     (tmp_path / "m.txt").write_text("".join(line + "\n" for line in lines))
     items = [d.item for d in sources.iter_label_items([], [str(tmp_path / "m.txt")])]
     assert [(i.uri, i.error) for i in items] == [(str(tmp_path / "home" / "x.jpg"), None),
                                                  ("file://imgs/a.jpg", "unsupported URI scheme"),
-                                                 (str(tmp_path / "imgs" / "a.jpg"), None)]
+                                                 (str(tmp_path / "imgs" / "a.jpg"), None),
+                                                 (str(tmp_path / "~nosuchuser-rt" / "y.jpg"), None)]  # no such user
 
 
 def test_input_errors_are_clear(tmp_path):
