@@ -92,6 +92,11 @@ def build_entrypoint(req: JobRequest) -> str:
     return f"{RAY_PYTHON} {shlex.join(['-m', ENTRYPOINT_MODULES[req.kind], *req.job_args])}"
 
 
+def _shown_log(text: str) -> str:
+    """A job's log with its "Running entrypoint" line as `shown_entrypoint` writes it."""
+    return text.replace(f"{RAY_PYTHON} ", "python ")
+
+
 def shown_entrypoint(entrypoint: str) -> str:
     """An entrypoint as a person reads it: `python -m jobs.label …` without the RAY_PYTHON lookup."""
     return "python " + entrypoint[len(RAY_PYTHON) + 1:] if entrypoint.startswith(RAY_PYTHON) else entrypoint
@@ -233,7 +238,7 @@ def follow_logs(client, job_id: str, out: TextIO | None = None, *, timeout_s: fl
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk.replace(f"{RAY_PYTHON} ", "python "))
+            out.write(_shown_log(chunk))
             out.flush()
 
     try:
@@ -342,13 +347,18 @@ def outcome(info) -> Outcome:
 _OUR_ERROR = re.compile(r"^breedlabel [\w-]+: error: ")
 
 
+def _our_error_line(message: str) -> str | None:
+    """The job's own last `breedlabel …: error:` line in Ray's message for a failed job, if any."""
+    ours = [line for line in message.splitlines() if _OUR_ERROR.match(line)]
+    return ours[-1] if ours else None
+
+
 def _why_failed(message: str) -> str:
-    """One line for a failed job: the job's own `breedlabel …: error:` line where its log has one,
-    else the first line of Ray's message (which goes on with up to 20,000 characters of the log,
-    printed above already as its tail)."""
+    """One line for a failed job: the job's own error line where its log has one, else the first
+    line of Ray's message (which goes on with up to 20,000 characters of the log, printed above
+    already as its tail)."""
     lines = message.strip().splitlines()
-    ours = [line for line in lines if _OUR_ERROR.match(line)]
-    return ours[-1] if ours else (lines[0] if lines else "")
+    return _our_error_line(message) or (lines[0] if lines else "")
 
 
 # How each kind of job stopped (`jobs stop`) goes on: its own last line says it too, but `ray job
@@ -389,13 +399,12 @@ def _label_metadata(info) -> dict:
 def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], started_ms, ended_ms=None,
                    message: str = "") -> Outcome:
     output = meta[META_OUTPUT]
-    ours = _OUR_ERROR.match(_why_failed(message))  # the job's own one line, where its log has it
-    why = _why_failed(message) if ours else "its log says why"
+    ours = _our_error_line(message)
     if code == EXIT_USAGE:
-        return Outcome(EXIT_USAGE, status, "the label job rejected its options: " + (why if ours else "see its log"))
+        return Outcome(EXIT_USAGE, status, f"the label job rejected its options: {ours or 'see its log'}")
     if code not in (None, EXIT_OK, EXIT_ERROR_BUDGET):
-        return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): {why}; nothing of it is published; once "
-                       "that is fixed, a rerun of the same job resumes anything it staged")
+        return Outcome(EXIT_FAILED, status, f"failed (exit code {code}): {ours or 'its log says why'}; nothing of "
+                       "it is published; once that is fixed, a rerun of the same job resumes anything it staged")
     try:
         manifest = read_run_manifest(output, started_ms, ended_ms)
         replaced = manifest is None and code in (EXIT_OK, EXIT_ERROR_BUDGET) and _replaced_since(output, ended_ms)
@@ -422,8 +431,7 @@ def stop(client, job_id: str) -> bool:
 
 
 def logs(client, job_id: str) -> str:
-    """The job's log, its "Running entrypoint" line as `shown_entrypoint` writes it."""
-    return _call(f"logs of job {job_id}", client.get_job_logs, job_id).replace(f"{RAY_PYTHON} ", "python ")
+    return _shown_log(_call(f"logs of job {job_id}", client.get_job_logs, job_id))
 
 
 def list_rows(client) -> list[dict[str, str]]:
