@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 from core import stop
 
@@ -116,13 +116,7 @@ def native_output_to_log(name: str) -> Iterator[Path | None]:
         yield None
         return
     path = default_log_dir() / name
-    old = sys.stderr
-    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
-                         errors="backslashreplace")
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
-    sys.stderr = terminal
-    for handler in handlers:
-        handler.setStream(terminal)
+    old, terminal, handlers = _python_stderr_to_terminal()
     try:
         with native_stderr_to(path):
             yield path
@@ -131,6 +125,21 @@ def native_output_to_log(name: str) -> Iterator[Path | None]:
         for handler in handlers:
             handler.setStream(old)
         terminal.close()
+
+
+def _python_stderr_to_terminal() -> tuple[TextIO, TextIO, list[logging.StreamHandler]]:
+    """Point sys.stderr and the logging handlers that wrote to it at a copy of file descriptor 2
+    as it is now (the terminal), before fd 2 itself is pointed at a log; returns (the old
+    sys.stderr, the copy, the handlers moved) for whoever puts them back."""
+    old = sys.stderr
+    old.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                         errors="backslashreplace")
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
+    sys.stderr = terminal
+    for handler in handlers:
+        handler.setStream(terminal)
+    return old, terminal, handlers
 
 
 def native_output_to_log_until_exit(name: str) -> Path | None:
@@ -142,14 +151,7 @@ def native_output_to_log_until_exit(name: str) -> Path | None:
         return None
     path = default_log_dir() / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = sys.stderr
-    old.flush()
-    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
-                         errors="backslashreplace")
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
-            handler.setStream(terminal)
-    sys.stderr = terminal
+    _python_stderr_to_terminal()  # for good: nothing is put back
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(target, 2)
     os.close(target)
