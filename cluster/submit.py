@@ -426,6 +426,15 @@ def _label_outcome(status: str, code: int | None, meta: Mapping[str, str], start
     return Outcome(m_code, status, f"done: {counts}", manifest)
 
 
+def running_label_jobs(client, output: str) -> list[str]:
+    """Ids of the jobs on the cluster, not ended yet, that label `output` (submitted by breedlabel or
+    with plain `ray job submit`)."""
+    want = output.rstrip("/")
+    return [job.submission_id or job.job_id for job in _call("listing jobs", client.list_jobs)
+            if status_of(job) in ("PENDING", "RUNNING")
+            and str(_label_metadata(job).get(META_OUTPUT, "")).rstrip("/") == want]
+
+
 def stop(client, job_id: str) -> bool:
     return bool(_call(f"stopping job {job_id}", client.stop_job, job_id))
 

@@ -102,12 +102,16 @@ def _this_process() -> tuple[str, int, float]:
     return socket.gethostname(), os.getpid(), psutil.Process().create_time()
 
 
+def held_on_this_host(holder: LeaseInfo) -> bool:
+    """Whether the holder's process can be looked up from here (the same host, a recorded pid)."""
+    return bool(holder.pid) and holder.host == socket.gethostname()
+
+
 def holder_gone(holder: LeaseInfo) -> bool:
     """True only when we can tell for sure: same host, and its process is no longer there."""
     import psutil
 
-    host, _, _ = _this_process()
-    if not holder.pid or holder.host != host:
+    if not held_on_this_host(holder):
         return False  # another machine: only expiry tells
     try:
         return abs(psutil.Process(holder.pid).create_time() - holder.pid_started) > 1.0

@@ -23,7 +23,7 @@ import importlib
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from cluster import runtime_env
 from cluster import submit as cluster_submit
@@ -124,19 +124,32 @@ def _relative_path_error(what: str) -> ConfigError:
                        f"Give {os.path.abspath(path)} or an s3:// URI")
 
 
-def _lease_skip(output: str) -> int | None:
-    """Skip before submitting when a live run holds the lease (the job checks again, atomically)."""
+def _lease_skip(output: str, connect: Callable[[], Any]) -> int | None:
+    """Skip before submitting when a live run holds the lease (the job checks again, atomically).
+    A holder on another host cannot be looked up from here: a job SIGKILLed on the head leaves its
+    lease until it expires (--lease-ttl). Then the cluster's jobs decide: skip when one of them
+    labels this output, else submit, and the job (on the head, where such a holder ran) takes the
+    output over from a dead holder or skips."""
     try:
         holder = leases.read_lease(output)
     except (BreedlabelError, OSError) as exc:  # no access from here: the job decides
         print(f"breedlabel submit: note: cannot read the lease of {output} from here ({exc})", file=sys.stderr)
         return None
     now = time.time()
-    if leases.is_live(holder, now):
-        print(f"breedlabel submit: skipped: {leases.LeaseHeldError(leases.lease_uri(output), holder, now)}",
-              file=sys.stderr)
-        return EXIT_LEASE_HELD
-    return None
+    if not leases.is_live(holder, now):
+        return None
+    job = ""
+    if not leases.held_on_this_host(holder):
+        running = cluster_submit.running_label_jobs(connect(), output)
+        if not running:
+            print(f"breedlabel submit: note: run {holder.run_id} on {holder.host or 'another host'} holds the "
+                  f"lease of {output}, but no job on this cluster labels it: submitting; the job takes the output "
+                  "over if that run is gone, or skips", file=sys.stderr)
+            return None
+        job = f" (job {running[0]} on the cluster)"
+    print(f"breedlabel submit: skipped{job}: {leases.LeaseHeldError(leases.lease_uri(output), holder, now)}",
+          file=sys.stderr)
+    return EXIT_LEASE_HELD
 
 
 def _env_vars(pairs: Sequence[str]) -> dict[str, str]:
@@ -169,11 +182,18 @@ def run(args: argparse.Namespace) -> int:
         req = build_request(args, job_args)
     except SystemExit as exc:  # the job's parser rejected its options (message already printed)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    client = None
+
+    def connected():
+        nonlocal client
+        client = client or cluster_submit.connect(args.address)
+        return client
+
     if req.output:
-        skipped = _lease_skip(req.output)
+        skipped = _lease_skip(req.output, connected)
         if skipped is not None:
             return skipped
-    client = cluster_submit.connect(args.address)
+    client = connected()
     job_id = cluster_submit.submit(client, req)
     print(job_id, flush=True)
     print(f"breedlabel submit: submitted {req.kind} job {job_id} to {args.address}; "

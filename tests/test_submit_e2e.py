@@ -229,3 +229,55 @@ def test_follow_keeps_to_the_wait_timeout_and_an_unknown_job_is_an_error(ray_hea
         assert unknown.returncode == 1 and "Traceback" not in unknown.stderr, unknown.stderr[-3000:]
         assert unknown.stderr.strip().splitlines()[-1].endswith(
             "job nosuch: no such job on this cluster; `breedlabel jobs list` shows its jobs"), unknown.stderr
+
+
+def _submit_from_another_host(head, *args: str) -> subprocess.CompletedProcess:
+    """`breedlabel submit` as run on a machine other than the head (cron on a bastion): the lease's
+    holder, recorded with the head's host name, cannot be looked up from there."""
+    code = "import socket, sys; socket.gethostname = lambda: 'bastion'; from jobs.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, "submit", *args], cwd=REPO, env=head.env,
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60)
+
+
+def _dead_holders_lease(out: Path) -> None:
+    """The lease a label job SIGKILLed on the head leaves: unexpired, its process gone."""
+    import psutil
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(gone.pid).create_time() if psutil.pid_exists(gone.pid) else time.time()
+    gone.wait()
+    now = time.time()
+    out.mkdir(parents=True)
+    (out / leases.LEASE_FILE).write_bytes(leases.LeaseInfo("ray@head", "killed-run", now, now + 600,
+                                                           socket.gethostname(), gone.pid, started).to_bytes())
+
+
+def test_a_submitter_elsewhere_asks_the_cluster_before_skipping_on_a_lease(ray_head, photos, tiny_bundle, tmp_path):
+    """A job SIGKILLed on the head leaves its output's lease until it expires (10 min). A submitter on
+    another host cannot see that the holder's process is gone and skipped (75) every scheduled run
+    until then; now it asks the cluster: no job labels that output, so it submits, and the job, on
+    the head, takes the output over. When a job on the cluster does label it, the skip names it."""
+    out = tmp_path / "labels"
+    _dead_holders_lease(out)
+    run = _submit_from_another_host(ray_head, "label", str(photos), "--model", str(tiny_bundle), "--out", str(out),
+                                    "--no-progress", "--address", ray_head.address, "--wait", "--wait-timeout",
+                                    str(JOB_TIMEOUT_S))
+    assert run.returncode == 0, run.stderr
+    assert "but no job on this cluster labels it: submitting" in run.stderr and "SUCCEEDED" in run.stderr, run.stderr
+    assert _finished_rows(out).num_rows == len([p for p in photos.rglob("*") if p.is_file()])
+    assert leases.read_lease(str(out)) is None
+
+    busy = tmp_path / "busy"  # a label job of `busy` waits on the cluster (it asks for a GPU the head lacks)
+    pending = _breedlabel(ray_head, "submit", "label", str(photos), "--model", str(tiny_bundle), "--out", str(busy),
+                          "--address", ray_head.address, "--entrypoint-num-gpus", "1")
+    job_id = pending.stdout.strip()
+    assert pending.returncode == 0 and job_id, pending.stderr
+    try:
+        _dead_holders_lease(busy)
+        skip = _submit_from_another_host(ray_head, "label", str(photos), "--model", str(tiny_bundle), "--out",
+                                         str(busy), "--address", ray_head.address, "--wait")
+        assert skip.returncode == EXIT_LEASE_HELD, skip.stderr
+        assert skip.stderr.startswith(f"breedlabel submit: skipped (job {job_id} on the cluster): "), skip.stderr
+    finally:
+        _breedlabel(ray_head, "jobs", "stop", job_id, "--address", ray_head.address)
