@@ -33,7 +33,7 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
     ".git", ".venv", "venv", "runs/", "out/", "artifacts/", "build/", "dist/", "test-artifacts/",
     "tests/", "bench/", ".ci/", "**/__pycache__", "*.egg-info", ".pytest_cache/",
     "*.parquet", "*.pkl", "*.pickle", "*.h5", "*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tbz2", "*.tar.xz",
-    "*.txz", "*.zip",
+    "*.tbz", "*.txz", "*.zip",
 )
 
 # Set in every job's processes (driver, tasks, actors): the contracts of DESIGN.md.

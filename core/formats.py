@@ -9,7 +9,7 @@ from __future__ import annotations
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")  # what a decoded file must turn out to be
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # tarfile reads each as a stream
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")  # tarfile streams each
 ZIP_SUFFIXES = (".zip",)
 ARCHIVE_SUFFIXES = TAR_SUFFIXES + ZIP_SUFFIXES
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet", ".json")

@@ -433,7 +433,7 @@ def _resolve(manifest_uri: str, row_uri: str) -> str:
         return row_uri  # kept as written (no parse: a million-line inventory lists at >50,000 rows/s)
     if row_uri.startswith("~") and os.path.expanduser(row_uri) != row_uri:
         row_uri = os.path.expanduser(row_uri)  # ~ or ~user that exists; otherwise a plain relative name
-    if row_uri.startswith("file://") or os.path.isabs(row_uri):
+    if row_uri.startswith("file:/") or os.path.isabs(row_uri):  # file:/abs/x.jpg too (RFC 8089): not relative
         return storage.normalize_uri(row_uri)
     if storage.is_s3(manifest_uri):
         return storage.join(manifest_uri.rsplit("/", 1)[0], row_uri)

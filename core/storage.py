@@ -99,7 +99,8 @@ def parse_uri(uri: str) -> ParsedURI:
         if not bucket:
             raise StorageError(f"{uri}: no bucket name; write s3://BUCKET/KEY")
         return ParsedURI("s3", bucket, key)
-    if uri.startswith("file://"):  # %XX escapes are bytes: a path that is not UTF-8 survives (local_uri)
+    if uri.startswith("file:/"):  # %XX escapes are bytes: a path that is not UTF-8 survives (local_uri)
+        # file:/abs/x.jpg (RFC 8089's one-slash form) is /abs/x.jpg, as file:///abs/x.jpg is
         return ParsedURI("file", "", os.fsdecode(unquote_to_bytes(urlparse(uri).path)))
     if _SCHEME.match(uri):
         raise StorageError(f"{uri}: unsupported URI scheme; use a local path, file://PATH or s3://BUCKET/KEY")

@@ -41,6 +41,7 @@ def _zip() -> bytes:
 
 ARCHIVES = {"batch.tar": lambda: _tar(""), "batch.tar.gz": lambda: _tar("gz"),
             "batch.tgz": lambda: _tar("gz"), "batch.tar.bz2": lambda: _tar("bz2"), "batch.tar.xz": lambda: _tar("xz"),
+            "batch.tbz2": lambda: _tar("bz2"), "batch.tbz": lambda: _tar("bz2"), "batch.txz": lambda: _tar("xz"),
             "batch.zip": _zip}
 
 
@@ -215,6 +216,19 @@ def test_manifest_home_and_host_forms(tmp_path, monkeypatch):
                                                  ("file://imgs/a.jpg", "unsupported URI scheme"),
                                                  (str(tmp_path / "imgs" / "a.jpg"), None),
                                                  (str(tmp_path / "~nosuchuser-rt" / "y.jpg"), None)]  # no such user
+
+
+def test_manifest_file_uri_with_one_slash_is_absolute(tmp_path):
+    """`file:/abs/a.jpg` (RFC 8089's one-slash form) was taken as a name relative to the manifest's
+    folder ("<manifest folder>/file:/abs/a.jpg", not found); it is /abs/a.jpg, as `file:///abs/a.jpg` is."""
+    _put(str(tmp_path), {"imgs/a b.jpg": b"a", "imgs/c.jpg": b"c"})
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "m.txt"
+    manifest.write_text(f"file:{tmp_path}/imgs/a%20b.jpg\nfile://{tmp_path}/imgs/c.jpg\n")
+    items = [d.item for d in sources.iter_label_items([], [str(manifest)])]
+    assert [(i.uri, i.error) for i in items] == [(str(tmp_path / "imgs" / "a b.jpg"), None),
+                                                 (str(tmp_path / "imgs" / "c.jpg"), None)]
+    assert [sources.read_item(i) for i in items] == [b"a", b"c"]
 
 
 def test_input_errors_are_clear(tmp_path):

@@ -35,6 +35,7 @@ def test_parse_uri():
     assert storage.parse_uri("s3://b/k/x.jpg") == storage.ParsedURI("s3", "b", "k/x.jpg")
     assert storage.parse_uri("s3://b/k/a#b?c=1.jpg") == storage.ParsedURI("s3", "b", "k/a#b?c=1.jpg")
     assert storage.parse_uri("file:///tmp/a%20b.jpg") == storage.ParsedURI("file", "", "/tmp/a b.jpg")
+    assert storage.parse_uri("file:/tmp/a%20b.jpg") == storage.ParsedURI("file", "", "/tmp/a b.jpg")  # RFC 8089
     assert storage.parse_uri("rel/x.jpg") == storage.ParsedURI("file", "", "rel/x.jpg")
     for bad in ("", "gs://b/k", "https://host/x", "s3:///key"):
         with pytest.raises(StorageError):
