@@ -3,7 +3,8 @@
 Why one path: a model only sees at inference what it saw in training, so orientation, colour
 conversion, alpha handling and the resize policy must be identical everywhere.
 
-- Formats: JPEG, PNG, GIF (first frame), WebP, BMP; anything else is refused with a short reason.
+- Formats: JPEG, PNG, GIF (first frame), WebP, BMP, and AVIF where Pillow has libavif (its wheels
+  since 11.3); anything else is refused with a short reason (a HEIC photo: "unsupported format (HEIF)").
 - EXIF orientation is applied; CMYK, palette, grey, alpha (composited on white) and 16-bit → RGB.
 - The pixel count is checked from the header before any pixel is decoded (decompression bombs).
 - JPEGs at least 2× the target are decoded at reduced scale in the DCT domain (libjpeg-turbo
@@ -24,10 +25,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError, features
 
 from core.errors import ConfigError, ImageDecodeError
-from core.formats import PIL_FORMATS
+from core.formats import OPTIONAL_PIL_FORMATS, PIL_FORMATS
 from core.reasons import (REASON_CORRUPT, REASON_EMPTY, REASON_NOT_IMAGE, REASON_TOO_MANY_PIXELS, REASON_TRUNCATED,
                           REASON_UNSUPPORTED)
 
@@ -44,6 +45,16 @@ RESIZE_CROP = "resize_crop"
 SQUASH = "squash"
 RESIZE_POLICIES = (RESIZE_CROP, SQUASH)
 
+
+def _decoded_formats() -> tuple[str, ...]:
+    """PIL_FORMATS, and each optional one this Pillow has the codec for: a phone's AVIF photo is
+    labelled where it can be decoded, and refused with its format's name where it cannot."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an older Pillow warns about a feature it does not know
+        return PIL_FORMATS + tuple(f for f in OPTIONAL_PIL_FORMATS if features.check(f.lower()))
+
+
+DECODED_FORMATS = _decoded_formats()
 
 _RESAMPLE = Image.Resampling.BILINEAR
 # EXIF orientation -> PIL transpose (same table as PIL.ImageOps.exif_transpose).
@@ -166,15 +177,18 @@ def _decode_pil(data, size, policy, max_pixels, source) -> DecodedImage:
 
 def _open_pil(data: bytes, source: str | None) -> Image.Image:
     """Open (header only) with the allowed plugins; say *why* when it is refused."""
+    iso = _iso_media_format(data)
+    if iso is not None and iso not in DECODED_FORMATS:  # a HEIF never reaches libavif (it accepts brand mif1)
+        raise ImageDecodeError(f"{REASON_UNSUPPORTED} ({iso})", source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            return Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageDecodeError(REASON_TOO_MANY_PIXELS, source) from None
     except UnidentifiedImageError:
         pass
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, RuntimeError) as exc:  # libavif: RuntimeError
         raise ImageDecodeError(_reason_from(exc), source) from None
     try:  # header sniff only: a known format that we do not accept gets a clearer reason
         with warnings.catch_warnings():
@@ -183,23 +197,36 @@ def _open_pil(data: bytes, source: str | None) -> Image.Image:
         fmt = other.format
     except Exception:  # noqa: BLE001 - anything here just means "not an image"
         fmt = None
-    fmt = fmt or _iso_media_format(data)
+    fmt = fmt or iso
+    if fmt in DECODED_FORMATS:  # a format we decode, whose header its plugin could not parse
+        raise ImageDecodeError(REASON_CORRUPT, source)
     if fmt:
         raise ImageDecodeError(f"{REASON_UNSUPPORTED} ({fmt})", source)
     raise ImageDecodeError(REASON_TRUNCATED if _looks_like_truncated_header(data) else REASON_NOT_IMAGE, source)
 
 
-# ISO base media file brands of still images PIL has no plugin for: a phone's HEIC photo saved as
-# .jpg was "not an image", which sends people looking for corruption instead of a converter
-_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+# ISO base media file brands of still images: a phone's HEIC photo saved as .jpg was "not an
+# image", which sends people looking for corruption instead of a converter
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")
+_GENERIC_BRANDS = (b"mif1", b"msf1")  # any HEIF-family still image: its compatible brands say which codec
 _AVIF_BRANDS = (b"avif", b"avis")
 
 
 def _iso_media_format(data: bytes) -> str | None:
+    """"HEIF" or "AVIF" from an ISO base media file's `ftyp` box, else None; a file whose major
+    brand is the generic mif1/msf1 is AVIF if it lists an AVIF brand among its compatible ones."""
     if data[4:8] != b"ftyp":
         return None
     brand = data[8:12]
-    return "HEIF" if brand in _HEIF_BRANDS else "AVIF" if brand in _AVIF_BRANDS else None
+    if brand in _AVIF_BRANDS:
+        return "AVIF"
+    if brand in _HEIF_BRANDS:
+        return "HEIF"
+    if brand not in _GENERIC_BRANDS:
+        return None
+    end = min(int.from_bytes(data[:4], "big"), len(data), 1024)
+    compatible = {data[i:i + 4] for i in range(16, end - 3, 4)}
+    return "AVIF" if compatible & set(_AVIF_BRANDS) else "HEIF"
 
 
 def _looks_like_truncated_header(data: bytes) -> bool:
@@ -215,7 +242,7 @@ def _load(im: Image.Image, source: str | None) -> None:
             im.load()
     except Image.DecompressionBombError:
         raise ImageDecodeError(REASON_TOO_MANY_PIXELS, source) from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, RuntimeError) as exc:
         raise ImageDecodeError(_reason_from(exc), source) from None
 
 

@@ -44,7 +44,7 @@ from core.errors import InputError, StorageError
 from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
                           REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_FOUND, REASON_TOO_LARGE,
                           REASON_UNSUPPORTED_URI)
-from core.formats import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, ZIP_SUFFIXES
+from core.formats import ARCHIVE_SUFFIXES, LABEL_EXTENSIONS, MANIFEST_SUFFIXES, ZIP_SUFFIXES
 from core.storage import ObjectNotFoundError, S3Options
 
 MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
@@ -92,7 +92,7 @@ def _wanted_member(name: str, extensions: Iterable[str] | None) -> bool:
 
 # --- listing -------------------------------------------------------------------------------
 
-def iter_items(inputs: Sequence[str], *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
+def iter_items(inputs: Sequence[str], *, extensions: Iterable[str] | None = LABEL_EXTENSIONS,
                manifest: str | None = None, s3: S3Options | None = None,
                follow_symlinks: bool = False, exclude: str | None = None) -> Iterator[InputItem]:
     """Stream the items of every input, in input order (archives whole: `iter_label_items` reads
@@ -187,7 +187,7 @@ _KEEP_BATCH = 1024  # listed items judged together (one vectorised lookup)
 
 
 def iter_label_items(inputs: Sequence[str], manifests: Sequence[str] = (), *,
-                     extensions: Iterable[str] | None = IMAGE_EXTENSIONS, s3: S3Options | None = None,
+                     extensions: Iterable[str] | None = LABEL_EXTENSIONS, s3: S3Options | None = None,
                      keep: Keep | None = None, follow_symlinks: bool = False,
                      max_object_bytes: int = MAX_OBJECT_BYTES, exclude: str | None = None) -> Iterator[ItemData]:
     """Everything a label run labels, streamed in input order: plain objects without their bytes
@@ -470,7 +470,7 @@ class MemberError(InputError):
         super().__init__(f"{item.uri}[{item.member}]: {reason}")
 
 
-def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = IMAGE_EXTENSIONS,
+def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = LABEL_EXTENSIONS,
                          members: set[str] | frozenset[str] | None = None, s3: S3Options | None = None,
                          max_member_bytes: int = MAX_OBJECT_BYTES) -> Iterator[ItemData]:
     """Every image member of one archive with its bytes, reading the archive once, one member in

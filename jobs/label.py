@@ -27,7 +27,7 @@ from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
 from core.sources import ItemData, iter_label_items
 from core.stop import GracefulStop, Stopped
-from core.formats import IMAGE_EXTENSIONS
+from core.formats import LABEL_EXTENSIONS
 from jobs import ray_session
 from jobs.cli import main as cli_main
 from jobs.label_pipeline import run_pipeline
@@ -114,7 +114,7 @@ def _absolute(cfg: LabelConfig) -> LabelConfig:
 
 def _pending(cfg: LabelConfig, run: LabelRun | None) -> Iterator[ItemData]:
     """The listing, without what a finished run labelled (judged from the listing alone)."""
-    return iter_label_items(cfg.inputs, cfg.manifests, extensions=None if cfg.any_extension else IMAGE_EXTENSIONS,
+    return iter_label_items(cfg.inputs, cfg.manifests, extensions=None if cfg.any_extension else LABEL_EXTENSIONS,
                             keep=run.keep if run else None, s3=cfg.s3, follow_symlinks=cfg.follow_symlinks,
                             max_object_bytes=cfg.max_object_bytes, exclude=cfg.out)
 

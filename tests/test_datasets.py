@@ -27,6 +27,8 @@ def dataset_root(tmp_path) -> Path:
 def test_discover_folder_per_class(dataset_root):
     (dataset_root / STANFORD_DOGS[0].folder / "notes.txt").write_text("not an image")
     (dataset_root / STANFORD_DOGS[0].folder / ".hidden.jpg").write_bytes(b"x")
+    for name in ("IMG_1.heic", "IMG_2.HEIF", "IMG_3.avif"):  # `label` lists these (a row each); training does not
+        (dataset_root / STANFORD_DOGS[1].folder / name).write_bytes(b"x")
     (dataset_root / "zz-empty").mkdir()
     ds = discover(dataset_root)
     assert ds.classes == list(STANFORD_DOGS[:4])

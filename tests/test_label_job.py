@@ -78,6 +78,7 @@ def test_every_input_kind_gives_exactly_one_row(ray_local, inputs, tmp_path, tin
         got = err[f"{paths[0]}/{sample.kind}__{sample.filename}|"]
         assert (got is None) if sample.error is None else got.startswith(sample.error), sample.kind
     assert sum(m[output.M_ERRORS_BY_KIND].values()) == m[output.M_ERRORS] == int(df.error.notna().sum())
+    assert m[output.M_ERRORS_BY_KIND]["unsupported format (HEIF)"] == 1  # a phone's .heic: its row, not skipped
     assert len(m[output.M_FILES]) == -(-expected // 7)  # deterministic parts of rows_per_file rows
     assert ds.dataset(str(out), format="parquet").count_rows() == expected
     q = f"select count(distinct uri || coalesce(member, '')) from read_parquet('{out}/run_id=*/*.parquet')"

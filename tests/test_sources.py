@@ -68,6 +68,21 @@ def test_folder_is_listed_recursively_and_sorted(root):
     assert list(sources.iter_label_items([root])) == [ItemData(i, None, None) for i in items]  # actors read them
 
 
+def test_phone_photos_are_listed_for_labelling(root):
+    """`.heic`/`.heif`/`.avif` files were skipped like non-images: a phone dump's HEIC photos were
+    missing from its labels without a word. The label listing has them, in folders and archives
+    (each gets its row: labelled, or why not); `--any-extension` aside, a `.txt` is still not listed."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("IMG_5.HEIC", b"5")
+        zf.writestr("notes.txt", b"n")
+    _put(root, {"IMG_1.HEIC": b"1", "IMG_2.heif": b"2", "IMG_3.avif": b"3", "IMG_4.jpg": b"4", "notes.txt": b"t",
+                "phone.zip": buf.getvalue()})
+    got = [(os.path.basename(d.item.uri), d.item.member, d.error) for d in sources.iter_label_items([root])]
+    assert got == [("IMG_1.HEIC", None, None), ("IMG_2.heif", None, None), ("IMG_3.avif", None, None),
+                   ("IMG_4.jpg", None, None), ("phone.zip", "IMG_5.HEIC", None)]
+
+
 def test_the_runs_own_output_inside_an_input_is_not_listed(root):
     _put(root, {"a.jpg": b"1", "labels/part-0.parquet": b"p", "labels/_last_run.json": b"{}",
                 "labels2/b.jpg": b"2"})
