@@ -334,6 +334,8 @@ def outcome(info) -> Outcome:
                        f"{meta.get(META_OUTPUT, 'the output')} (its holder is in the job's log)")
     if status == "STOPPED":
         how = _STOPPED_RESUME.get(meta.get(META_KIND, ""))
+        if meta.get(META_KIND) == "label" and meta.get(META_OUTPUT):
+            how = _stopped_label_resume(meta[META_OUTPUT])
         return Outcome(EXIT_FAILED, status, "stopped before it finished" + (f"; {how}" if how else ""))
     if meta.get(META_KIND) == "label" and meta.get(META_OUTPUT):
         return _label_outcome(status, code, meta, info.start_time, getattr(info, "end_time", None),
@@ -364,11 +366,24 @@ def _why_failed(message: str) -> str:
 # How each kind of job stopped (`jobs stop`) goes on: its own last line says it too, but `ray job
 # stop` SIGKILLs the driver 3 s after SIGTERM, which a search's trials outlast
 _STOPPED_RESUME = {
-    "label": "what it labelled is staged: submit the same job again to resume",
+    "label": "anything it labelled is staged: submit the same job again to resume",
     "tune": "submit the same job again with --restore to resume the search",
     "train": "submit the same job again with the --storage and --run-name its log names to resume from its last "
              "checkpoint",
 }
+
+
+def _stopped_label_resume(output: str) -> str:
+    """How a stopped label job goes on, from what its output holds: "what it labelled is staged" was
+    said of a job stopped before it staged a row too (or whose rows a later run has since published)."""
+    try:
+        out = Output(output)
+        staged = any(out.staged_parts(run_id) for run_id in out.staged_runs())
+    except StorageError:  # not readable from here: what is true either way
+        return _STOPPED_RESUME["label"]
+    if staged:
+        return f"rows are staged under {output}: submit the same job again to resume"
+    return f"nothing is staged under {output}: submit the same job again to label what is left"
 
 
 def _label_metadata(info) -> dict:

@@ -15,7 +15,7 @@ import yaml
 from jobs import cluster_check as check
 from cluster import runtime_env
 from cluster import submit as cluster_submit
-from core.errors import ConfigError, JobError
+from core.errors import ConfigError, JobError, StorageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,7 +297,7 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, meta)).exit_code == 1
     assert cluster_submit.outcome(FakeInfo("FAILED", 75, meta)).exit_code == 75
     stopped = cluster_submit.outcome(FakeInfo("STOPPED", None, meta))
-    assert stopped.exit_code == 1 and stopped.message.endswith("submit the same job again to resume")
+    assert stopped.exit_code == 1 and stopped.message.startswith("stopped before it finished; ")
     stopped = cluster_submit.outcome(FakeInfo("STOPPED", None, {cluster_submit.META_KIND: "tune"}))
     assert stopped.message == ("stopped before it finished; submit the same job again with --restore to resume the "
                                "search")
@@ -305,6 +305,33 @@ def test_exit_codes_follow_the_manifest(tmp_path):
     assert cluster_submit.outcome(FakeInfo("FAILED", 2, meta)).exit_code == 2
     assert cluster_submit.outcome(FakeInfo("SUCCEEDED", 0, {cluster_submit.META_KIND: "train"})).exit_code == 0
     assert cluster_submit.outcome(FakeInfo("FAILED", 1, {cluster_submit.META_KIND: "train"})).exit_code == 1
+
+
+def test_a_stopped_label_job_says_rows_are_staged_only_when_they_are(tmp_path, monkeypatch):
+    """`jobs status` said "what it labelled is staged" of every stopped label job, one stopped
+    before its first row too: it says so when the output holds staged rows, and hedges when it
+    cannot read the output."""
+    from core import output
+
+    out = str(tmp_path / "labels")
+    meta = {cluster_submit.META_KIND: "label", cluster_submit.META_OUTPUT: out}
+    stopped = cluster_submit.outcome(FakeInfo("STOPPED", None, meta))
+    assert stopped.exit_code == 1 and stopped.message == (
+        f"stopped before it finished; nothing is staged under {out}: submit the same job again to label what is "
+        "left")
+    dest = output.Output(out)
+    dest.write_json(dest.staging("r1", output.RUN_FILE), {output.M_RUN_ID: "r1"})  # begun, no row staged yet
+    assert "nothing is staged" in cluster_submit.outcome(FakeInfo("STOPPED", None, meta)).message
+    (Path(dest.staging("r1")) / output.part_name(0, 0)).write_bytes(b"PAR1")
+    assert cluster_submit.outcome(FakeInfo("STOPPED", None, meta)).message == (
+        f"stopped before it finished; rows are staged under {out}: submit the same job again to resume")
+
+    def no_access(self):
+        raise StorageError(f"{self.uri}: access denied")
+
+    monkeypatch.setattr(output.Output, "staged_runs", no_access)  # e.g. no credentials for its bucket here
+    assert cluster_submit.outcome(FakeInfo("STOPPED", None, meta)).message == (
+        "stopped before it finished; anything it labelled is staged: submit the same job again to resume")
 
 
 def test_a_failed_jobs_line_is_one_line():
