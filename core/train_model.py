@@ -108,6 +108,19 @@ def set_trainable(model, cfg: TrainConfig, phase: str, top: int | None = None) -
     return sum(1 for layer in layers if layer.trainable and layer.weights)
 
 
+def load_phase_weights(model, cfg: TrainConfig, phase: str, path: str) -> None:
+    """Load weights a model saved (Keras .h5) during `phase`, into a model built afresh.
+
+    An .h5 file keeps each top-level layer's weights as one list, trainable ones first, and the
+    backbone is one such layer: during fine-tuning (part of it frozen, BatchNorm frozen) or behind a
+    frozen backbone its weights are listed in another order than a fresh model's, and loading them
+    as they are fails ("axes don't match array") or, where shapes agree, crosses them. So the
+    phase's trainability is set before loading."""
+    if registry.BACKBONE_LAYER in [layer.name for layer in model.layers]:
+        set_trainable(model, cfg, phase)
+    model.load_weights(path)
+
+
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then cosine decay to 0 at `total_steps`."""
 

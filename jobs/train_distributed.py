@@ -150,15 +150,21 @@ def _placement_group() -> dict:
     return {PG_METRIC: pg.id.hex()} if pg is not None else {}
 
 
-def _restore(model) -> dict | None:
+def _restore(model, cfg: TrainConfig) -> dict | None:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        model.load_weights(os.path.join(d, WEIGHTS_FILE))
-        return json.loads(Path(d, STATE_FILE).read_text())
+    return None if ckpt is None else load_checkpoint(model, cfg, ckpt)
+
+
+def load_checkpoint(model, cfg: TrainConfig, checkpoint) -> dict:
+    """Load a reported checkpoint's weights into `model`, as saved in its phase; returns its state."""
+    from core.train_model import load_phase_weights
+
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        load_phase_weights(model, cfg, state["phase"], os.path.join(d, WEIGHTS_FILE))
+    return state
 
 
 def _setup_tf(cpus: float):
@@ -211,7 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_ds, val_ds, steps = _worker_datasets(tf, cfg, train_set, val_set, rank, world)
     with strategy.scope():
         model = build_model(cfg, len(train_set.classes))
-    state = _restore(model)
+    state = _restore(model, cfg)
     plan = _resume_plan(cfg, state)
     if state:
         log.info("rank %d resumed after %s epoch %d; plan %s", rank, state["phase"], state["phase_epoch"], plan)
@@ -281,8 +287,7 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: D
 
     train_set, val_set = split_data(cfg, data)
     model = build_model(cfg.replace(weights=None), len(train_set.classes))
-    with checkpoint.as_directory() as d:
-        model.load_weights(os.path.join(d, WEIGHTS_FILE))
+    load_checkpoint(model, cfg, checkpoint)
     _, val_ds = build_datasets(cfg, train_set, val_set)
     result = measure_for_export(model, cfg, train_set, val_set, val_ds)
     return export_trained(result, out, train_set, distributed=asdict(dist)), result.metrics

@@ -50,11 +50,19 @@ def _kill_once(rank: int, *, marker: str, at_epoch: int, victim: int, run_dir: s
 
 
 @pytest.mark.slow
-def test_two_workers_train_and_export(ray_local, tiny_dogs, tmp_path):
+@pytest.mark.parametrize("pretrained", [False, True], ids=["scratch", "pretrained-then-finetuned"])
+def test_two_workers_train_and_export(ray_local, tiny_dogs, tmp_path, pretrained):
+    """Also with a pretrained backbone (frozen, then its top layers fine-tuned with BatchNorm frozen):
+    its checkpoints did not load at the export ("axes don't match array") after the whole run."""
+    from core import registry
     from core.bundle import load_bundle
     from jobs.train_distributed import DistributedConfig, run_distributed
 
     cfg = smoke().replace(head_epochs=2, finetune_epochs=0, batch_size=8)
+    if pretrained:
+        weights = str(tmp_path / "backbone.h5")
+        registry.get_spec("custom_cnn").builder((cfg.input_size, cfg.input_size, 3), None).save_weights(weights)
+        cfg = cfg.replace(weights=weights, head_epochs=1, finetune_epochs=1, finetune_layers=3, freeze_bn=True)
     dist = DistributedConfig(workers=2, storage=str(tmp_path / "ray"), run_name="two")
     result = run_distributed(cfg, str(tiny_dogs), dist, out=str(tmp_path / "bundle"))
 
@@ -120,3 +128,55 @@ def test_a_stop_offers_resume_only_where_a_checkpoint_was_saved(tmp_path):
     assert not _saved_a_checkpoint(dist)
     (tmp_path / "r1" / "checkpoint_2026-12-05_13-00-00.000000").mkdir()
     assert _saved_a_checkpoint(dist)
+
+
+def _all_trainable(model) -> list:
+    for layer in model._flatten_layers():
+        layer.trainable = True
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("weights,phase", [(None, "finetune"), ("pretrained.h5", "head"),
+                                           ("pretrained.h5", "finetune")],
+                         ids=["scratch-finetune", "pretrained-head", "pretrained-finetune"])
+def test_a_checkpoint_of_any_phase_loads_into_a_fresh_model(tmp_path, weights, phase):
+    """A checkpoint lists the backbone's weights trainable ones first: one saved while part of the
+    backbone (and its BatchNorm) was frozen did not load into the freshly built model the export
+    and a resume use ("axes don't match array" once training had kept a fine-tune epoch)."""
+    import numpy as np
+
+    from core.train_model import build_model, load_phase_weights, set_trainable
+
+    cfg = smoke().replace(weights=weights, finetune_layers=3, freeze_bn=True)  # trainability follows cfg.weights
+    saved = build_model(cfg.replace(weights=None), 3)
+    set_trainable(saved, cfg, phase)
+    saved.set_weights([np.full(w.shape, i, w.dtype) for i, w in enumerate(saved.get_weights())])  # crossing shows
+    saved.save_weights(str(tmp_path / "weights.h5"))
+
+    fresh = build_model(cfg.replace(weights=None), 3)
+    load_phase_weights(fresh, cfg, phase, str(tmp_path / "weights.h5"))
+    for got, want in zip(_all_trainable(fresh), _all_trainable(saved), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_export_reads_a_fine_tune_checkpoint(tiny_dogs, tmp_path):
+    """The driver exports the best reported checkpoint; one from the fine-tune phase (partly frozen
+    backbone, frozen BatchNorm) failed to load there, after the whole training had run."""
+    import ray.train
+
+    from core.bundle import load_bundle
+    from core.train_model import build_model, set_trainable
+    from jobs.train_distributed import STATE_FILE, WEIGHTS_FILE, DistributedConfig, export_checkpoint
+
+    cfg = smoke().replace(finetune_layers=3, freeze_bn=True, dog_score=False, calibrate=False)
+    model = build_model(cfg, 3)
+    set_trainable(model, cfg, "finetune")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    model.save_weights(str(ckpt / WEIGHTS_FILE))
+    (ckpt / STATE_FILE).write_text(json.dumps({"phase": "finetune", "phase_epoch": 0, "epoch": 1}))
+
+    bundle, _ = export_checkpoint(ray.train.Checkpoint.from_directory(str(ckpt)), cfg, str(tiny_dogs),
+                                  str(tmp_path / "bundle"), DistributedConfig(workers=1))
+    assert load_bundle(str(tmp_path / "bundle")).card["training"]["distributed"] is True
+    assert len(bundle.classes) == 3
