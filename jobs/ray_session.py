@@ -13,8 +13,23 @@ import signal
 import sys
 
 from cluster import address as address_probe
-from core.errors import JobError
+from core.errors import ConfigError, JobError
 from core.stop import GracefulStop, signals_ignored
+
+
+_RAY_CLIENT_INSTEAD = ("Submit it instead (`breedlabel submit label … --address http://HEAD:8265`), or run it on a "
+                       "cluster node with --address HEAD:6379")
+
+
+def refuse_ray_client(address: str | None, what: str, instead: str = _RAY_CLIENT_INSTEAD) -> None:
+    """A usage error for a Ray Client address (ray://HEAD:10001, given or in RAY_ADDRESS) where `what`
+    runs Ray Data: its streaming executor needs the driver's core worker, which a Ray Client driver
+    does not have, and it failed after the listing with Ray's traceback."""
+    given = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    if address.strip().lower().startswith("ray://"):
+        raise ConfigError(f"{given} {address}: {what} cannot run over Ray Client (ray://): Ray Data needs a driver "
+                          f"on the cluster. {instead}")
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,

@@ -32,6 +32,7 @@ from core import options
 from core.errors import EXIT_LEASE_HELD, EXIT_OK, EXIT_USAGE, BreedlabelError, ConfigError
 from core.label_config import LabelConfig
 from core.stop import GracefulStop, Stopped
+from jobs import ray_session
 
 LOG_TAIL_LINES = 40
 
@@ -167,6 +168,9 @@ def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_subm
     _check_paths(ns, job_args)
     if args.job == "label":  # its value checks too (--top-k 0, --lease-ttl 1): found on the cluster, after sending
         LabelConfig(**options.values(ns, LabelConfig)).check()
+        if getattr(ns, "address", None):  # the job's own --address, on the cluster
+            ray_session.refuse_ray_client(ns.address, "the label job", "Leave the job's --address out: a submitted "
+                                          "job runs on the cluster and joins it by itself")
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
     if args.submission_id:
         cluster_submit.check_job_id(args.submission_id, "--submission-id")

@@ -75,3 +75,25 @@ def test_stdout_reader_gone_is_quiet(tiny_bundle, image_factory, tmp_path):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=300) == 1
     assert stderr == "", stderr
+
+
+@pytest.mark.parametrize("given", ["--address", "RAY_ADDRESS"])
+def test_label_over_ray_client_is_a_usage_error(tmp_path, given):
+    """Ray Data cannot run from a Ray Client driver: `label --address ray://HEAD:10001` listed the
+    inputs, took the lease, then died in Ray Data with "'Worker' object has no attribute
+    'core_worker'" and a traceback. Refused before anything starts, saying what to do instead."""
+    (tmp_path / "in").mkdir()
+    address = "ray://127.0.0.1:1"
+    args = ["label", str(tmp_path / "in"), "--model", str(tmp_path / "no-bundle"), "--out", str(tmp_path / "out")]
+    if given == "--address":
+        proc = breedlabel(*args, "--address", address, cache=tmp_path)
+    else:
+        env = dict(os.environ, BREEDLABEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3", RAY_ADDRESS=address)
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc.stderr) == [
+        f"breedlabel label: error: {given} {address}: the label job cannot run over Ray Client (ray://): Ray Data "
+        "needs a driver on the cluster. Submit it instead (`breedlabel submit label … --address http://HEAD:8265`), "
+        "or run it on a cluster node with --address HEAD:6379"], proc.stderr
+    assert not (tmp_path / "out").exists()

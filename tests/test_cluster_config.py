@@ -142,6 +142,18 @@ def test_submit_options_anywhere_job_options_pass_through(tmp_path):
     assert job_args == ["/data/in", "--model", "/m", "--out", "/o", "--incremental", "--address", "auto"]
 
 
+def test_a_label_job_over_ray_client_is_refused_before_submitting():
+    """A label job given `--address ray://…` fails on the cluster after its listing (Ray Data has no
+    Ray Client support): refused here, saying to leave the job's own address out."""
+    from jobs import submit as submit_cli
+
+    ns, job_args = _submit_args(["label", "/data/in", "--model", "/m", "--out", "/o", "--address", "http://h:8265",
+                                 "--", "--address", "ray://h:10001"])
+    with pytest.raises(ConfigError, match=r"^--address ray://h:10001: the label job cannot run over Ray Client .*"
+                                          r"Leave the job's --address out"):
+        submit_cli.build_request(ns, job_args)
+
+
 def test_entrypoint_is_the_job_module():
     """No wrapper: the label job takes its output's lease itself (--lease-ttl is its own option)."""
     job_args = ("/in", "--out", "/o", "--model", "/m", "--lease-ttl", "120")
