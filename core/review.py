@@ -82,7 +82,7 @@ def image_url(uri: str, local_files_root: str) -> str:
     if os.path.commonpath([path, root]) != root:
         raise ConfigError(f"{uri}: not under --local-files-root {local_files_root}; give a root that holds every "
                           "local photo (Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
-    return LOCAL_FILES_URL + quote(os.path.relpath(path, root), safe="/")
+    return LOCAL_FILES_URL + quote(os.fsencode(os.path.relpath(path, root)), safe="/")  # a non-UTF-8 name: its bytes
 
 
 def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = None,

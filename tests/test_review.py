@@ -108,3 +108,14 @@ def test_local_photos_open_through_label_studios_local_files_server(tmp_path):
     assert proc.returncode != 0 and "not under --local-files-root" in proc.stderr
     proc = _review(root, tmp_path / "r4.json", "--dog-threshold", "2")
     assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
+
+
+def test_a_photo_whose_name_is_not_utf8_keeps_its_bytes(tmp_path):
+    """A Latin-1 file name is labelled as a file:// URI with %XX escapes; review died on it with a
+    UnicodeEncodeError traceback and wrote no review file at all."""
+    uri = "file://" + str(tmp_path / "photos").replace(" ", "%20") + "/caf%E9.jpg"
+    root = write_label_output(tmp_path / "out", [(uri, None, None), (str(tmp_path / "photos" / "b.jpg"), None, None)])
+    proc = _review(root, tmp_path / "r.json", "--local-files-root", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    images = sorted(task["data"]["image"] for task in json.loads((tmp_path / "r.json").read_text()))
+    assert images == ["/data/local-files/?d=photos/b.jpg", "/data/local-files/?d=photos/caf%E9.jpg"]
