@@ -6,7 +6,9 @@ conversion, alpha handling and the resize policy must be identical everywhere.
 - Formats: JPEG, PNG, GIF (first frame), WebP, BMP, and AVIF where Pillow has libavif (its wheels
   since 11.3); anything else is refused with a short reason (a HEIC photo: "unsupported format (HEIF)").
 - EXIF orientation is applied; CMYK, palette, grey, alpha (composited on white) and 16-bit → RGB.
-- The pixel count is checked from the header before any pixel is decoded (decompression bombs).
+- The pixel count is checked from the header before any pixel is decoded (decompression bombs):
+  for a JPEG the count it is decoded at (1/8 to 8/8 of its size, below), so a 108 MP phone photo
+  labels; for the others their full count (DEFAULT_MAX_PIXELS, 64 MP).
 - JPEGs at least 2× the target are decoded at reduced scale in the DCT domain (libjpeg-turbo
   scaling via simplejpeg; PIL `Image.draft` is the fallback for CMYK and anything simplejpeg
   refuses). `python -m bench.decode_throughput ../shared/data/sample_bucket` on one core of the
@@ -137,11 +139,12 @@ def _decode_simplejpeg(data, size, policy, max_pixels, source) -> DecodedImage |
         return None
     orientation = _jpeg_orientation(data)
     ow, oh = (h, w) if orientation in _SWAPS_AXES else (w, h)
-    _check_pixels(ow, oh, max_pixels, source)
     sx, sy = _needed_scale(ow, oh, size, policy)
     if orientation in _SWAPS_AXES:
         sx, sy = sy, sx
     min_w, min_h = (int(np.ceil(w * sx)), int(np.ceil(h * sy))) if size else (0, 0)
+    decoded = _dct_scaled(w, h, min_w, min_h) if size else (w, h)
+    _check_pixels(*decoded, max_pixels, source)  # what is decoded: a 108 MP phone photo labels
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
     except ValueError:
@@ -152,6 +155,16 @@ def _decode_simplejpeg(data, size, policy, max_pixels, source) -> DecodedImage |
     if size is not None:
         im = _resize(im, size, policy)
     return DecodedImage(np.asarray(im), ow, oh)
+
+
+def _dct_scaled(width: int, height: int, min_width: int, min_height: int) -> tuple[int, int]:
+    """The size libjpeg-turbo decodes a JPEG at for a wanted minimum: the smallest of its M/8 scales
+    that covers it (the pixel limit is on what is decoded, not on the file's full size)."""
+    for m in range(1, 8):
+        scaled = -(-width * m // 8), -(-height * m // 8)
+        if scaled[0] >= min_width and scaled[1] >= min_height:
+            return scaled
+    return width, height
 
 
 def _decode_pil(data, size, policy, max_pixels, source) -> DecodedImage:

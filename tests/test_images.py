@@ -104,6 +104,20 @@ def test_max_pixels_is_checked_before_decoding(backend):
     assert DEFAULT_MAX_PIXELS >= 24_000_000  # phone photos must pass
 
 
+def test_a_jpeg_is_held_to_the_pixels_it_is_decoded_at():
+    """A 108 MP phone photo was "too many pixels" though it decodes at 1/8 of its size for a 224 px
+    model: the limit applies to what is decoded. A full-size decode and other formats keep the
+    full count."""
+    data, png = jpeg_bytes(800, 600), png_bytes(800, 600)
+    small = 800 * 600 // 10  # 1/4 of each side (50 x 37.5 = 1/16 of the pixels) fits, full size does not
+    assert decode_image(data, size=(112, 112), max_pixels=small).array.shape == (112, 112, 3)
+    for full in ({"size": None}, {"size": (600, 800)}):
+        with pytest.raises(ImageDecodeError, match="too many pixels"):
+            decode_image(data, max_pixels=small, **full)
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        decode_image(png, size=(112, 112), max_pixels=small)
+
+
 def test_truncated_png_and_webp_are_errors():
     for data in (png_bytes(128, 96)[:-200], encode(pattern_image(128, 96), "WEBP")[:300]):
         with pytest.raises(ImageDecodeError) as info:
