@@ -51,6 +51,7 @@ MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_ZIP_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
 
 
@@ -177,9 +178,24 @@ def _archive_reason(exc: BaseException) -> str:
 
 
 def _zip_members(zf: zipfile.ZipFile, exts: tuple[str, ...] | None) -> list[zipfile.ZipInfo]:
-    """Image members in archive (offset) order, so reading them is sequential."""
+    """Image members in archive (offset) order, so reading them is sequential; names as written."""
+    for info in zf.infolist():
+        info.filename = _zip_name(info)
     infos = [i for i in zf.infolist() if not i.is_dir() and _wanted_member(i.filename, exts)]
     return sorted(infos, key=lambda i: i.header_offset)
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """Info-ZIP's `zip` (Linux, macOS) stores UTF-8 names without the UTF-8 flag, which Python reads
+    as cp437 ("perro_espa├▒ol.jpg"): a name whose bytes are valid UTF-8 is read as UTF-8, as unzip,
+    7-Zip and libarchive do; cp437 stays for the others. (Reading a member checks its local header
+    against `orig_filename`, which stays as it was.)"""
+    if info.flag_bits & _ZIP_UTF8_FLAG:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
 
 
 Keep = Callable[[Sequence[InputItem]], Sequence[bool]]

@@ -324,6 +324,30 @@ def test_each_member_name_is_labelled_once(tmp_path, kind):
         assert members == ["x.jpg", "y.jpg"], rows
 
 
+def test_zip_names_info_zip_wrote_in_utf8_without_the_flag(tmp_path):
+    """Info-ZIP's `zip` (Linux, macOS) writes UTF-8 names without the UTF-8 flag: Python read them as
+    cp437, so `member` said "perro_espa├▒ol.jpg" and a manifest naming the real member matched
+    nothing. Names of other bytes stay cp437 (what old DOS/Windows tools wrote)."""
+    names = {b"perro_espaXXol.jpg": "perro_español.jpg".encode(), b"XXX.jpg": "犬.jpg".encode(),
+             b"cafX.jpg": b"caf\x82.jpg"}  # the last: cp437 for "café.jpg", not valid UTF-8
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for placeholder in names:
+            zf.writestr(placeholder.decode(), b"photo")  # ASCII: written without the UTF-8 flag
+    data = buf.getvalue()
+    for placeholder, raw in names.items():
+        assert len(placeholder) == len(raw)
+        data = data.replace(placeholder, raw)  # local header and central directory, as Info-ZIP writes them
+    arc = tmp_path / "z.zip"
+    arc.write_bytes(data)
+    got = sorted((d.item.member, d.data) for d in sources.iter_label_items([str(arc)]))
+    assert got == [("café.jpg", b"photo"), ("perro_español.jpg", b"photo"), ("犬.jpg", b"photo")]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri,member\n{arc},犬.jpg\n", encoding="utf-8")
+    (named,) = sources.iter_label_items([], [str(manifest)])
+    assert named.item.member == "犬.jpg" and sources.read_item(named.item) == b"photo"
+
+
 def test_a_member_named_alone_gets_the_reason_it_would_get_listed_whole(tmp_path):
     """A manifest row naming a member the archive lacks, or a link member, said "cannot read",
     which every later run retries (reading the archive again) for good."""
