@@ -193,8 +193,8 @@ class Output:
                 write(f)
             if self.local:
                 self.fs.move(target, path)
-        except OSError as exc:
-            raise StorageError(f"{self.uri}: cannot write {path}: {exc}; check the output URI and permissions") from exc
+        except OSError as exc:  # S3 not answering is not a wrong URI or a permission
+            raise _named_os_error(self, exc, f"write {path}") from exc
 
     @_io_errors
     def exists(self, path: str) -> bool:

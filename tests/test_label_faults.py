@@ -139,7 +139,9 @@ def test_an_outage_of_an_s3_output_is_one_line_too(s3, tiny_bundle, tmp_path):
     finally:
         proxy.up()
     assert run.returncode == EXIT_FAILED, err[-3000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("breedlabel label: error: s3://")
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("breedlabel label: error: s3://")
+    assert f"http://127.0.0.1:{proxy.port} does not answer (" in last and "permissions" not in last, last
     again = _run(label_command(_args(out, tiny_bundle, *FAST_FAIL, inputs=(str(photos),))), _env(proxy))
     assert again.returncode == EXIT_OK, again.stderr[-3000:]
     assert sorted(_rows(out).uri) == sorted(str(p) for p in photos.iterdir())

@@ -323,3 +323,21 @@ def test_the_lease_names_the_run_it_protects_from_the_start(tmp_path):
     announced = leases.read_lease(out.uri).run_id
     run = LabelRun.start(out, cfg, "M", held)
     assert run.run_id == announced == leases.read_lease(out.uri).run_id
+
+
+def test_an_s3_output_that_does_not_answer_a_write_names_the_endpoint():
+    """A write to an S3 output whose endpoint is down said "cannot write …: <curl's text>; check the
+    output URI and permissions": the user went looking at the URI, not at the endpoint."""
+    import socket
+
+    from core.errors import ServiceError
+    from core.s3 import S3Options
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = output.Output("s3://bucket/labels", s3=S3Options(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1,
+                                                            read_timeout_s=2))
+    with pytest.raises(ServiceError, match=rf"^s3://bucket/labels: the S3 endpoint http://127.0.0.1:{port} does not "
+                                           r"answer \(write bucket/labels/_x.json: .*\); check the endpoint URL"):
+        out.write_json(out.path("_x.json"), {"a": 1})
