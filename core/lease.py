@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 from core import storage
 from core.errors import EXIT_LEASE_HELD, BreedlabelError, ServiceError, StorageError
+from core.s3 import no_credentials
 
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 600.0
@@ -248,7 +249,7 @@ class _S3Backend:
 
     def _call(self, action: str, fn, **kwargs):
         """Run one S3 call; a failed precondition/conflict returns None, the rest StorageError."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             return fn(Bucket=self.bucket, Key=self.key, **kwargs)
@@ -260,6 +261,8 @@ class _S3Backend:
                 return None
             raise StorageError(f"{self.uri}: cannot {action} the lease ({code or exc}); "
                                "check the bucket and the credentials' write access") from exc
+        except NoCredentialsError:
+            raise no_credentials(self.uri) from None
         except BotoCoreError as exc:
             raise ServiceError(f"{self.uri}: {self.s3.endpoint} does not answer ({type(exc).__name__}) "
                                f"to {action} the lease; check the endpoint and network") from exc

@@ -129,6 +129,11 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key  # a key may begin with "/" ("s3://b//x.jpg" is the key "/x.jpg")
 
 
+def no_credentials(uri: str) -> ServiceError:
+    return ServiceError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+                        "or run where an instance/pod role provides them")
+
+
 @contextmanager
 def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[None]:
     """Map botocore failures to errors that say what to do, told apart by who is at fault:
@@ -165,8 +170,7 @@ def s3_errors(uri: str, action: str, s3: S3Options | None = None) -> Iterator[No
                                f"{opts.max_attempts} attempts; rerun when it recovers") from None
         raise StorageError(f"{uri}: cannot {action}: {code or exc}") from None
     except NoCredentialsError:
-        raise ServiceError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                           "or AWS_PROFILE, or run where an instance/pod role provides them") from None
+        raise no_credentials(uri) from None
     except BotoCoreError as exc:  # connection refused or reset, connect/read timeouts, after the retries
         raise ServiceError(f"{uri}: {endpoint} does not answer ({type(exc).__name__}; {opts.max_attempts} "
                            f"attempts to {action}, {opts.read_timeout_s:g} s timeout each); "

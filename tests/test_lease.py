@@ -166,3 +166,21 @@ def test_an_output_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "labels").write_text("not a folder")
     with pytest.raises(StorageError, match=rf"^{tmp_path}/labels: a file, not a folder; the output must be a folder"):
         leases.acquire(str(tmp_path / "labels"), "run-a")
+
+
+def test_an_s3_lease_without_credentials_says_so(monkeypatch):
+    """`label --out s3://…` with no AWS credentials said the endpoint "does not answer
+    (NoCredentialsError) … check the endpoint and network"; an input or --model said it right."""
+    from core.errors import ServiceError
+    from core.s3 import S3Options
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    s3 = S3Options(endpoint_url="http://127.0.0.1:9", region="us-east-1", max_attempts=1)  # a client of its own
+    with pytest.raises(ServiceError, match=r"^s3://bucket/out/_lease.json: no AWS credentials found; set "):
+        leases.acquire("s3://bucket/out", "run-1", s3=s3)
