@@ -227,6 +227,23 @@ class Output:
     def published_runs(self) -> list[str]:
         return _run_ids(self._ls(self.root))
 
+    @_io_errors
+    def foreign_entries(self) -> list[str]:
+        """Top-level names no label run writes (a run's are `run_id=…`, and `_`/`.` names, which
+        readers skip): pandas, pyarrow and DuckDB reading the folder fail on the others."""
+        names = (posixpath.basename(i.path.rstrip("/")) for i in self._ls(self.root))
+        return sorted(n for n in names if n and not n.startswith(("_", ".", run_dir(""))))
+
+    def check_is_ours(self) -> None:
+        """Refuse an output folder that holds other files: its rows could not be read back as a whole."""
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            what = "1 entry" if len(foreign) == 1 else f"{len(foreign)} entries"
+            raise StorageError(f"{self.uri}: the output folder holds {what} no label run wrote ({shown}), on which "
+                               "readers of the folder (pandas, pyarrow, DuckDB) fail; give a new or empty folder, or "
+                               "move them out")
+
     # -- commit
     @_io_errors
     def commit(self, run_id: str, manifest: dict, keys: SkipSet | None = None,

@@ -65,6 +65,7 @@ def label(cfg: LabelConfig) -> dict | None:
         dry_run(cfg, bundle.model_id)
         return None
     out = output.Output(cfg.out, s3=cfg.s3)
+    out.check_is_ours()
     started_ray = plan = None
     with GracefulStop() as stop:
         with lease.held(out.uri, output.new_run_id(), ttl_s=cfg.lease_ttl_s, s3=cfg.s3,

@@ -294,6 +294,18 @@ def test_usage_and_output_problems_are_one_line(tiny_bundle, tmp_path):
     bad_out = _run(label_command([str(photos), "--model", str(tiny_bundle), "--out", str(blocked / "labels")]))
     assert bad_out.returncode == EXIT_FAILED and "Traceback" not in bad_out.stderr, bad_out.stderr[-2000:]
     assert bad_out.stderr.strip().splitlines()[-1].startswith(f"breedlabel label: error: {blocked}")
+    # an output folder holding other files was written into, and then no reader could read it back
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    for name in ("notes.txt", "old.jpg", "_ignored", ".hidden"):
+        (crowded / name).write_text("x")
+    busy = _run(label_command([str(photos), "--model", str(tiny_bundle), "--out", str(crowded)]))
+    assert busy.returncode == EXIT_FAILED, busy.stderr[-2000:]
+    assert busy.stderr.strip().splitlines()[-1] == (
+        f"breedlabel label: error: {crowded}: the output folder holds 2 entries no label run wrote (notes.txt, "
+        "old.jpg), on which readers of the folder (pandas, pyarrow, DuckDB) fail; give a new or empty folder, or "
+        "move them out")
+    assert sorted(p.name for p in crowded.iterdir()) == [".hidden", "_ignored", "notes.txt", "old.jpg"]
     dry = _run(label_command([str(photos), "--model", str(tiny_bundle), "--dry-run"]))
     assert dry.returncode == EXIT_OK and sorted(dry.stdout.splitlines()) == [
         str(photos / "p.jpg"), str(photos) + "/two\\nlines.jpg"]  # one line an item, the newline escaped
