@@ -52,7 +52,7 @@ def label(cfg: LabelConfig) -> dict | None:
     """Run the job; returns the run manifest (None for --dry-run). Raises BreedlabelError on failure:
     LeaseHeldError (75) when another run writes the output, Stopped (1) on SIGTERM/SIGINT."""
     cfg.check()
-    ray_session.refuse_ray_client(cfg.address, "the label job")
+    ray_session.check_address(cfg.address, ray_data="the label job")
     cfg = _absolute(cfg)
     bundle = load_bundle(cfg.model)
     if cfg.top_k > bundle.num_classes:

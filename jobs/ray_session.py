@@ -21,15 +21,23 @@ _RAY_CLIENT_INSTEAD = ("Submit it instead (`breedlabel submit label … --addres
                        "cluster node with --address HEAD:6379")
 
 
-def refuse_ray_client(address: str | None, what: str, instead: str = _RAY_CLIENT_INSTEAD) -> None:
-    """A usage error for a Ray Client address (ray://HEAD:10001, given or in RAY_ADDRESS) where `what`
-    runs Ray Data: its streaming executor needs the driver's core worker, which a Ray Client driver
-    does not have, and it failed after the listing with Ray's traceback."""
+def check_address(address: str | None, *, ray_data: str | None = None,
+                  ray_client_instead: str = _RAY_CLIENT_INSTEAD) -> None:
+    """Usage errors of the address a driver joins (given, or RAY_ADDRESS), before anything starts:
+    - a job API address (http://HEAD:8265, what `submit` takes): Ray's ValueError, a 30-line traceback;
+    - for `ray_data` (what runs Ray Data, e.g. "the label job"), a Ray Client address (ray://…): Ray
+      Data's streaming executor needs the driver's core worker, which a Ray Client driver does not
+      have; it failed after the listing with Ray's traceback."""
     given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or ""
-    if address.strip().lower().startswith("ray://"):
-        raise ConfigError(f"{given} {address}: {what} cannot run over Ray Client (ray://): Ray Data needs a driver "
-                          f"on the cluster. {instead}")
+    scheme = address.strip().lower().partition("://")[0] if "://" in address else ""
+    if scheme in ("http", "https"):
+        raise ConfigError(f"{given} {address}: that is a job API (dashboard) address, which a Ray driver does not "
+                          "join; give the cluster's GCS address (HEAD:6379, or auto on one of its nodes), or run it "
+                          f"on the cluster with `breedlabel submit … --address {address}`")
+    if scheme == "ray" and ray_data:
+        raise ConfigError(f"{given} {address}: {ray_data} cannot run over Ray Client (ray://): Ray Data needs a driver "
+                          f"on the cluster. {ray_client_instead}")
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
@@ -55,6 +63,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    check_address(None if given == "RAY_ADDRESS" else address)
     if not local:
         address_probe.check_reachable(address, given)
     extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet \
@@ -68,6 +77,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
         if stop is None or exc.code != signal.SIGTERM:
             raise
         stop.request("stopped by SIGTERM")
+    except ValueError as exc:  # an address Ray cannot parse
+        raise ConfigError(f"{given} {address}: not a Ray address ({str(exc).splitlines()[0]})") from None
     except ConnectionError as exc:  # something answers there, not a Ray cluster Ray can join
         if local:
             raise

@@ -169,8 +169,8 @@ def build_request(args: argparse.Namespace, job_args: list[str]) -> cluster_subm
     if args.job == "label":  # its value checks too (--top-k 0, --lease-ttl 1): found on the cluster, after sending
         LabelConfig(**options.values(ns, LabelConfig)).check()
         if getattr(ns, "address", None):  # the job's own --address, on the cluster
-            ray_session.refuse_ray_client(ns.address, "the label job", "Leave the job's --address out: a submitted "
-                                          "job runs on the cluster and joins it by itself")
+            ray_session.check_address(ns.address, ray_data="the label job", ray_client_instead="Leave the job's "
+                                      "--address out: a submitted job runs on the cluster and joins it by itself")
     output = getattr(ns, "out", None) if args.job == "label" and not getattr(ns, "dry_run", False) else None
     if args.submission_id:
         cluster_submit.check_job_id(args.submission_id, "--submission-id")

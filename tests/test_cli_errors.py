@@ -77,13 +77,24 @@ def test_stdout_reader_gone_is_quiet(tiny_bundle, image_factory, tmp_path):
     assert stderr == "", stderr
 
 
+_RAY_CLIENT = ("the label job cannot run over Ray Client (ray://): Ray Data needs a driver on the cluster. Submit it "
+               "instead (`breedlabel submit label … --address http://HEAD:8265`), or run it on a cluster node with "
+               "--address HEAD:6379")
+_JOB_API = ("that is a job API (dashboard) address, which a Ray driver does not join; give the cluster's GCS address "
+            "(HEAD:6379, or auto on one of its nodes), or run it on the cluster with `breedlabel submit … --address "
+            "http://127.0.0.1:1`")
+
+
 @pytest.mark.parametrize("given", ["--address", "RAY_ADDRESS"])
-def test_label_over_ray_client_is_a_usage_error(tmp_path, given):
+@pytest.mark.parametrize("address, why", [("ray://127.0.0.1:1", _RAY_CLIENT), ("http://127.0.0.1:1", _JOB_API)],
+                         ids=["ray-client", "job-api"])
+def test_label_at_an_address_no_driver_joins_is_a_usage_error(tmp_path, given, address, why):
     """Ray Data cannot run from a Ray Client driver: `label --address ray://HEAD:10001` listed the
     inputs, took the lease, then died in Ray Data with "'Worker' object has no attribute
-    'core_worker'" and a traceback. Refused before anything starts, saying what to do instead."""
+    'core_worker'" and a traceback. The job API's http:// address (what `submit` takes, and a
+    RAY_ADDRESS exported for it) died in ray.init with a 30-line ValueError traceback. Both are
+    refused before anything starts, saying what to do instead."""
     (tmp_path / "in").mkdir()
-    address = "ray://127.0.0.1:1"
     args = ["label", str(tmp_path / "in"), "--model", str(tmp_path / "no-bundle"), "--out", str(tmp_path / "out")]
     if given == "--address":
         proc = breedlabel(*args, "--address", address, cache=tmp_path)
@@ -92,8 +103,14 @@ def test_label_over_ray_client_is_a_usage_error(tmp_path, given):
         proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert _error_lines(proc.stderr) == [
-        f"breedlabel label: error: {given} {address}: the label job cannot run over Ray Client (ray://): Ray Data "
-        "needs a driver on the cluster. Submit it instead (`breedlabel submit label … --address http://HEAD:8265`), "
-        "or run it on a cluster node with --address HEAD:6379"], proc.stderr
+    assert _error_lines(proc.stderr) == [f"breedlabel label: error: {given} {address}: {why}"], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_distributed_training_at_a_job_api_address_is_a_usage_error(tmp_path):
+    env = dict(os.environ, BREEDLABEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3", RAY_ADDRESS="http://127.0.0.1:1")
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--data", str(tmp_path), "--out",
+                           str(tmp_path / "b"), "--workers", "2", "--backbone", "custom_cnn", "--weights", "none"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc.stderr) == [f"breedlabel train: error: RAY_ADDRESS http://127.0.0.1:1: {_JOB_API}"]
