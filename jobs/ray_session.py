@@ -92,10 +92,35 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
         signal.alarm(0)
     global _started
     _started = True
+    if quiet:
+        cluster_messages_to_log()
     if stop is not None:
         stop.arm()
         stop.check()
     return True
+
+
+def cluster_messages_to_log() -> None:
+    """Ray's driver prints the cluster's messages for it ("(raylet) Task MapWorker(…).submit failed.
+    There are infinite retries remaining …", pushed while Ray Data kills its actors at a stop) on
+    sys.stdout, with colour codes, from a thread of its own, log_to_driver=False or not: stdout is
+    where scripts read a command's results. For a quiet driver they go to this module's logger
+    (shown with -v). Workers' own output is not touched (log_to_driver)."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_breedlabel", False):
+        return
+    cluster_log = logging.getLogger(__name__)  # not under "ray": Ray's own handler would print it
+
+    def to_log(data, ignore_prefix):
+        if data.get("pid") != "raylet":
+            return printer(data, ignore_prefix)
+        for line in data.get("lines", ()):
+            cluster_log.debug("(raylet) %s", line)
+
+    to_log._breedlabel = True
+    worker.print_to_stdstream = to_log
 
 
 _started = False  # this process started the Ray it is connected to (connect): it shuts it down
