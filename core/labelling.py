@@ -33,7 +33,7 @@ from core.reasons import REASON_INTERNAL, REASON_UNREADABLE
 from core.runtime import Outputs, Runtime, describe_runtime, load_runtime
 from core.skipset import contains_all, content_key
 from core.sources import MAX_OBJECT_BYTES, InputItem, ItemData, MemberError, read_item
-from core.storage import ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options
+from core.storage import NotAFileError, ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _fetch_one(uri: str, member: str | None, data: bytes | None, error: str | No
     if error is None and data is None:
         try:
             data = read(uri, member)
-        except (ObjectNotFoundError, ObjectForbiddenError, ObjectTooLargeError, MemberError) as exc:
+        except (ObjectNotFoundError, ObjectForbiddenError, ObjectTooLargeError, NotAFileError, MemberError) as exc:
             error = exc.reason
         except ServiceError:
             raise

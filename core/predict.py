@@ -17,7 +17,7 @@ from core import console, labelling
 from core.breeds import Breed
 from core.bundle import Bundle, load_bundle
 from core.errors import ConfigError, InputError, StorageError
-from core.reasons import REASON_UNREADABLE
+from core.reasons import REASON_NOT_A_FILE, REASON_UNREADABLE
 from core.runtime import Outputs, load_runtime
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def top_k(probs: np.ndarray, classes: Sequence[Breed], k: int = 3) -> list[list[
 
 class _WhyReader:
     """labelling.read_object that keeps why a read failed, by URI: labelling.fetch reduces it to a
-    row's short reason ("cannot read"), where one image's error should say what to do ("is a
-    directory, cannot read; give a file")."""
+    row's short reason ("cannot read"), where one image's error should say what to do ("not a
+    regular file (a directory); give a file")."""
 
     def __init__(self) -> None:
         self.why: dict[str, str] = {}
@@ -130,7 +130,8 @@ class Predictor:
             read = _WhyReader()
             with console.quiet_logger(labelling.__name__):  # its "cannot read" warning: the why is in the result
                 got = labelling.fetch(chunk, [None] * len(chunk), read=read)
-            errors = [read.why.get(uri, e) if e == REASON_UNREADABLE else e for uri, e in zip(chunk, got.errors)]
+            errors = [read.why.get(uri, e) if e in (REASON_UNREADABLE, REASON_NOT_A_FILE) else e
+                      for uri, e in zip(chunk, got.errors)]
             results += self._results(chunk, got.datas, errors, k, with_probs)
         return results
 

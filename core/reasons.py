@@ -9,6 +9,7 @@ from __future__ import annotations
 # reading the bytes
 REASON_NOT_FOUND = "not found"                    # vanished between listing and reading, or never there
 REASON_FORBIDDEN = "access denied"                # the object exists, these credentials may not read it
+REASON_NOT_A_FILE = "not a regular file"         # a directory, pipe or device named as an image: never opened
 REASON_UNREADABLE = "cannot read"                 # a directory, an I/O error
 REASON_UNSUPPORTED_URI = "unsupported URI scheme"  # a manifest line such as https://… (s3:// and paths only)
 # archives

@@ -16,7 +16,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from core.errors import ServiceError, StorageError
-from core.reasons import REASON_FORBIDDEN, REASON_NOT_FOUND, REASON_TOO_LARGE
+from core.reasons import REASON_FORBIDDEN, REASON_NOT_A_FILE, REASON_NOT_FOUND, REASON_TOO_LARGE
 
 READ_BUFFER_BYTES = 1 << 20  # read-ahead for remote seekable files (zip headers are tiny reads)
 TAIL_BYTES = 1 << 20  # cached end of a remote seekable file: a zip's end record + central directory
@@ -52,6 +52,17 @@ class ObjectTooLargeError(StorageError):
         self.uri = uri
         size_text = f"{size:,} bytes" if size is not None else "a stream"  # a pipe or device has no size
         super().__init__(f"{uri}: {size_text}, over the {limit:,}-byte limit; raise --max-object-mb to read it")
+
+
+class NotAFileError(StorageError):
+    """A local path named as an object that is a directory, a pipe or a device: its row's error.
+    Opening a pipe (a FIFO) blocks until something writes to it, so it is never opened."""
+
+    reason = REASON_NOT_A_FILE
+
+    def __init__(self, uri: str, kind: str):
+        self.uri = uri
+        super().__init__(f"{uri}: not a regular file ({kind}); give a file")
 
 
 class ObjectForbiddenError(StorageError):

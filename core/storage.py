@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat as stat_module
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,14 +34,14 @@ from urllib.parse import quote, unquote_to_bytes, urlparse
 
 from core.errors import StorageError
 from core.formats import IMAGE_EXTENSIONS
-from core.s3 import (READ_BUFFER_BYTES, ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError, S3Options,
-                     S3RangeReader, arrow_s3, bucket_region, s3_client, s3_errors, split_s3_uri)
+from core.s3 import (READ_BUFFER_BYTES, NotAFileError, ObjectForbiddenError, ObjectNotFoundError, ObjectTooLargeError,
+                     S3Options, S3RangeReader, arrow_s3, bucket_region, s3_client, s3_errors, split_s3_uri)
 
 __all__ = [
-    "FileInfo", "ObjectForbiddenError", "ObjectNotFoundError", "ObjectTooLargeError", "ParsedURI", "S3Options", "copy",
-    "delete", "delete_tree", "object_version", "exists", "get_filesystem", "is_dir", "is_s3", "join", "list_files",
-    "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri", "read_bytes", "read_range",
-    "rename", "s3_client", "stat", "write_bytes",
+    "FileInfo", "NotAFileError", "ObjectForbiddenError", "ObjectNotFoundError", "ObjectTooLargeError", "ParsedURI",
+    "S3Options", "copy", "delete", "delete_tree", "object_version", "exists", "get_filesystem", "is_dir", "is_s3",
+    "join", "list_files", "matches_extensions", "normalize_uri", "open_input", "open_stream", "parse_uri",
+    "read_bytes", "read_range", "rename", "s3_client", "stat", "write_bytes",
 ]
 
 DEFAULT_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
@@ -180,7 +181,7 @@ def read_bytes(uri: str, *, s3: S3Options | None = None, max_bytes: int | None =
                 resp["Body"].close()
                 raise ObjectTooLargeError(uri, size, max_bytes)
             return resp["Body"].read()
-    with _local_errors(uri, "read"), open(p.path, "rb") as f:
+    with _local_errors(uri, "read"), _open_file(uri, p.path) as f:
         size = os.fstat(f.fileno()).st_size
         if max_bytes is None:
             return f.read()
@@ -352,6 +353,8 @@ def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
             yield _local_info(uri, os.stat(p.path))
         return
     if not os.path.isdir(p.path):
+        if os.path.exists(p.path):  # a pipe, a device, a socket
+            raise StorageError(f"{uri}: not a regular file or a folder; give a folder, an image or an archive")
         raise StorageError(f"{uri}: no such file or directory; check the path")
     seen = {(os.stat(p.path).st_dev, os.stat(p.path).st_ino)}
     yield from _list_local(uri, p.path, exts, (), follow_symlinks, seen)
@@ -403,7 +406,18 @@ def open_input(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:
             return io.BytesIO(read_bytes(uri, s3=s3))
         return io.BufferedReader(S3RangeReader(uri, p.bucket, p.path, size, s3), buffer_size=READ_BUFFER_BYTES)
     with _local_errors(uri, "open"):
-        return open(p.path, "rb")
+        return _open_file(uri, p.path)
+
+
+def _open_file(uri: str, path: str) -> IO[bytes]:
+    """open(path, "rb") of a regular file (following links); NotAFileError for anything else: a
+    FIFO would block the open until something writes to it, a device may never end."""
+    mode = os.stat(path).st_mode
+    if not stat_module.S_ISREG(mode):
+        kind = ("a directory" if stat_module.S_ISDIR(mode) else "a pipe" if stat_module.S_ISFIFO(mode)
+                else "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode) else "a socket")
+        raise NotAFileError(uri, kind)
+    return open(path, "rb")
 
 
 def open_stream(uri: str, *, s3: S3Options | None = None) -> IO[bytes]:

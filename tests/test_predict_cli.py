@@ -89,7 +89,7 @@ def test_unreadable_inputs_say_why_in_their_error_line(tiny_bundle, photos, tmp_
     proc = breedlabel("predict", folder, url, "--model", str(tiny_bundle), cache=tmp_path)
     assert proc.returncode == 1
     assert _error_lines(proc.stderr) == [
-        f"breedlabel predict: error: {folder}: is a directory, cannot read; give a file",
+        f"breedlabel predict: error: {folder}: not a regular file (a directory); give a file",
         f"breedlabel predict: error: {url}: unsupported URI scheme; use a local path, file://PATH or s3://BUCKET/KEY"]
     assert "WARNING" not in proc.stderr and proc.stdout == ""
 

@@ -1,10 +1,8 @@
 """core.storage against the local filesystem and a real S3 endpoint (moto_server over HTTP)."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import threading
 import uuid
 
 import pyarrow as pa
@@ -201,20 +199,24 @@ def test_s3_seekable_reader_large_object(bucket, monkeypatch):
         assert f.read() == data
 
 
-def test_read_bytes_stops_at_the_limit_on_a_stream_that_reports_no_size(tmp_path):
-    """A named pipe (or /dev/zero) says size 0: the read must stop at the limit, not exhaust memory."""
+def test_read_bytes_never_opens_what_is_not_a_regular_file(tmp_path):
+    """A named pipe in a manifest (or given to predict) blocked the run forever: opening one waits
+    for a writer. A pipe, a device (/dev/zero says size 0 and never ends) and a folder are each
+    "not a regular file", at once, and the limit still holds for files."""
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
+    for path, kind in ((fifo, "a pipe"), ("/dev/zero", "a device"), (tmp_path, "a directory")):
+        with pytest.raises(s3.NotAFileError, match=f"not a regular file \\({kind}\\)") as info:
+            storage.read_bytes(str(path), max_bytes=1000)
+        assert info.value.reason == "not a regular file"
+    with pytest.raises(s3.NotAFileError):
+        storage.open_input(str(fifo))
+    with pytest.raises(StorageError, match="not a regular file or a folder"):
+        list(storage.list_files(str(fifo)))
+    from core import labelling, reasons
 
-    def write_more_than_the_limit():
-        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as w:
-            w.write(b"\0" * 4096)
-
-    writer = threading.Thread(target=write_more_than_the_limit, daemon=True)
-    writer.start()
-    with pytest.raises(s3.ObjectTooLargeError, match="a stream, over the 1,000-byte limit"):
-        storage.read_bytes(str(fifo), max_bytes=1000)
-    writer.join(timeout=10)
+    got = labelling.fetch([str(fifo), str(tmp_path)], [None, None])  # manifest lines: a row each, not retried
+    assert got.errors == ["not a regular file"] * 2 and not reasons.is_retried(got.errors[0])
     small = tmp_path / "small.jpg"
     small.write_bytes(b"x" * 1000)
     assert storage.read_bytes(str(small), max_bytes=1000) == b"x" * 1000
