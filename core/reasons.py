@@ -18,6 +18,7 @@ REASON_MEMBER_NOT_FOUND = "member not found"
 REASON_TOO_LARGE = "too large"                    # over --max-object-mb: never read into memory
 REASON_LINK_MEMBER = "link member (not followed)"  # a tar symlink or hard link
 REASON_NESTED_ARCHIVE = "nested archive (not expanded)"
+REASON_ENCRYPTED_MEMBER = "encrypted member (not read)"  # a password-protected zip member
 REASON_NO_IMAGES = "no images in archive"         # the archive's own row: nothing in it to label
 # decoding (core.images)
 REASON_EMPTY = "empty file"

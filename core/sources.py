@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.errors import InputError, StorageError
-from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
+from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_ENCRYPTED_MEMBER, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
                           REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_FOUND, REASON_TOO_LARGE,
                           REASON_UNSUPPORTED_URI)
 from core.formats import ARCHIVE_SUFFIXES, LABEL_EXTENSIONS, MANIFEST_SUFFIXES, ZIP_SUFFIXES
@@ -52,6 +52,7 @@ MANIFEST_MEMBER = "member"
 MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _ZIP_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8
+_ZIP_ENCRYPTED_FLAG = 0x1  # bit 0: the member is encrypted (a password-protected zip)
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
 
 
@@ -563,6 +564,8 @@ def _zip_data(uri: str, exts, wanted, s3, max_bytes: int) -> Iterator[ItemData]:
                 yield _error_item(uri, info.filename, info.file_size, REASON_NESTED_ARCHIVE)
             elif stat.S_ISLNK(info.external_attr >> 16):
                 yield _error_item(uri, info.filename, info.file_size, REASON_LINK_MEMBER)
+            elif info.flag_bits & _ZIP_ENCRYPTED_FLAG:  # zipfile raises RuntimeError: it failed the whole run
+                yield _error_item(uri, info.filename, info.file_size, REASON_ENCRYPTED_MEMBER)
             elif info.file_size > max_bytes:
                 yield _error_item(uri, info.filename, info.file_size, REASON_TOO_LARGE)
             else:
@@ -573,7 +576,7 @@ def _zip_member(zf: zipfile.ZipFile, uri: str, info: zipfile.ZipInfo) -> ItemDat
     item = InputItem(uri, info.filename, info.file_size)
     try:
         return ItemData(item, zf.read(info), None)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
         reason = _archive_reason(exc)
         return ItemData(replace(item, error=reason), None, reason)
 

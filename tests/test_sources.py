@@ -348,6 +348,25 @@ def test_zip_names_info_zip_wrote_in_utf8_without_the_flag(tmp_path):
     assert named.item.member == "犬.jpg" and sources.read_item(named.item) == b"photo"
 
 
+def test_an_encrypted_zip_member_is_its_rows_error(tmp_path):
+    """A password-protected zip (`zip -P`) failed the whole label run with zipfile's RuntimeError
+    ("… is encrypted, password required"), and every rerun the same: its members are rows now."""
+    import struct
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("secret.jpg", b"photo")
+        zf.writestr("open.jpg", b"other")
+    data = bytearray(buf.getvalue())
+    first = data.find(b"PK\x01\x02")  # the central directory entry of secret.jpg: flag bit 0, encrypted
+    struct.pack_into("<H", data, first + 8, struct.unpack_from("<H", data, first + 8)[0] | 0x1)
+    struct.pack_into("<H", data, 6, struct.unpack_from("<H", data, 6)[0] | 0x1)  # and its local header
+    arc = tmp_path / "locked.zip"
+    arc.write_bytes(bytes(data))
+    got = [(d.item.member, d.data, d.error) for d in sources.iter_label_items([str(arc)])]
+    assert got == [("secret.jpg", None, "encrypted member (not read)"), ("open.jpg", b"other", None)]
+
+
 def test_a_member_named_alone_gets_the_reason_it_would_get_listed_whole(tmp_path):
     """A manifest row naming a member the archive lacks, or a link member, said "cannot read",
     which every later run retries (reading the archive again) for good."""
