@@ -207,6 +207,15 @@ def read_range(uri: str, offset: int, length: int, *, s3: S3Options | None = Non
         return f.read(length)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file here; read once, at import
+
+
 def write_bytes(uri: str, data: bytes, *, s3: S3Options | None = None) -> None:
     """Write a whole object; local writes go to a temp file renamed into place (atomic)."""
     p = parse_uri(uri)
@@ -219,6 +228,7 @@ def write_bytes(uri: str, data: bytes, *, s3: S3Options | None = None) -> None:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(p.path)}.", suffix=".tmp")
         try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would stay: a review file Label Studio cannot read
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

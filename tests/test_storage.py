@@ -82,6 +82,10 @@ def test_local_write_is_atomic_and_leaves_no_temp(tmp_path):
     storage.write_bytes(str(target), b"2")
     assert target.read_bytes() == b"2"
     assert os.listdir(tmp_path) == ["x.json"]
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    # the mode a plain open() gives (mkstemp's 0600 stayed: a review file Label Studio could not read)
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_cross_scheme_copy(tmp_path, bucket):
