@@ -20,7 +20,8 @@ PIPELINES = ("auto", "fused", "two-stage")
 class LabelConfig:
     """One `breedlabel label` run."""
 
-    inputs: tuple[str, ...] = option((), "folders, file:// or s3:// prefixes, images, .tar(.gz/.bz2/.xz)/.tgz/.zip "
+    inputs: tuple[str, ...] = option((), "folders, file:// or s3:// prefixes, images (.jpg .jpeg .png .gif .webp .bmp; "
+                                     ".avif .heic .heif get their row too), .tar(.gz/.bz2/.xz)/.tgz/.tbz(2)/.txz/.zip "
                                      "archives",
                                      action="positional", metavar="INPUT")
     model: str = option("", "bundle directory or URI", flag="--model", metavar="BUNDLE", required=True)
