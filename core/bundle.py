@@ -362,6 +362,10 @@ def load_bundle(uri: str, *, verify: bool = True) -> Bundle:
     wanted = [CARD_FILE, LABELS_FILE, f"{MODEL_DIR}/{SAVED_MODEL_FILE}", f"{MODEL_DIR}/{VARIABLES_INDEX}"]
     missing = [rel for rel in wanted if not (root / rel).is_file()]
     if missing:
+        beside = root.with_name(root.name.removesuffix(".run"))
+        if root.name.endswith(".run") and (beside / CARD_FILE).is_file():  # `train --out B` writes B and B.run
+            raise BundleError(f"{uri} is the training run folder (checkpoints, history) of the bundle {beside}; "
+                              f"pass --model {beside}")
         raise BundleError(f"bundle {uri} is incomplete: missing {', '.join(missing)}; "
                           "re-copy or re-export the bundle")
     card = _read_card(root, uri)

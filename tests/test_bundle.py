@@ -77,6 +77,17 @@ def test_missing_file_named(bundle_copy, missing):
         load_bundle(str(bundle_copy))
 
 
+def test_the_training_run_folder_beside_a_bundle_is_named_as_such(bundle_copy):
+    """`train --out B` writes B and B.run (checkpoints, history): `--model B.run` was "incomplete:
+    missing card.json, …; re-copy or re-export the bundle", which sent people to train again."""
+    run = bundle_copy.with_name(bundle_copy.name + ".run")
+    run.mkdir()
+    (run / "history.json").write_text("{}")
+    with pytest.raises(BundleError, match=rf"^{run} is the training run folder \(checkpoints, history\) of the "
+                                          rf"bundle {bundle_copy}; pass --model {bundle_copy}$"):
+        load_bundle(str(run))
+
+
 def test_missing_bundle(tmp_path):
     with pytest.raises(BundleError, match="not found"):
         load_bundle(str(tmp_path / "nope"))
