@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from core.errors import EXIT_OK, ConfigError
+from core.errors import EXIT_OK, ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     out = Output(args.out)
+    if out.local and not os.path.isdir(out.root):  # what it needs is not there (exit 1), not a usage error
+        raise StorageError(f"{args.out}: no such folder; give the --out of a label run")
     runs = out.finished_runs()
     if not runs:
-        raise ConfigError(f"{args.out}: no finished labelling run there; run `breedlabel label ... --out "
-                          f"{args.out}` first")
+        raise StorageError(f"{args.out}: no finished labelling run there yet; run `breedlabel label ... --out "
+                           f"{args.out}` first, or wait for the one running to finish")
     if args.labeling_config and args.model:  # a bad --model fails before anything is written
         from core.bundle import load_bundle
 

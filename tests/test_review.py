@@ -65,10 +65,14 @@ def test_limit_keeps_the_most_uncertain(output, tmp_path):
     assert json.loads(top.read_text()) == json.loads(full.read_text())[:2]
 
 
-def test_an_output_without_runs_is_a_usage_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", str(tmp_path / "nothing"), "--to",
-                           str(tmp_path / "r.json")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "no finished labelling run" in proc.stderr
+def test_an_output_without_runs_fails_saying_why(tmp_path):
+    """Exit 1, what it needs is not there (2 told a scheduler running label then review that the
+    command was wrong); a mistyped path is "no such folder", not "no finished labelling run"."""
+    for out, why in ((tmp_path / "nothing", "no such folder; give the --out of a label run"),
+                     (tmp_path, "no finished labelling run there yet")):
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", str(out), "--to", str(tmp_path / "r.json")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and f"{out}: {why}" in proc.stderr, proc.stderr
 
 
 def _review(output: str, to, *extra: str) -> subprocess.CompletedProcess:
