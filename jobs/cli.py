@@ -8,6 +8,7 @@ and imports heavy libraries (TensorFlow, Ray, OpenVINO) inside `run`, so `--help
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -65,13 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
                              formatter_class=_HelpFormatter)
         module.add_arguments(cmd)
-        cmd.set_defaults(_module=module)
+        cmd.set_defaults(_module=module, _parser=cmd)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown option is the command's error, with its usage and the option
+    meant (`--bach-size` -> `--batch-size`): argparse's own names the top-level usage only."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command: argparse.ArgumentParser = args._parser
+        known = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+        hints = [f"{word} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            word.partition("=")[0], known, n=1, cutoff=0.75)) else word for word in extra]
+        command.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     console.configure(args.verbose)
     try:
         return _run(args)

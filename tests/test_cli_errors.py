@@ -114,3 +114,15 @@ def test_distributed_training_at_a_job_api_address_is_a_usage_error(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert _error_lines(proc.stderr) == [f"breedlabel train: error: RAY_ADDRESS http://127.0.0.1:1: {_JOB_API}"]
+
+
+def test_a_mistyped_option_is_the_commands_error_with_the_option_meant(tmp_path):
+    """It printed the top-level usage (`breedlabel [-h] [-v] [--version] COMMAND ...`) and no hint."""
+    proc = breedlabel("label", str(tmp_path), "--model", "m", "--out", "o", "--bach-size", "3", cache=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: breedlabel label ")
+    assert _error_lines(proc.stderr)[-1] == ("breedlabel label: error: unrecognized arguments: --bach-size (did you "
+                                             "mean --batch-size?) 3")
+    proc = breedlabel("predict", "x.jpg", "--model", "m", "--nonsense", cache=tmp_path)
+    assert proc.returncode == 2 and _error_lines(proc.stderr)[-1] == (
+        "breedlabel predict: error: unrecognized arguments: --nonsense")
