@@ -78,6 +78,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
             raise
         stop.request("stopped by SIGTERM")
     except ValueError as exc:  # an address Ray cannot parse
+        if local:
+            raise
         raise ConfigError(f"{given} {address}: not a Ray address ({str(exc).splitlines()[0]})") from None
     except ConnectionError as exc:  # something answers there, not a Ray cluster Ray can join
         if local:
