@@ -43,10 +43,13 @@ step_start "3/4 label $PHOTOS -> $DEMO/labels (Ray Data, local Ray)"
 "$BIN/breedlabel" label "$PHOTOS" --model "$DEMO/bundle" --out "$DEMO/labels" --incremental
 step_done
 
-step_start "4/4 read the finished runs back (DuckDB): top-1 against the folder name"
-"$BIN/python" - "$DEMO/labels" <<'PY'
-import sys, duckdb
-out = sys.argv[1]
+step_start "4/4 read the finished runs back (DuckDB): this bundle's rows, top-1 against the folder name"
+# one row per photo and model: a rerun with a retrained bundle (a new model_id) adds its own rows beside
+# the earlier bundle's, so the read keeps to this bundle's
+"$BIN/python" - "$DEMO/labels" "$DEMO/bundle/card.json" <<'PY'
+import json, sys, duckdb
+out, card = sys.argv[1], sys.argv[2]
+model_id = json.load(open(card))["model_id"]
 con = duckdb.connect()
 q = f"""
 SELECT count(*) AS images,
@@ -55,8 +58,9 @@ SELECT count(*) AS images,
        round(avg(CASE WHEN split_part(split_part(uri, '/', -2), '-', 1) = top_k[1].breed_id
                  THEN 1.0 ELSE 0.0 END) * 100, 1) AS top1_vs_folder_pct
 FROM read_parquet('{out}/run_id=*/*.parquet', hive_partitioning = true)
+WHERE model_id = ?
 """
-print(con.sql(q))
+print(con.sql(q, params=[model_id]))
 PY
 step_done
 echo "demo: $((SECONDS - START)) s in all"
