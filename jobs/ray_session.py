@@ -60,10 +60,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
         if stop is not None:
             stop.check()
         return False
+    check_address(address)
     given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
-    check_address(None if given == "RAY_ADDRESS" else address)
     if not local:
         address_probe.check_reachable(address, given)
     extra = dict(logging_level=logging.WARNING, configure_logging=False, log_to_driver=False) if quiet \

@@ -19,6 +19,7 @@ the submitter needs read access to it).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -186,13 +187,7 @@ def run(args: argparse.Namespace) -> int:
         req = build_request(args, job_args)
     except SystemExit as exc:  # the job's parser rejected its options (message already printed)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    client = None
-
-    def connected():
-        nonlocal client
-        client = client or cluster_submit.connect(args.address)
-        return client
-
+    connected = functools.cache(lambda: cluster_submit.connect(args.address))  # once, and only when needed
     if req.output:
         skipped = _lease_skip(req.output, connected)
         if skipped is not None:
