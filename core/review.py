@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 import numpy as np
@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core import schema, storage
+from core.dog_score import THRESHOLD
 from core.errors import ConfigError
 
 FROM_NAME = "breed"
@@ -41,14 +42,16 @@ LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's local-files server
 @dataclass(frozen=True)
 class Queue:
     tasks: list[dict]
-    rows: int  # labelled rows considered
+    inputs: int  # labelled inputs considered (one task each, before --limit)
+    rows: int  # every row of the runs read: a relabelled input has several, error rows count
     skipped_members: int  # archive members (no URI to open)
 
 
-def uncertainty(top_probs: np.ndarray, dog_scores: np.ndarray, threshold: float | None) -> np.ndarray:
+def uncertainty(top_probs: np.ndarray, dog_scores: np.ndarray,
+                threshold: float | np.ndarray | None) -> np.ndarray:
     """Per row, the larger of the dog flag's and (for rows taken for dogs) the breed margin's
     uncertainty (see module doc). `top_probs` [N, >=2] sorted descending; `dog_scores` [N] with
-    nan where there is none."""
+    nan where there is none; `threshold` one for all rows or one per row."""
     top_probs = np.asarray(top_probs, np.float64)
     second = top_probs[:, 1] if top_probs.shape[1] > 1 else np.zeros(len(top_probs))
     breed = 1.0 - (top_probs[:, 0] - second)
@@ -85,10 +88,21 @@ def image_url(uri: str, local_files_root: str) -> str:
     return LOCAL_FILES_URL + quote(os.fsencode(os.path.relpath(path, root)), safe="/")  # a non-UTF-8 name: its bytes
 
 
-def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = None,
-                local_files_root: str = "/") -> Queue:
+def run_thresholds(manifests: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The dog-score threshold each finished run flagged its rows with: the run's `--dog-threshold`
+    as its manifest's config records it (since the threshold is recorded there resolved, the card's
+    when none was given); THRESHOLD, every card's, for older runs that left it null."""
+    return {m["run_id"]: float(t if (t := (m.get("config") or {}).get("dog_threshold")) is not None else THRESHOLD)
+            for m in manifests}
+
+
+def build_queue(rows: pa.Table, *, threshold: float | None = None, run_thresholds: Mapping[str, float] | None = None,
+                limit: int | None = None, local_files_root: str = "/") -> Queue:
     """Tasks for the labelled rows of `rows` (columns COLUMNS), one per input (its newest row), most
-    uncertain first, at most `limit`."""
+    uncertain first, at most `limit`. With a `threshold`, every row with a dog score is flagged
+    (and ordered) by it, as a rerun with that `--dog-threshold` would have; without one, a row keeps
+    its own `is_dog` and is ordered by its run's threshold (`run_thresholds`, else THRESHOLD)."""
+    read = rows.num_rows
     rows = newest_per_input(rows)
     labelled = rows.filter(pc.is_null(rows.column(schema.ERROR)))
     members = labelled.column(schema.MEMBER).to_pylist()
@@ -99,15 +113,21 @@ def build_queue(rows: pa.Table, *, threshold: float | None, limit: int | None = 
     width = max((len(t) for t in top_k), default=1)
     probs = np.array([[c[schema.PROB] for c in t] + [0.0] * (width - len(t)) for t in top_k]).reshape(-1, width)
     dog = np.array([np.nan if s is None else s for s in labelled.column(schema.DOG_SCORE).to_pylist()])
-    score = uncertainty(probs, dog, threshold)
+    runs = labelled.column(schema.RUN_ID).to_pylist()
+    flags = labelled.column(schema.IS_DOG).to_pylist()
+    if threshold is None:
+        per_run = run_thresholds or {}
+        thresholds = np.array([per_run.get(r, THRESHOLD) for r in runs], np.float64)
+    else:
+        thresholds = np.full(len(runs), float(threshold))
+        flags = [flag if np.isnan(s) else bool(s >= threshold) for flag, s in zip(flags, dog)]
+    score = uncertainty(probs, dog, thresholds)
     uris = labelled.column(schema.URI).to_pylist()
     order = sorted(range(len(uris)), key=lambda i: (-score[i], uris[i]))[:limit]
-    flags = labelled.column(schema.IS_DOG).to_pylist()
     models = labelled.column(schema.MODEL_ID).to_pylist()
-    runs = labelled.column(schema.RUN_ID).to_pylist()
     tasks = [_task(uris[i], image_url(uris[i], local_files_root), top_k[i], dog[i], flags[i], models[i], runs[i],
                    score[i]) for i in order]
-    return Queue(tasks, len(uris), skipped)
+    return Queue(tasks, len(uris), read, skipped)
 
 
 def _task(uri: str, image: str, top_k: Sequence[dict], dog_score: float, is_dog: bool | None, model_id: str,

@@ -61,6 +61,9 @@ def label(cfg: LabelConfig) -> dict | None:
     if cfg.dog_threshold is not None and bundle.dog_threshold is None:
         raise ConfigError(f"--dog-threshold: the bundle {cfg.model} has no dog score (exported before it existed, "
                           "or trained with --no-dog-score); drop the option or label with a newer bundle")
+    if cfg.dog_threshold is None and bundle.dog_threshold is not None:
+        # the manifest's config records the threshold the rows are flagged with, which review reads
+        cfg = dataclasses.replace(cfg, dog_threshold=bundle.dog_threshold)
     if cfg.dry_run:
         dry_run(cfg, bundle.model_id)
         return None

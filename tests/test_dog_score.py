@@ -174,6 +174,31 @@ def test_labelling_fills_the_dog_columns_and_an_old_bundle_leaves_them_null(trai
     assert old.column("breed").null_count == 0
 
 
+def test_a_label_run_records_the_threshold_its_rows_are_flagged_with(trained_bundles, ray_local, tmp_path):
+    """The manifest's config holds the threshold in force (the card's when none is given), and
+    `review` orders each run's rows by it: a run at `--dog-threshold 0.7` was reviewed as at 0.5."""
+    import subprocess
+    import sys
+
+    from core import output
+    from core.label_config import LabelConfig
+    from jobs.label import label
+
+    bundle, _, data = trained_bundles
+    small = dict(inputs=(str(data),), model=str(bundle), actors=1, cpus_per_actor=1, batch_size=8, progress=False)
+    card = label(LabelConfig(**small, out=str(tmp_path / "card")))
+    assert card[output.M_CONFIG]["dog_threshold"] == THRESHOLD
+    strict = label(LabelConfig(**small, out=str(tmp_path / "strict"), dog_threshold=0.7))
+    assert strict[output.M_CONFIG]["dog_threshold"] == 0.7
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", str(tmp_path / "strict"), "--to",
+                           str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for task in json.loads((tmp_path / "r.json").read_text()):
+        score, uncertainty = task["data"]["dog_score"], task["data"]["uncertainty"]
+        assert task["data"]["is_dog"] == (score >= 0.7)
+        assert uncertainty >= 1 - abs(score - 0.7) / (0.3 if score >= 0.7 else 0.7) - 1e-5
+
+
 def test_with_non_dog_photos_the_score_is_a_logistic_regression_on_them():
     from core.dog_score import dog_score_layer, fit_dog_vs_not
 

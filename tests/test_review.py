@@ -37,7 +37,8 @@ def test_queue_is_ordered_most_uncertain_first_in_label_studio_format(output, tm
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "review", output, "--to", str(to),
                            "--labeling-config", str(config)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "6 tasks of 6 labelled rows" in proc.stderr and "1 archive members skipped" in proc.stderr
+    assert "6 tasks of 6 labelled inputs (8 rows in 1 finished run(s)" in proc.stderr
+    assert "1 archive members skipped" in proc.stderr
     tasks = json.loads(to.read_text())
     scores = [t["data"]["uncertainty"] for t in tasks]
     assert scores == sorted(scores, reverse=True)
@@ -90,12 +91,45 @@ def test_an_input_labelled_again_is_one_task_from_its_newest_row(tmp_path):
     time.sleep(0.01)
     write_label_output(root, images[:2], run_id="20250101T010000Z-bbbbbb", seed=1, dog_scores=[0.2, 0.9])
     proc = _review(root, tmp_path / "r.json")
-    assert proc.returncode == 0 and "3 tasks of 3 labelled rows from 2 run(s)" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "3 tasks of 3 labelled inputs (5 rows in 2 finished run(s)" in proc.stderr, \
+        proc.stderr
     tasks = {t["data"]["uri"]: t["data"] for t in json.loads((tmp_path / "r.json").read_text())}
     assert sorted(tasks) == [u for u, _, _ in images]
     assert [tasks[u]["run_id"] for u, _, _ in images] == ["20250101T010000Z-bbbbbb"] * 2 + ["20250101T000000Z-aaaaaa"]
     first = tasks["s3://bucket/p/0.jpg"]
     assert first["dog_score"] == pytest.approx(0.2) and first["is_dog"] is False
+
+
+def test_dog_threshold_flags_the_rows_as_a_label_run_with_it_would(tmp_path):
+    """`--dog-threshold 0.2` on rows a run flagged at 0.5 ordered by 0.2 but still said "not a dog"
+    for scores 0.46, 0.33, 0.21; without it, each row keeps its run's flag and is ordered by the
+    threshold its run recorded (here 0.3), not by 0.5."""
+    images = [(f"s3://bucket/p/{i}.jpg", None, None) for i in range(4)]
+    scores = [0.46, 0.33, 0.21, 0.1]
+    root = write_label_output(tmp_path / "out", images, dog_scores=scores, dog_threshold=0.3)
+
+    def tasks(*extra):
+        assert _review(root, tmp_path / "r.json", *extra).returncode == 0
+        return {t["data"]["uri"]: t for t in json.loads((tmp_path / "r.json").read_text())}
+
+    def said_not_a_dog(task):
+        return task["predictions"][0]["result"][0]["value"]["choices"] == [review.NOT_A_DOG]
+
+    own = tasks()
+    assert [own[u]["data"]["is_dog"] for u, _, _ in images] == [True, True, False, False]
+    assert [said_not_a_dog(own[u]) for u, _, _ in images] == [False, False, True, True]
+    assert own["s3://bucket/p/1.jpg"]["data"]["uncertainty"] >= 1 - 0.03 / 0.7 - 1e-6  # 0.03 above its 0.3
+    low = tasks("--dog-threshold", "0.2")
+    assert [low[u]["data"]["is_dog"] for u, _, _ in images] == [True, True, True, False]
+    assert [said_not_a_dog(low[u]) for u, _, _ in images] == [False, False, False, True]
+    assert low["s3://bucket/p/2.jpg"]["data"]["uncertainty"] >= 1 - 0.01 / 0.8 - 1e-6  # 0.01 above 0.2
+
+
+def test_a_run_folder_given_for_the_output_names_the_output(tmp_path):
+    root = write_label_output(tmp_path / "out", [("s3://bucket/p/0.jpg", None, None)])
+    run = f"{root}/run_id=20250101T000000Z-abcdef"
+    proc = _review(run, tmp_path / "r.json")
+    assert proc.returncode == 1 and f"one run's folder of the output {root}; give the output itself" in proc.stderr
 
 
 def test_local_photos_open_through_label_studios_local_files_server(tmp_path):
