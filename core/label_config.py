@@ -47,9 +47,10 @@ class LabelConfig:
     chunk_mb: float = option(64.0, "archive-member bytes per unit of work: bounds the bytes in flight", metavar="MB")
     follow_symlinks: bool = option(False, "also list symlinked directories (each directory once); files behind "
                                    "symlinks are always listed")
-    rows_per_file: int = option(20_000, "target rows per Parquet part")
-    stage_every_s: float = option(30.0, "stage the rows received at least every S seconds: the most a kill can lose",
-                                  flag="--stage-every", metavar="S")
+    rows_per_file: int = option(20_000, "at most N rows per Parquet part (a part is also staged every --stage-every "
+                                "seconds: raise that for fewer, larger files)", metavar="N")
+    stage_every_s: float = option(30.0, "stage the rows received at least every S seconds (0 = after every batch): "
+                                  "the most a kill can lose", flag="--stage-every", metavar="S")
     top_k: int = option(3, "breeds kept per image")
     min_prob: float = option(0.5, "top-1 probability below which an image counts as low confidence")
     dog_threshold: float | None = option(None, "dog_score below which a row gets is_dog = false (default: the "
@@ -79,9 +80,15 @@ class LabelConfig:
         for name in ("batch_size", "rows_per_file", "top_k", "io_threads", "queue_chunks", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("actors", "cpus_per_actor", "decode_threads", "stage_every_s", "summary_breeds"):
+        if self.summary_breeds < 0:
+            raise ConfigError(f"--summary-breeds must be 0 (none) or more, got {self.summary_breeds}")
+        for name in ("actors", "cpus_per_actor", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 (auto) or more, got {getattr(self, name)}")
+        if self.stage_every_s < 0:
+            raise ConfigError(f"--stage-every must be 0 (after every batch) or more seconds, got {self.stage_every_s}")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise ConfigError(f"--min-prob {self.min_prob}: give a probability between 0 and 1")
         for name in ("io_timeout_s", "max_object_mb", "chunk_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be more than 0, got {getattr(self, name)}")

@@ -69,3 +69,20 @@ def test_a_config_that_trains_nothing_is_refused():
         with pytest.raises(ConfigError, match="nothing would be trained"):
             smoke().replace(**changes)
     assert smoke().replace(head_epochs=0).finetune_epochs == 1  # fine-tuning alone trains the head too
+
+
+@pytest.mark.parametrize("bad, says", [
+    (dict(min_prob=7.0), "--min-prob 7.0: give a probability between 0 and 1"),
+    (dict(stage_every_s=-1.0), "--stage-every must be 0 (after every batch) or more seconds"),
+    (dict(summary_breeds=-1), "--summary-breeds must be 0 (none) or more"),
+])
+def test_label_options_out_of_range_are_usage_errors(bad, says):
+    """`--min-prob 7` was accepted (every row then counted low-confidence) and `--stage-every` said
+    "0 (auto)", which it is not: 0 stages after every batch."""
+    from core.label_config import LabelConfig
+
+    base = dict(inputs=("photos",), model="bundle", out="out")
+    LabelConfig(**base, stage_every_s=0.0, min_prob=0.0, summary_breeds=0).check()
+    with pytest.raises(ConfigError) as err:
+        LabelConfig(**base, **bad).check()
+    assert says in str(err.value)
