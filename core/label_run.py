@@ -39,7 +39,7 @@ from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
 from core.lease import Lease, LeaseLostError
 from core.reasons import is_retried, reason_of
 from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key, too_large_version
-from core.sources import InputItem
+from core.sources import InputItem, manifest_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ RUN_ATTEMPT = "attempt"
 def run_identity(cfg: LabelConfig, model_id: str) -> dict:
     """What a rerun must match to resume a run: the same inputs, model and options that choose rows."""
     return {output.M_MODEL_ID: model_id, RUN_INPUTS: [storage.normalize_uri(u) for u in cfg.inputs],
-            RUN_MANIFESTS: [storage.normalize_uri(u) for u in cfg.manifests],
+            RUN_MANIFESTS: [manifest_uri(u) for u in cfg.manifests],
             RUN_ANY_EXTENSION: cfg.any_extension, RUN_RELABEL: cfg.relabel}
 
 
@@ -229,7 +229,7 @@ class LabelRun:
         startup = None if self.stats.first_row_at is None else self.stats.first_row_at - self.stats.started
         manifest = build_manifest(
             self.stats, run_id=self.run_id, model_id=self.model_id, runtime=self._runtime(plan),
-            inputs=[storage.normalize_uri(u) for u in (*self.cfg.inputs, *self.cfg.manifests)],
+            inputs=[*map(storage.normalize_uri, self.cfg.inputs), *map(manifest_uri, self.cfg.manifests)],
             max_error_rate=self.cfg.max_error_rate, attempts=self.attempt + 1, resumed_rows=self.resumed_rows,
             config={**asdict(self.cfg), "plan": plan.to_dict() if plan else None},
             startup_s=startup)

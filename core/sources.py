@@ -299,18 +299,53 @@ class _ManifestRow(NamedTuple):
     version: str | None = None
 
 
+STDIN_MANIFEST = "-"  # `--manifest -`: the list comes on standard input
+
+
+def manifest_uri(uri: str) -> str:
+    """A manifest as a run records it: absolute, `-` (standard input) as is."""
+    return uri if uri == STDIN_MANIFEST else storage.normalize_uri(uri)
+
+
+def is_stream(uri: str) -> bool:
+    """`-`, or a pipe such as `--manifest <(find ...)` gives (/dev/fd/N): read once, as a text list."""
+    if uri == STDIN_MANIFEST:
+        return True
+    if storage.is_s3(uri):
+        return False
+    try:
+        return stat.S_ISFIFO(os.stat(storage.parse_uri(uri).path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_stream(uri: str) -> str:
+    import sys
+
+    if uri != STDIN_MANIFEST:
+        with open(storage.parse_uri(uri).path, "rb") as pipe:
+            return pipe.read().decode("utf-8-sig")
+    if sys.stdin is None or sys.stdin.isatty():
+        raise InputError("--manifest -: nothing comes on standard input; pipe the list in (`find photos -name "
+                         "'*.jpg' | breedlabel label --manifest - ...`) or give a file")
+    return sys.stdin.buffer.read().decode("utf-8-sig")
+
+
 def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
     """Rows are taken as objects (no listing, no HEAD); an archive row without a member is the
-    whole archive. A URI of another scheme (http://…) is that row's error."""
+    whole archive. A URI of another scheme (http://…) is that row's error. Standard input and
+    pipes are lists of one URI a line; their relative paths are relative to the working directory."""
     lower = uri.lower()
-    if not lower.endswith(MANIFEST_SUFFIXES):
+    stream = is_stream(uri)
+    if not stream and not lower.endswith(MANIFEST_SUFFIXES):
         raise InputError(f"{uri}: unknown manifest type; use .txt (one URI a line), .csv or .parquet "
                          f"(columns {MANIFEST_URI!r}, optional {MANIFEST_MEMBER!r}; or S3 Inventory's "
                          f"{INVENTORY_BUCKET!r}, {INVENTORY_KEY!r}, {INVENTORY_ETAG!r}), or an S3 Inventory "
                          "manifest.json")
     try:
-        base = storage.normalize_uri(uri)
-        for row in _manifest_rows(uri, lower, s3):
+        base = os.path.join(os.getcwd(), STDIN_MANIFEST) if stream else storage.normalize_uri(uri)
+        rows = _text_rows(_read_stream(uri)) if stream else _manifest_rows(uri, lower, s3)
+        for row in rows:
             if (_OTHER_SCHEME.match(row.uri) and not row.uri.startswith(("s3://", "file://"))) \
                     or _remote_file_uri(row.uri):
                 yield InputItem(row.uri, row.member, error=REASON_UNSUPPORTED_URI)
@@ -329,10 +364,7 @@ def _manifest_rows(uri: str, lower: str, s3: S3Options | None) -> Iterator[_Mani
         return
     text = storage.read_bytes(uri, s3=s3).decode("utf-8-sig")
     if lower.endswith(".txt"):
-        for line in text.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield _ManifestRow(line)
+        yield from _text_rows(text)
         return
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip().lower() for c in reader.fieldnames or ()]
@@ -441,6 +473,13 @@ def _remote_file_uri(row_uri: str) -> bool:
         return False
     host = row_uri[len("file://"):].split("/", 1)[0]
     return host not in ("", "localhost")
+
+
+def _text_rows(text: str) -> Iterator[_ManifestRow]:
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield _ManifestRow(line)
 
 
 def _resolve(manifest_uri: str, row_uri: str) -> str:

@@ -25,7 +25,7 @@ from core.errors import ConfigError, ServiceError
 from core.label_config import LabelConfig
 from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
-from core.sources import ItemData, iter_label_items
+from core.sources import ItemData, iter_label_items, manifest_uri
 from core.stop import GracefulStop, Stopped
 from core.formats import LABEL_EXTENSIONS
 from jobs import ray_session
@@ -113,8 +113,9 @@ def _absolute(cfg: LabelConfig) -> LabelConfig:
     """Local paths as absolute paths: the manifest records what a run read and wrote wherever it
     was started from, and actors on other nodes or in other directories find the same files."""
     norm = storage.normalize_uri
-    return dataclasses.replace(cfg, inputs=tuple(map(norm, cfg.inputs)), manifests=tuple(map(norm, cfg.manifests)),
-                               model=norm(cfg.model), out=norm(cfg.out) if cfg.out else cfg.out)
+    return dataclasses.replace(cfg, inputs=tuple(map(norm, cfg.inputs)),
+                               manifests=tuple(map(manifest_uri, cfg.manifests)), model=norm(cfg.model),
+                               out=norm(cfg.out) if cfg.out else cfg.out)
 
 
 def _pending(cfg: LabelConfig, run: LabelRun | None) -> Iterator[ItemData]:

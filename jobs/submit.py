@@ -105,9 +105,14 @@ def _check_paths(ns: argparse.Namespace, job_args: Sequence[str]) -> None:
     relative --out lands inside Ray's package cache (published there, then deleted) and a relative
     --model is not found. Every path option is checked, and any other argument (`--opt=VALUE`
     included) that names something existing here."""
+    from core.sources import is_stream
+
     for dest in PATH_OPTIONS:
         value = getattr(ns, dest, None)
         for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if dest == "manifests" and isinstance(item, str) and is_stream(item):
+                raise ConfigError(f"--manifest {item}: a submitted job does not read this host's standard input or "
+                                  "pipes; write the list to a file the cluster reads (s3://… or a shared path)")
             if not isinstance(item, str) or not item or not _relative(item):
                 continue
             if dest == "weights" and item.lower() in _WEIGHTS_KEYWORDS:

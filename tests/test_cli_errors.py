@@ -126,3 +126,19 @@ def test_a_mistyped_option_is_the_commands_error_with_the_option_meant(tmp_path)
     proc = breedlabel("predict", "x.jpg", "--model", "m", "--nonsense", cache=tmp_path)
     assert proc.returncode == 2 and _error_lines(proc.stderr)[-1] == (
         "breedlabel predict: error: unrecognized arguments: --nonsense")
+
+
+def test_a_list_piped_in_is_a_manifest_and_submit_says_it_cannot_send_one(tiny_bundle, image_factory, tmp_path):
+    """`find … | breedlabel label --manifest - …` was "/cwd/-: unknown manifest type"; a submitted
+    job has no standard input of this host, so submit refuses `-` before sending anything."""
+    photos = [str(image_factory.file("jpeg", name=f"p{i}.jpg")) for i in range(2)]
+    env = dict(os.environ, BREEDLABEL_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "label", "--manifest", "-", "--model", str(tiny_bundle),
+                           "--dry-run"], input="\n".join(photos) + "\n", cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split()) == sorted(photos) and "dry run: 2 inputs" in proc.stderr
+    proc = breedlabel("submit", "label", "--manifest", "-", "--model", str(tiny_bundle), "--out", str(tmp_path / "o"),
+                      "--address", "http://127.0.0.1:1", cache=tmp_path)
+    assert proc.returncode == 2 and "--manifest -: a submitted job does not read this host's standard input" \
+        in proc.stderr, proc.stderr

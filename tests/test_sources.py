@@ -218,6 +218,35 @@ def test_manifest_relative_paths_and_archive_rows(tmp_path):
     assert [(i.uri, i.member) for i in items[1:]] == [(str(tmp_path / "b.zip"), m) for m in IMAGES]
 
 
+def test_manifest_from_standard_input_or_a_pipe(tmp_path, monkeypatch):
+    """`find ... | breedlabel label --manifest -` and `--manifest <(find ...)` were refused as an
+    "unknown manifest type" (no extension): both are lists of one URI a line, relative paths
+    relative to the working directory."""
+    import threading
+
+    _put(str(tmp_path), {"imgs/1.jpg": b"1", "imgs/2.jpg": b"2"})
+    monkeypatch.chdir(tmp_path)
+    stdin = io.TextIOWrapper(io.BytesIO(b"imgs/1.jpg\n# a comment\n" + str(tmp_path / "imgs/2.jpg").encode()))
+    monkeypatch.setattr("sys.stdin", stdin)
+    want = [str(tmp_path / "imgs" / "1.jpg"), str(tmp_path / "imgs" / "2.jpg")]
+    assert [d.item.uri for d in sources.iter_label_items([], ["-"])] == want
+    assert sources.manifest_uri("-") == "-" and sources.manifest_uri("m.txt") == str(tmp_path / "m.txt")
+    fifo = tmp_path / "list"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("imgs/1.jpg\nimgs/2.jpg\n"))
+    writer.start()
+    assert [d.item.uri for d in sources.iter_label_items([], [str(fifo)])] == want
+    writer.join()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    with pytest.raises(InputError, match="nothing comes on standard input; pipe the list in"):
+        list(sources.iter_label_items([], ["-"]))
+
+
 def test_manifest_home_and_host_forms(tmp_path, monkeypatch):
     """`~/x.jpg` in a manifest was taken relative to the manifest's folder ("not found"), and
     `file://imgs/a.jpg` (host "imgs", by RFC 8089) was silently read as /a.jpg."""
