@@ -27,8 +27,9 @@ class LabelConfig:
     model: str = option("", "bundle directory or URI", flag="--model", metavar="BUNDLE", required=True)
     out: str = option("", "output folder or s3:// prefix", metavar="OUTPUT")
     manifests: tuple[str, ...] = option(
-        (), "a list of objects: .txt (one URI a line; - = those lines on standard input), .csv/.parquet (a uri column, or S3 Inventory's bucket, key, "
-        "e_tag) or an S3 Inventory manifest.json; repeatable", flag="--manifest", action="append", metavar="FILE")
+        (), "a list of objects: .txt (one URI a line; - = those lines on standard input), .csv/.parquet (a uri "
+        "column, or S3 Inventory's bucket, key, e_tag) or an S3 Inventory manifest.json; repeatable",
+        flag="--manifest", action="append", metavar="FILE")
     any_extension: bool = option(False, "also label keys without an image extension")
     runtime: str = option("auto", "auto = OpenVINO on CPU actors, TensorFlow on GPU actors", choices=RUNTIMES)
     pipeline: str = option("auto", "fused = decode threads inside the predict actor; two-stage = decode tasks then "
