@@ -51,6 +51,7 @@ MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_MIXED_CASE_SCHEME = re.compile(r"^(?!s3:|file:)((?i:s3|file)):")
 _ZIP_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8
 _ZIP_ENCRYPTED_FLAG = 0x1  # bit 0: the member is encrypted (a password-protected zip)
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
@@ -346,11 +347,12 @@ def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
         base = os.path.join(os.getcwd(), STDIN_MANIFEST) if stream else storage.normalize_uri(uri)
         rows = _text_rows(_read_stream(uri)) if stream else _manifest_rows(uri, lower, s3)
         for row in rows:
-            if (_OTHER_SCHEME.match(row.uri) and not row.uri.startswith(("s3://", "file://"))) \
-                    or _remote_file_uri(row.uri):
+            row_uri = _lower_scheme(row.uri)
+            if (_OTHER_SCHEME.match(row_uri) and not row_uri.startswith(("s3://", "file://"))) \
+                    or _remote_file_uri(row_uri):
                 yield InputItem(row.uri, row.member, error=REASON_UNSUPPORTED_URI)
                 continue
-            yield InputItem(_resolve(base, row.uri), row.member or None, version=row.version)
+            yield InputItem(_resolve(base, row_uri), row.member or None, version=row.version)
     except ObjectNotFoundError:
         raise InputError(f"{uri}: manifest not found; check the path") from None
 
@@ -464,6 +466,12 @@ def _snake(column: str) -> str:
     column = column.strip()
     return {"ETag": INVENTORY_ETAG}.get(column) or "".join(
         f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(column))
+
+
+def _lower_scheme(row_uri: str) -> str:
+    """`FILE:///x.jpg`, `S3://b/k`: a URI scheme is case-insensitive (RFC 3986); the rest is not."""
+    match = _MIXED_CASE_SCHEME.match(row_uri)
+    return match.group(1).lower() + row_uri[match.end(1):] if match else row_uri
 
 
 def _remote_file_uri(row_uri: str) -> bool:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
-from urllib.parse import quote, unquote_to_bytes, urlparse
+from urllib.parse import quote, unquote_to_bytes
 
 from core.errors import StorageError
 from core.formats import IMAGE_EXTENSIONS
@@ -101,8 +101,12 @@ def parse_uri(uri: str) -> ParsedURI:
             raise StorageError(f"{uri}: no bucket name; write s3://BUCKET/KEY")
         return ParsedURI("s3", bucket, key)
     if uri.startswith("file:/"):  # %XX escapes are bytes: a path that is not UTF-8 survives (local_uri)
-        # file:/abs/x.jpg (RFC 8089's one-slash form) is /abs/x.jpg, as file:///abs/x.jpg is
-        return ParsedURI("file", "", os.fsdecode(unquote_to_bytes(urlparse(uri).path)))
+        # file:/abs/x.jpg (RFC 8089's one-slash form) is /abs/x.jpg, as file:///abs/x.jpg is; a raw
+        # `#`, `?` or `;` is part of the file name (people write paths), not a fragment, query or params
+        path = uri[len("file:"):]
+        if path.startswith("//"):  # file://HOST/path: the host is checked where one is read (a manifest line)
+            path = "/" + path[2:].partition("/")[2]
+        return ParsedURI("file", "", os.fsdecode(unquote_to_bytes(path)))
     if _SCHEME.match(uri):
         raise StorageError(f"{uri}: unsupported URI scheme; use a local path, file://PATH or s3://BUCKET/KEY")
     return ParsedURI("file", "", uri)

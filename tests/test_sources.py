@@ -275,6 +275,21 @@ def test_manifest_file_uri_with_one_slash_is_absolute(tmp_path):
     assert [sources.read_item(i) for i in items] == [b"a", b"c"]
 
 
+def test_manifest_file_uris_keep_hash_query_and_semicolon_and_any_scheme_case(tmp_path):
+    """`file:/x/a#b.jpg` was the row of /x/a ("not found"; it would have labelled /x/a had it
+    existed), `?` and `;` cut the name the same way, and `FILE:///x.jpg` was "unsupported URI
+    scheme": people write paths after `file:`, and a scheme's case does not matter."""
+    names = ["a#b.jpg", "q?x=1.jpg", "p;1.jpg", "up.jpg", "100%.jpg"]
+    _put(str(tmp_path), {f"imgs/{n}": n.encode() for n in names} | {"imgs/a": b"not me"})
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"file:{tmp_path}/imgs/a#b.jpg\nfile://{tmp_path}/imgs/q?x=1.jpg\n"
+                        f"file://localhost{tmp_path}/imgs/p;1.jpg\nFILE://{tmp_path}/imgs/up.jpg\n"
+                        f"File:{tmp_path}/imgs/100%25.jpg\n")
+    items = [d.item for d in sources.iter_label_items([], [str(manifest)])]
+    assert [(i.uri, i.error) for i in items] == [(str(tmp_path / "imgs" / n), None) for n in names]
+    assert [sources.read_item(i) for i in items] == [n.encode() for n in names]
+
+
 def test_input_errors_are_clear(tmp_path):
     with pytest.raises(InputError, match="no inputs given"):
         list(sources.iter_items([]))
