@@ -2,7 +2,8 @@
 
 One table, at the bottom of the stack (no imports), so the decoder, the archive reader, the
 labelling batch and the predictor speak the same words and a reader can group rows by them.
-A reason may carry a detail after a colon ("corrupt archive: BadZipFile").
+A reason may carry a detail after a colon ("corrupt archive: truncated"): a few fixed words, never
+a name or a number that varies by file, so that a run's `errors_by_kind` stays a short list.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ REASON_TOO_LARGE = "too large"                    # over --max-object-mb: never 
 REASON_LINK_MEMBER = "link member (not followed)"  # a tar symlink or hard link
 REASON_NESTED_ARCHIVE = "nested archive (not expanded)"
 REASON_ENCRYPTED_MEMBER = "encrypted member (not read)"  # a password-protected zip member
+REASON_UNSUPPORTED_COMPRESSION = "unsupported compression"  # a zip member packed with e.g. Deflate64: not damaged
 REASON_NO_IMAGES = "no images in archive"         # the archive's own row: nothing in it to label
 # decoding (core.images)
 REASON_EMPTY = "empty file"
@@ -37,7 +39,7 @@ RETRIED_REASONS = frozenset({REASON_NOT_FOUND, REASON_FORBIDDEN, REASON_UNREADAB
 
 
 def reason_of(error: str) -> str:
-    """The short reason of a row's `error`, without its detail ("corrupt archive: BadZipFile")."""
+    """The short reason of a row's `error`, without its detail ("corrupt archive: truncated")."""
     return error.split(":", 1)[0].strip()
 
 

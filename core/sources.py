@@ -43,7 +43,7 @@ from core import storage
 from core.errors import InputError, StorageError
 from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_ENCRYPTED_MEMBER, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
                           REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_FOUND, REASON_TOO_LARGE,
-                          REASON_UNSUPPORTED_URI)
+                          REASON_UNSUPPORTED_COMPRESSION, REASON_UNSUPPORTED_URI)
 from core.formats import ARCHIVE_SUFFIXES, LABEL_EXTENSIONS, MANIFEST_SUFFIXES, ZIP_SUFFIXES
 from core.storage import ObjectNotFoundError, S3Options
 
@@ -54,6 +54,7 @@ _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MIXED_CASE_SCHEME = re.compile(r"^(?!s3:|file:)((?i:s3|file)):")
 _ZIP_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8
 _ZIP_ENCRYPTED_FLAG = 0x1  # bit 0: the member is encrypted (a password-protected zip)
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
 
 
@@ -176,7 +177,26 @@ def _item(info: storage.FileInfo) -> InputItem:
 
 
 def _archive_reason(exc: BaseException) -> str:
-    return f"{REASON_CORRUPT_ARCHIVE}: {type(exc).__name__}"
+    """What a reader of the row can act on, in a few fixed words (Python's class names were the
+    detail: "corrupt archive: ReadError" told no one whether the file was cut short or is no archive)."""
+    message = str(exc)
+    if isinstance(exc, NotImplementedError):
+        return f"{REASON_UNSUPPORTED_COMPRESSION}: re-pack with deflate"
+    if isinstance(exc, EOFError) or "unexpected end of data" in message or "Truncated" in message:
+        detail = "truncated"
+    elif "empty file" in message:  # what tarfile says of a .tbz cut short too: nothing decompressed
+        detail = "no data (empty or truncated)"
+    elif isinstance(exc, (zlib.error, lzma.LZMAError, tarfile.CompressionError)) or "compressed data" in message:
+        detail = "damaged compressed data"
+    elif message.startswith("Bad CRC-32"):
+        detail = "damaged member (CRC mismatch)"
+    elif message == "File is not a zip file":  # its directory, at the end, is missing: cut short, or no zip
+        detail = "not a zip file, or truncated"
+    elif isinstance(exc, tarfile.TarError):
+        detail = "not a tar file, or damaged"
+    else:
+        detail = "damaged"
+    return f"{REASON_CORRUPT_ARCHIVE}: {detail}"
 
 
 def _zip_members(zf: zipfile.ZipFile, exts: tuple[str, ...] | None) -> list[zipfile.ZipInfo]:
@@ -613,6 +633,10 @@ def _zip_data(uri: str, exts, wanted, s3, max_bytes: int) -> Iterator[ItemData]:
                 yield _error_item(uri, info.filename, info.file_size, REASON_LINK_MEMBER)
             elif info.flag_bits & _ZIP_ENCRYPTED_FLAG:  # zipfile raises RuntimeError: it failed the whole run
                 yield _error_item(uri, info.filename, info.file_size, REASON_ENCRYPTED_MEMBER)
+            elif info.compress_type not in _ZIP_METHODS:  # Deflate64 (Windows' zip of large files), PPMd, …
+                method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
+                yield _error_item(uri, info.filename, info.file_size,
+                                  f"{REASON_UNSUPPORTED_COMPRESSION}: {method}; re-pack with deflate")
             elif info.file_size > max_bytes:
                 yield _error_item(uri, info.filename, info.file_size, REASON_TOO_LARGE)
             else:

@@ -157,6 +157,48 @@ def test_corrupt_archive_is_one_error_item(root, name, data):
     assert only.data is None and only.error.startswith("corrupt archive")
 
 
+def _deflate64_zip() -> bytes:
+    """A zip whose second member says Deflate64 (method 9), as Windows' Explorer writes large
+    files: zipfile cannot read it; the bytes are not damaged."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("ok.jpg", b"fine")
+        zf.writestr("big.jpg", b"packed")
+    data = bytearray(buf.getvalue())
+    local = data.index(b"PK\x03\x04", 1)  # the second member's local header: method at +8
+    central = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 1)  # its directory entry: method at +10
+    data[local + 8:local + 10] = data[central + 10:central + 12] = (9).to_bytes(2, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data, error", [
+    ("empty.tar", b"", "corrupt archive: no data (empty or truncated)"),
+    ("text.tar", b"hello " * 200, "corrupt archive: not a tar file, or damaged"),
+    ("text.zip", b"hello " * 200, "corrupt archive: not a zip file, or truncated"),
+    ("cut.tar", None, "corrupt archive: truncated"),
+])
+def test_an_unreadable_archive_says_why_in_words(root, name, data, error):
+    """The detail was Python's class name ("corrupt archive: ReadError", "…: BadZipFile")."""
+    if data is None:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            info = tarfile.TarInfo("a.jpg")
+            info.size = 20_000
+            tf.addfile(info, io.BytesIO(os.urandom(20_000)))
+        data = buf.getvalue()[:10_000]
+    uri = storage.join(root, name)
+    storage.write_bytes(uri, data)
+    assert [g.error for g in sources.iter_archive_members(uri)][-1] == error
+
+
+def test_a_zip_member_packed_with_an_unsupported_method_is_not_called_corrupt(root):
+    uri = storage.join(root, "win.zip")
+    storage.write_bytes(uri, _deflate64_zip())
+    got = [(g.item.member, g.data, g.error) for g in sources.iter_archive_members(uri)]
+    assert got == [("ok.jpg", b"fine", None),
+                   ("big.jpg", None, "unsupported compression: deflate64; re-pack with deflate")]
+
+
 def test_truncated_archive_keeps_what_was_read(root):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
@@ -167,8 +209,8 @@ def test_truncated_archive_keeps_what_was_read(root):
     uri = storage.join(root, "cut.tgz")
     storage.write_bytes(uri, buf.getvalue()[:30_000])
     got = [(g.item.member, g.data is not None, g.error) for g in sources.iter_archive_members(uri)]
-    assert got == [("a.jpg", True, None), ("b.jpg", False, "corrupt archive: ReadError"),
-                   (None, False, "corrupt archive: ReadError")]
+    assert got == [("a.jpg", True, None), ("b.jpg", False, "corrupt archive: truncated"),
+                   (None, False, "corrupt archive: truncated")]
     rows = [(d.item.member, d.data is not None) for d in sources.iter_label_items([uri])]
     assert rows == [("a.jpg", True), ("b.jpg", False), (None, False)]
 
