@@ -42,10 +42,10 @@ import pyarrow.parquet as pq
 from core import storage
 from core.errors import InputError, StorageError
 from core.reasons import (REASON_CORRUPT_ARCHIVE, REASON_ENCRYPTED_MEMBER, REASON_LINK_MEMBER, REASON_MEMBER_NOT_FOUND,
-                          REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_FOUND, REASON_TOO_LARGE,
+                          REASON_NESTED_ARCHIVE, REASON_NO_IMAGES, REASON_NOT_A_FILE, REASON_TOO_LARGE,
                           REASON_UNSUPPORTED_COMPRESSION, REASON_UNSUPPORTED_URI)
 from core.formats import ARCHIVE_SUFFIXES, LABEL_EXTENSIONS, MANIFEST_SUFFIXES, ZIP_SUFFIXES
-from core.storage import ObjectNotFoundError, S3Options
+from core.storage import NotAFileError, ObjectForbiddenError, ObjectNotFoundError, S3Options
 
 MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
@@ -580,10 +580,10 @@ def iter_archive_members(uri: str, *, extensions: Iterable[str] | None = LABEL_E
             yield got
             if wanted is not None and not wanted:
                 return
-    except ObjectNotFoundError:
-        yield ItemData(InputItem(uri, error=REASON_NOT_FOUND), None, REASON_NOT_FOUND)
+    except (ObjectNotFoundError, ObjectForbiddenError, NotAFileError) as exc:  # this archive's row, not the run's end
+        yield ItemData(InputItem(uri, error=exc.reason), None, exc.reason)
         return
-    except StorageError:
+    except StorageError:  # the storage itself failing (S3 not answering): the run stops, resumable
         raise
     except _ARCHIVE_ERRORS as exc:
         reason = _archive_reason(exc)
@@ -655,15 +655,17 @@ def _zip_member(zf: zipfile.ZipFile, uri: str, info: zipfile.ZipInfo) -> ItemDat
 def _tar_data(uri: str, exts, wanted, s3, max_bytes: int) -> Iterator[ItemData]:
     with storage.open_stream(uri, s3=s3) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for info in tf:
-            if info.isdir() or not (info.isfile() or info.issym() or info.islnk()):
+            if info.isdir():
                 continue
             kind = _member_kind(info.name, exts, wanted)
             if kind is None:
                 continue
             if kind == "nested":
                 yield _error_item(uri, info.name, info.size, REASON_NESTED_ARCHIVE)
-            elif not info.isfile():
+            elif info.issym() or info.islnk():
                 yield _error_item(uri, info.name, None, REASON_LINK_MEMBER)
+            elif not info.isfile():  # a FIFO or device member: no bytes, but a row, as a folder's pipe gets
+                yield _error_item(uri, info.name, None, REASON_NOT_A_FILE)
             elif info.size > max_bytes:
                 yield _error_item(uri, info.name, info.size, REASON_TOO_LARGE)
             else:

@@ -59,7 +59,7 @@ class ParsedURI:
 @dataclass(frozen=True)
 class FileInfo:
     uri: str
-    size: int
+    size: int | None  # None: a listed name with no bytes behind it (a dangling link, a pipe)
     version: str | None = None  # what identifies these bytes without reading them (see object_version)
 
 
@@ -390,10 +390,13 @@ def _list_local(uri: str, root: str, exts: tuple[str, ...] | None, rel: tuple[st
                 if (st.st_dev, st.st_ino) not in seen:  # a symlink loop, or a directory linked twice
                     seen.add((st.st_dev, st.st_ino))
                     yield from _list_local(uri, root, exts, (*rel, entry.name), follow, seen)
-            elif matches_extensions(entry.name, exts) and entry.is_file():
-                yield _local_info(join(uri, *rel, entry.name), entry.stat())
+            elif matches_extensions(entry.name, exts):
+                if entry.is_file():
+                    yield _local_info(join(uri, *rel, entry.name), entry.stat())
+                elif not entry.is_dir():  # a dangling link, a pipe, a device: listed, so that its row says
+                    yield FileInfo(local_uri(join(uri, *rel, entry.name)), None)  # "not found" / "not a regular file"
         except FileNotFoundError:
-            continue  # vanished while listing, or a dangling link
+            continue  # vanished while listing
 
 
 def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: int,

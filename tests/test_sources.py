@@ -105,6 +105,37 @@ def test_the_runs_own_output_is_not_listed_through_a_symlink(tmp_path):
         assert listed == [str(inputs / "a.jpg")], (inputs, out)
 
 
+def test_names_with_no_bytes_behind_them_get_a_row_each(tmp_path):
+    """Rows out = objects in: a dangling link or a pipe named *.jpg in a folder was not listed (no
+    row, no count), nor a FIFO or device member of a tar; a pipe named *.tar, once listed, must be
+    its own row, not the end of the run."""
+    from core import labelling
+
+    folder = tmp_path / "photos"
+    _put(str(folder), {"a.jpg": b"1"})
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    os.mkfifo(folder / "pipe.tar")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, kind in (("fifo.jpg", tarfile.FIFOTYPE), ("dev.jpg", tarfile.CHRTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tf.addfile(info)
+        info = tarfile.TarInfo("ok.jpg")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"ok"))
+    (folder / "odd.tar").write_bytes(buf.getvalue())
+    items = list(sources.iter_label_items([str(folder)]))
+    plain = [d.item.uri for d in items if not d.item.uri.endswith(".tar")]
+    read = dict(zip(plain, labelling.fetch(plain, [None] * len(plain)).errors))
+    assert read == {str(folder / "a.jpg"): None, str(folder / "gone.jpg"): "not found",
+                    str(folder / "pipe.jpg"): "not a regular file"}
+    archives = {(os.path.basename(d.item.uri), d.item.member): d.error for d in items if d.item.uri.endswith(".tar")}
+    assert archives == {("odd.tar", "fifo.jpg"): "not a regular file", ("odd.tar", "dev.jpg"): "not a regular file",
+                        ("odd.tar", "ok.jpg"): None, ("pipe.tar", None): "not a regular file"}
+
+
 def test_single_file_and_extension_less(root):
     _put(root, {"one.jpg": b"1", "blobs/k1": b"k"})
     one = storage.join(root, "one.jpg")
