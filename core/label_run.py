@@ -120,9 +120,10 @@ class LabelRun:
     def _read_back(self, parts: list[str], finished: SkipSet) -> None:
         """Count what earlier attempts staged (the manifest covers the whole run), after dropping
         rows whose key a run finished since they were staged."""
+        dropped = 0
         for path in parts:
-            if len(finished.content) and self.out.drop_rows_in(path, finished.content):
-                log.info("run %s: dropped staged rows that a later finished run already holds", self.run_id)
+            if len(finished.content):
+                dropped += self.out.drop_rows_in(path, finished.content)
             if not self.out.exists(path):
                 continue
             table = pq.read_table(path, filesystem=self.out.fs)
@@ -130,6 +131,8 @@ class LabelRun:
             self.keys.add_rows(table)
             self.resumed_rows += table.num_rows
             self.staged.append(path)
+        if dropped:  # once, not once per part
+            log.info("run %s: dropped %d staged rows that a later finished run already holds", self.run_id, dropped)
         if self.resumed_rows:
             log.info("resuming run %s (attempt %d): %d images already labelled by the interrupted attempt(s)",
                      self.run_id, self.attempt + 1, self.resumed_rows)

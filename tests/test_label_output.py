@@ -179,20 +179,26 @@ def test_leftover_staging_of_a_published_run_is_cleared_not_fatal(tmp_path):
     assert out.staged_runs() == [] and out.read_finished().num_rows == 3
 
 
-def test_a_resumed_run_drops_rows_a_run_finished_since_then(tmp_path):
+def test_a_resumed_run_drops_rows_a_run_finished_since_then(tmp_path, caplog):
     """Run A (inputs X) died with staged rows; run B finished meanwhile and labelled some of the same
-    keys; A's rerun must not publish a second row for them."""
+    keys; A's rerun must not publish a second row for them (and says so once, not once per part)."""
+    import logging
+
     from core.label_config import LabelConfig
     from core.label_run import LabelRun
 
     out = output.Output(str(tmp_path))
     cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path))
     first = LabelRun.start(out, cfg, "M", None)
-    out.write_part(first.run_id, output.part_name(0, 0), rows(6))  # A staged img0..img5, then died
+    out.write_part(first.run_id, output.part_name(0, 0), rows(6).slice(0, 3))  # A staged img0..img5, then died
+    out.write_part(first.run_id, output.part_name(0, 1), rows(6).slice(3))
     out.write_part("B", output.part_name(0, 0), rows(4))            # B published img0..img3
     out.commit("B", {output.M_RUN_ID: "B", output.M_STATUS: output.STATUS_COMPLETE, output.M_MODEL_ID: "M"})
-    again = LabelRun.start(out, cfg, "M", None)
+    with caplog.at_level(logging.INFO, logger="core.label_run"):
+        again = LabelRun.start(out, cfg, "M", None)
     assert again.run_id == first.run_id and again.attempt == 1 and again.resumed_rows == 2
+    said = [r.getMessage() for r in caplog.records if "a later finished run already holds" in r.getMessage()]
+    assert said == [f"run {first.run_id}: dropped 4 staged rows that a later finished run already holds"]
     again.commit(None)
     table = out.read_finished()
     assert table.num_rows == 6 and len(set(table.column("uri").to_pylist())) == 6
