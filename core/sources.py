@@ -28,6 +28,7 @@ import os
 import posixpath
 import re
 import stat
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -341,8 +342,6 @@ def is_stream(uri: str) -> bool:
 
 
 def _read_stream(uri: str) -> str:
-    import sys
-
     if uri != STDIN_MANIFEST:
         with open(storage.parse_uri(uri).path, "rb") as pipe:
             return pipe.read().decode("utf-8-sig")
