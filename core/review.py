@@ -92,8 +92,11 @@ def run_thresholds(manifests: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The dog-score threshold each finished run flagged its rows with: the run's `--dog-threshold`
     as its manifest's config records it (since the threshold is recorded there resolved, the card's
     when none was given); THRESHOLD, every card's, for older runs that left it null."""
-    return {m["run_id"]: float(t if (t := (m.get("config") or {}).get("dog_threshold")) is not None else THRESHOLD)
-            for m in manifests}
+    thresholds = {}
+    for manifest in manifests:
+        given = (manifest.get("config") or {}).get("dog_threshold")
+        thresholds[manifest["run_id"]] = THRESHOLD if given is None else float(given)
+    return thresholds
 
 
 def build_queue(rows: pa.Table, *, threshold: float | None = None, run_thresholds: Mapping[str, float] | None = None,
