@@ -86,14 +86,14 @@ class LabelConfig:
         for name in ("actors", "cpus_per_actor", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be 0 (auto) or more, got {getattr(self, name)}")
-        if self.stage_every_s < 0:
+        if not self.stage_every_s >= 0:  # nan too
             raise ConfigError(f"--stage-every must be 0 (after every batch) or more seconds, got {self.stage_every_s}")
         if not 0.0 <= self.min_prob <= 1.0:
             raise ConfigError(f"--min-prob {self.min_prob}: give a probability between 0 and 1")
         for name in ("io_timeout_s", "max_object_mb", "chunk_mb"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # nan too
                 raise ConfigError(f"--{_flag(name)} must be more than 0, got {getattr(self, name)}")
-        if self.lease_ttl_s < 3:
+        if not self.lease_ttl_s >= 3:
             raise ConfigError(f"--lease-ttl must be at least 3 seconds (renewed every ttl/3), got {self.lease_ttl_s}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")

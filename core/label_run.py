@@ -39,7 +39,7 @@ from core.labelling import FALLBACK_META, RUNTIME_META, SECONDS_META, SKIPPED
 from core.lease import Lease, LeaseLostError
 from core.reasons import is_retried, reason_of
 from core.skipset import KeyLog, SkipSet, archive_key, contains_all, listing_key, too_large_version
-from core.sources import InputItem, manifest_uri
+from core.sources import InputItem, manifest_identity, manifest_uri
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,16 @@ RUN_MANIFESTS = "manifests"
 RUN_ANY_EXTENSION = "any_extension"
 RUN_RELABEL = "relabel"
 RUN_ATTEMPT = "attempt"
+RUN_DOG_THRESHOLD = "dog_threshold"
+_ADDED_LATER = (RUN_DOG_THRESHOLD,)  # a staged run from before these were recorded matches any value
 
 
 def run_identity(cfg: LabelConfig, model_id: str) -> dict:
-    """What a rerun must match to resume a run: the same inputs, model and options that choose rows."""
+    """What a rerun must match to resume a run: the same inputs, model and options that choose rows
+    or what the rows say (`is_dog` is flagged at the threshold: a resumed run must not mix two)."""
     return {output.M_MODEL_ID: model_id, RUN_INPUTS: [storage.normalize_uri(u) for u in cfg.inputs],
-            RUN_MANIFESTS: [manifest_uri(u) for u in cfg.manifests],
-            RUN_ANY_EXTENSION: cfg.any_extension, RUN_RELABEL: cfg.relabel}
+            RUN_MANIFESTS: [manifest_identity(u) for u in cfg.manifests],
+            RUN_ANY_EXTENSION: cfg.any_extension, RUN_RELABEL: cfg.relabel, RUN_DOG_THRESHOLD: cfg.dog_threshold}
 
 
 class LabelRun:
@@ -108,7 +111,7 @@ class LabelRun:
         ident = run_identity(cfg, model_id)
         for run_id in reversed(out.staged_runs()):
             meta = out.read_json(out.staging(run_id, output.RUN_FILE)) or {}
-            if {k: meta.get(k) for k in ident} != ident:
+            if {k: meta.get(k, ident[k] if k in _ADDED_LATER else None) for k in ident} != ident:
                 continue
             attempt = int(meta.get(RUN_ATTEMPT, 0)) + 1
             out.write_json(out.staging(run_id, output.RUN_FILE), {**meta, RUN_ATTEMPT: attempt})

@@ -123,7 +123,8 @@ def build_queue(rows: pa.Table, *, threshold: float | None = None, run_threshold
         thresholds = np.array([per_run.get(r, THRESHOLD) for r in runs], np.float64)
     else:
         thresholds = np.full(len(runs), float(threshold))
-        flags = [flag if np.isnan(s) else bool(s >= threshold) for flag, s in zip(flags, dog)]
+        # float32, as the label run compares (a score stored as 0.7f is at the threshold 0.7, not below)
+        flags = [flag if np.isnan(s) else bool(np.float32(s) >= np.float32(threshold)) for flag, s in zip(flags, dog)]
     score = uncertainty(probs, dog, thresholds)
     uris = labelled.column(schema.URI).to_pylist()
     order = sorted(range(len(uris)), key=lambda i: (-score[i], uris[i]))[:limit]

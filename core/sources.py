@@ -22,6 +22,7 @@ Reading bytes, and the intended use by the label job
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import lzma
 import os
@@ -52,7 +53,7 @@ MANIFEST_URI = "uri"  # manifest column names (csv header / parquet schema)
 MANIFEST_MEMBER = "member"
 MAX_OBJECT_BYTES = 64 << 20  # larger objects and archive members are an error row, never read into memory
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_MIXED_CASE_SCHEME = re.compile(r"^(?!s3:|file:)((?i:s3|file)):")
+_MIXED_CASE_SCHEME = re.compile(r"^(?!s3:|file:)((?i:s3(?=://)|file(?=:/)))")  # not a name like File:Pug.jpg
 _ZIP_UTF8_FLAG = 0x800  # general purpose bit 11: the name is UTF-8
 _ZIP_ENCRYPTED_FLAG = 0x1  # bit 0: the member is encrypted (a password-protected zip)
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
@@ -138,7 +139,7 @@ def _expand_listing(uri: str, exts: tuple[str, ...] | None, s3: S3Options | None
     found = 0
     listed = None if exts is None else exts + ARCHIVE_SUFFIXES
     below = _excluded_prefixes(uri, exclude)
-    for info in storage.list_files(uri, extensions=listed, s3=s3, follow_symlinks=follow_symlinks):
+    for info in storage.list_files(uri, extensions=listed, s3=s3, follow_symlinks=follow_symlinks, unreadable=True):
         if below and info.uri.startswith(below):
             continue
         found += 1
@@ -341,14 +342,28 @@ def is_stream(uri: str) -> bool:
         return False
 
 
+_STREAM_TEXT: dict[str, str] = {}  # a stream can be read once: what it gave, for every later reader
+
+
+def manifest_identity(uri: str) -> str:
+    """How a run's identity names a manifest: its URI; for standard input or a pipe also a hash
+    of the lines, so that a rerun fed another list is another run, not the resumption of this one."""
+    if uri not in _STREAM_TEXT and not is_stream(uri):
+        return manifest_uri(uri)
+    return f"{uri}@sha256:{hashlib.sha256(_read_stream(uri).encode()).hexdigest()[:16]}"
+
+
 def _read_stream(uri: str) -> str:
-    if uri != STDIN_MANIFEST:
-        with open(storage.parse_uri(uri).path, "rb") as pipe:
-            return pipe.read().decode("utf-8-sig")
-    if sys.stdin is None or sys.stdin.isatty():
-        raise InputError("--manifest -: nothing comes on standard input; pipe the list in (`find photos -name "
-                         "'*.jpg' | breedlabel label --manifest - ...`) or give a file")
-    return sys.stdin.buffer.read().decode("utf-8-sig")
+    if uri not in _STREAM_TEXT:
+        if uri != STDIN_MANIFEST:
+            with open(storage.parse_uri(uri).path, "rb") as pipe:
+                _STREAM_TEXT[uri] = pipe.read().decode("utf-8-sig")
+        elif sys.stdin is None or sys.stdin.isatty():
+            raise InputError("--manifest -: nothing comes on standard input; pipe the list in (`find photos "
+                             "-name '*.jpg' | breedlabel label --manifest - ...`) or give a file")
+        else:
+            _STREAM_TEXT[uri] = sys.stdin.buffer.read().decode("utf-8-sig")
+    return _STREAM_TEXT[uri]
 
 
 def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
@@ -356,7 +371,7 @@ def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
     whole archive. A URI of another scheme (http://…) is that row's error. Standard input and
     pipes are lists of one URI a line; their relative paths are relative to the working directory."""
     lower = uri.lower()
-    stream = is_stream(uri)
+    stream = uri in _STREAM_TEXT or is_stream(uri)
     if not stream and not lower.endswith(MANIFEST_SUFFIXES):
         raise InputError(f"{uri}: unknown manifest type; use .txt (one URI a line), .csv or .parquet "
                          f"(columns {MANIFEST_URI!r}, optional {MANIFEST_MEMBER!r}; or S3 Inventory's "

@@ -348,14 +348,16 @@ def rename(src: str, dst: str, *, s3: S3Options | None = None) -> None:
 
 def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
                page_size: int = DEFAULT_PAGE_SIZE, s3: S3Options | None = None,
-               follow_symlinks: bool = False) -> Iterator[FileInfo]:
+               follow_symlinks: bool = False, unreadable: bool = False) -> Iterator[FileInfo]:
     """Files under a directory/prefix, recursively, streamed (S3: one page at a time).
 
     Order is deterministic: sorted within each directory (local) or page (S3 pages are in
     key order already). A local file given directly yields itself if it matches. Symlinks to
     files are listed; symlinks to directories are not followed unless `follow_symlinks` (a
     `latest -> 2024-06` link would list a month twice), and then each directory at most once
-    (no loop, no repeat).
+    (no loop, no repeat). With `unreadable`, names with no file behind them (a dangling or
+    looping link, a pipe, a device) are listed too, with size None: the label job gives each a
+    row saying why; everything else (a UI gallery, a bundle's files) would trip on them.
     """
     exts = tuple(extensions) if extensions is not None else None
     p = parse_uri(uri)
@@ -371,16 +373,16 @@ def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS, *,
             raise StorageError(f"{uri}: not a regular file or a folder; give a folder, an image or an archive")
         raise StorageError(f"{uri}: no such file or directory; check the path")
     seen = {(os.stat(p.path).st_dev, os.stat(p.path).st_ino)}
-    yield from _list_local(uri, p.path, exts, (), follow_symlinks, seen)
+    yield from _list_local(uri, p.path, exts, (), follow_symlinks, seen, unreadable)
 
 
 def _list_local(uri: str, root: str, exts: tuple[str, ...] | None, rel: tuple[str, ...],
-                follow: bool, seen: set[tuple[int, int]]) -> Iterator[FileInfo]:
+                follow: bool, seen: set[tuple[int, int]], unreadable: bool) -> Iterator[FileInfo]:
     """Depth-first in S3 key order (a directory sorts as `name/`): same order for both schemes."""
     path = os.path.join(root, *rel)
     try:
         with os.scandir(path) as it:
-            entries = sorted(((e.name + "/" if e.is_dir(follow_symlinks=follow) else e.name), e) for e in it)
+            entries = sorted(((e.name + "/" if _is_dir(e, follow) else e.name), e) for e in it)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot list {path}: {exc.strerror}; check permissions") from None
     for key, entry in entries:
@@ -389,14 +391,28 @@ def _list_local(uri: str, root: str, exts: tuple[str, ...] | None, rel: tuple[st
                 st = entry.stat()
                 if (st.st_dev, st.st_ino) not in seen:  # a symlink loop, or a directory linked twice
                     seen.add((st.st_dev, st.st_ino))
-                    yield from _list_local(uri, root, exts, (*rel, entry.name), follow, seen)
+                    yield from _list_local(uri, root, exts, (*rel, entry.name), follow, seen, unreadable)
             elif matches_extensions(entry.name, exts):
-                if entry.is_file():
+                if _is_file(entry):
                     yield _local_info(join(uri, *rel, entry.name), entry.stat())
-                elif not entry.is_dir():  # a dangling link, a pipe, a device: listed, so that its row says
-                    yield FileInfo(local_uri(join(uri, *rel, entry.name)), None)  # "not found" / "not a regular file"
+                elif unreadable and not _is_dir(entry):  # its row says "not found" / "not a regular file"
+                    yield FileInfo(local_uri(join(uri, *rel, entry.name)), None)
         except FileNotFoundError:
             continue  # vanished while listing
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop (ELOOP): no file behind the name
+        return False
+
+
+def _is_dir(entry: os.DirEntry, follow: bool = True) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow)
+    except OSError:  # a symlink loop
+        return False
 
 
 def _list_s3(uri: str, p: ParsedURI, exts: tuple[str, ...] | None, page_size: int,

@@ -25,7 +25,7 @@ from core.errors import ConfigError, ServiceError
 from core.label_config import LabelConfig
 from core.label_run import LabelRun
 from core.label_summary import exit_code, summary_text
-from core.sources import ItemData, iter_label_items, manifest_uri
+from core.sources import ItemData, iter_label_items, manifest_identity, manifest_uri
 from core.stop import GracefulStop, Stopped
 from core.formats import LABEL_EXTENSIONS
 from jobs import ray_session
@@ -64,6 +64,8 @@ def label(cfg: LabelConfig) -> dict | None:
     if cfg.dog_threshold is None and bundle.dog_threshold is not None:
         # the manifest's config records the threshold the rows are flagged with, which review reads
         cfg = dataclasses.replace(cfg, dog_threshold=bundle.dog_threshold)
+    for manifest in cfg.manifests:  # standard input or a pipe is read now, once: a terminal fails before the lease
+        manifest_identity(manifest)
     if cfg.dry_run:
         dry_run(cfg, bundle.model_id)
         return None

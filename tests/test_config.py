@@ -75,6 +75,9 @@ def test_a_config_that_trains_nothing_is_refused():
     (dict(min_prob=7.0), "--min-prob 7.0: give a probability between 0 and 1"),
     (dict(stage_every_s=-1.0), "--stage-every must be 0 (after every batch) or more seconds"),
     (dict(summary_breeds=-1), "--summary-breeds must be 0 (none) or more"),
+    (dict(stage_every_s=float("nan")), "--stage-every must be 0 (after every batch) or more seconds"),
+    (dict(io_timeout_s=float("nan")), "--io-timeout must be more than 0"),
+    (dict(lease_ttl_s=float("nan")), "--lease-ttl must be at least 3 seconds"),
 ])
 def test_label_options_out_of_range_are_usage_errors(bad, says):
     """`--min-prob 7` was accepted (every row then counted low-confidence) and `--stage-every` said

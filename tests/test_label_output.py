@@ -347,3 +347,26 @@ def test_an_s3_output_that_does_not_answer_a_write_names_the_endpoint():
     with pytest.raises(ServiceError, match=rf"^s3://bucket/labels: the S3 endpoint http://127.0.0.1:{port} does not "
                                            r"answer \(write bucket/labels/_x.json: .*\); check the endpoint URL"):
         out.write_json(out.path("_x.json"), {"a": 1})
+
+
+def test_a_run_resumes_only_at_the_dog_threshold_it_flagged_its_rows_with(tmp_path):
+    """`is_dog` is decided as rows are staged: a rerun with another --dog-threshold resumed the
+    interrupted run and published rows flagged at two thresholds under one manifest's. A run staged
+    before the threshold was part of the identity (no key in its _run.json) still resumes."""
+    import dataclasses
+
+    from core.label_config import LabelConfig
+    from core.label_run import RUN_DOG_THRESHOLD, LabelRun
+
+    out = output.Output(str(tmp_path))
+    cfg = LabelConfig(inputs=("/data",), model="bundle", out=str(tmp_path), dog_threshold=0.5)
+    first = LabelRun.start(out, cfg, "M", None)
+    out.write_part(first.run_id, output.part_name(0, 0), rows(3))
+    other = LabelRun.start(out, dataclasses.replace(cfg, dog_threshold=0.8), "M", None)
+    assert other.run_id != first.run_id and other.resumed_rows == 0
+    out.discard_staged(other.run_id)
+    assert LabelRun.start(out, cfg, "M", None).run_id == first.run_id
+    meta = out.read_json(out.staging(first.run_id, output.RUN_FILE))
+    del meta[RUN_DOG_THRESHOLD]
+    out.write_json(out.staging(first.run_id, output.RUN_FILE), meta)
+    assert LabelRun.start(out, cfg, "M", None).run_id == first.run_id

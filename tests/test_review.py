@@ -125,6 +125,17 @@ def test_dog_threshold_flags_the_rows_as_a_label_run_with_it_would(tmp_path):
     assert low["s3://bucket/p/2.jpg"]["data"]["uncertainty"] >= 1 - 0.01 / 0.8 - 1e-6  # 0.01 above 0.2
 
 
+def test_a_score_at_the_threshold_is_a_dog_as_the_label_run_said(tmp_path):
+    """Label compares float32 scores to the threshold; review compared the stored float32 widened
+    to float64 (0.699999988 < 0.7) and turned a dog at exactly 0.7 into "not a dog"."""
+    images = [("s3://bucket/p/0.jpg", None, None), ("s3://bucket/p/1.jpg", None, None)]
+    root = write_label_output(tmp_path / "out", images, dog_scores=[0.7, 0.65], dog_threshold=0.7)
+    for extra in ((), ("--dog-threshold", "0.7")):
+        assert _review(root, tmp_path / "r.json", *extra).returncode == 0
+        flags = {t["data"]["uri"]: t["data"]["is_dog"] for t in json.loads((tmp_path / "r.json").read_text())}
+        assert flags == {"s3://bucket/p/0.jpg": True, "s3://bucket/p/1.jpg": False}, extra
+
+
 def test_a_run_folder_given_for_the_output_names_the_output(tmp_path):
     root = write_label_output(tmp_path / "out", [("s3://bucket/p/0.jpg", None, None)])
     run = f"{root}/run_id=20250101T000000Z-abcdef"

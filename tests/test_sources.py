@@ -114,6 +114,7 @@ def test_names_with_no_bytes_behind_them_get_a_row_each(tmp_path):
     folder = tmp_path / "photos"
     _put(str(folder), {"a.jpg": b"1"})
     (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")  # ELOOP: it failed the whole listing
     os.mkfifo(folder / "pipe.jpg")
     os.mkfifo(folder / "pipe.tar")
     buf = io.BytesIO()
@@ -130,7 +131,7 @@ def test_names_with_no_bytes_behind_them_get_a_row_each(tmp_path):
     plain = [d.item.uri for d in items if not d.item.uri.endswith(".tar")]
     read = dict(zip(plain, labelling.fetch(plain, [None] * len(plain)).errors))
     assert read == {str(folder / "a.jpg"): None, str(folder / "gone.jpg"): "not found",
-                    str(folder / "pipe.jpg"): "not a regular file"}
+                    str(folder / "loop.jpg"): "cannot read", str(folder / "pipe.jpg"): "not a regular file"}
     archives = {(os.path.basename(d.item.uri), d.item.member): d.error for d in items if d.item.uri.endswith(".tar")}
     assert archives == {("odd.tar", "fifo.jpg"): "not a regular file", ("odd.tar", "dev.jpg"): "not a regular file",
                         ("odd.tar", "ok.jpg"): None, ("pipe.tar", None): "not a regular file"}
@@ -301,8 +302,12 @@ def test_manifest_from_standard_input_or_a_pipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stdin = io.TextIOWrapper(io.BytesIO(b"imgs/1.jpg\n# a comment\n" + str(tmp_path / "imgs/2.jpg").encode()))
     monkeypatch.setattr("sys.stdin", stdin)
+    monkeypatch.setattr(sources, "_STREAM_TEXT", {})
     want = [str(tmp_path / "imgs" / "1.jpg"), str(tmp_path / "imgs" / "2.jpg")]
+    identity = sources.manifest_identity("-")  # reads it: a stream gives its lines once
+    assert identity.startswith("-@sha256:") and identity == sources.manifest_identity("-")
     assert [d.item.uri for d in sources.iter_label_items([], ["-"])] == want
+    assert [d.item.uri for d in sources.iter_label_items([], ["-"])] == want  # again, from what it gave
     assert sources.manifest_uri("-") == "-" and sources.manifest_uri("m.txt") == str(tmp_path / "m.txt")
     fifo = tmp_path / "list"
     os.mkfifo(fifo)
@@ -316,6 +321,7 @@ def test_manifest_from_standard_input_or_a_pipe(tmp_path, monkeypatch):
             return True
 
     monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr(sources, "_STREAM_TEXT", {})
     with pytest.raises(InputError, match="nothing comes on standard input; pipe the list in"):
         list(sources.iter_label_items([], ["-"]))
 
@@ -352,12 +358,13 @@ def test_manifest_file_uris_keep_hash_query_and_semicolon_and_any_scheme_case(tm
     """`file:/x/a#b.jpg` was the row of /x/a ("not found"; it would have labelled /x/a had it
     existed), `?` and `;` cut the name the same way, and `FILE:///x.jpg` was "unsupported URI
     scheme": people write paths after `file:`, and a scheme's case does not matter."""
-    names = ["a#b.jpg", "q?x=1.jpg", "p;1.jpg", "up.jpg", "100%.jpg"]
+    names = ["a#b.jpg", "q?x=1.jpg", "p;1.jpg", "up.jpg", "100%.jpg", "File:Pug.jpg", "S3:cover.jpg"]
     _put(str(tmp_path), {f"imgs/{n}": n.encode() for n in names} | {"imgs/a": b"not me"})
-    manifest = tmp_path / "m.txt"
+    manifest = tmp_path / "imgs" / "m.txt"
     manifest.write_text(f"file:{tmp_path}/imgs/a#b.jpg\nfile://{tmp_path}/imgs/q?x=1.jpg\n"
                         f"file://localhost{tmp_path}/imgs/p;1.jpg\nFILE://{tmp_path}/imgs/up.jpg\n"
-                        f"File:{tmp_path}/imgs/100%25.jpg\n")
+                        f"File:{tmp_path}/imgs/100%25.jpg\n"
+                        "File:Pug.jpg\nS3:cover.jpg\n")  # relative names (Wikimedia's), not schemes
     items = [d.item for d in sources.iter_label_items([], [str(manifest)])]
     assert [(i.uri, i.error) for i in items] == [(str(tmp_path / "imgs" / n), None) for n in names]
     assert [sources.read_item(i) for i in items] == [n.encode() for n in names]

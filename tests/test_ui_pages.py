@@ -1,6 +1,8 @@
 """The UI's page logic without a browser: classify verdicts, examples, the run explorer."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -61,8 +63,11 @@ def test_card_summary_names_the_model(predictor):
 def test_find_examples(image_factory, tmp_path):
     root = image_factory.dataset(num_classes=2, images_per_class=3)
     (root / "readme.txt").write_text("x")
+    (root / "0-gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # the label listing gives these a row;
+    os.mkfifo(root / "0-pipe.jpg")  # a gallery of them would hang (the pipe) or show a broken tile
     found = find_examples(str(root), limit=4)
     assert len(found) == 4 and found == sorted(found) and all(f.endswith(".jpg") for f in found)
+    assert all(os.path.isfile(f) for f in found)
     assert find_examples(None, 10) == []
     with pytest.raises(ConfigError, match="not a folder"):
         find_examples(str(tmp_path / "nope"), 10)
