@@ -671,7 +671,7 @@ def _tar_data(uri: str, exts, wanted, s3, max_bytes: int) -> Iterator[ItemData]:
         for info in tf:
             if info.isdir():
                 continue
-            kind = _member_kind(info.name, exts, wanted)
+            kind = _member_kind(safe_name(info.name), exts, wanted)  # a manifest names it as its rows do
             if kind is None:
                 continue
             if kind == "nested":

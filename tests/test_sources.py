@@ -448,6 +448,25 @@ def test_each_member_name_is_labelled_once(tmp_path, kind):
         assert members == ["x.jpg", "y.jpg"], rows
 
 
+def test_a_manifest_names_a_non_utf8_tar_member_as_the_output_wrote_it(tmp_path):
+    """A member whose name is not UTF-8 is written as `caf%E9.jpg`; a manifest of rows to label
+    again (read back from the output) named it so, and got "member not found": the archive was
+    searched for its raw name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo(b"caf\xe9.jpg".decode("utf-8", "surrogateescape"))
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"cafe"))
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(buf.getvalue())
+    (listed,) = sources.iter_label_items([str(archive)])
+    assert listed.item.member == "caf%E9.jpg" and listed.data == b"cafe"
+    pq.write_table(pa.table({"uri": [str(archive)], "member": [listed.item.member]}), tmp_path / "again.parquet")
+    (named,) = sources.iter_label_items([], [str(tmp_path / "again.parquet")])
+    assert (named.item.member, named.error) == ("caf%E9.jpg", None)
+    assert sources.read_item(named.item) == b"cafe"  # a member named by a manifest is read on its own
+
+
 def test_zip_names_info_zip_wrote_in_utf8_without_the_flag(tmp_path):
     """Info-ZIP's `zip` (Linux, macOS) writes UTF-8 names without the UTF-8 flag: Python read them as
     cp437, so `member` said "perro_espa├▒ol.jpg" and a manifest naming the real member matched
