@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core import schema, storage
+from core import output, schema, storage
 from core.dog_score import THRESHOLD
 from core.errors import ConfigError
 
@@ -94,8 +94,8 @@ def run_thresholds(manifests: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     when none was given); THRESHOLD, every card's, for older runs that left it null."""
     thresholds = {}
     for manifest in manifests:
-        given = (manifest.get("config") or {}).get("dog_threshold")
-        thresholds[manifest["run_id"]] = THRESHOLD if given is None else float(given)
+        given = (manifest.get(output.M_CONFIG) or {}).get("dog_threshold")
+        thresholds[manifest[output.M_RUN_ID]] = THRESHOLD if given is None else float(given)
     return thresholds
 
 

@@ -323,6 +323,7 @@ class _ManifestRow(NamedTuple):
 
 
 STDIN_MANIFEST = "-"  # `--manifest -`: the list comes on standard input
+_STREAM_TEXT: dict[str, str] = {}  # a stream can be read once: what it gave, for every later reader
 
 
 def manifest_uri(uri: str) -> str:
@@ -332,7 +333,7 @@ def manifest_uri(uri: str) -> str:
 
 def is_stream(uri: str) -> bool:
     """`-`, or a pipe such as `--manifest <(find ...)` gives (/dev/fd/N): read once, as a text list."""
-    if uri == STDIN_MANIFEST:
+    if uri == STDIN_MANIFEST or uri in _STREAM_TEXT:
         return True
     if storage.is_s3(uri):
         return False
@@ -342,13 +343,10 @@ def is_stream(uri: str) -> bool:
         return False
 
 
-_STREAM_TEXT: dict[str, str] = {}  # a stream can be read once: what it gave, for every later reader
-
-
 def manifest_identity(uri: str) -> str:
     """How a run's identity names a manifest: its URI; for standard input or a pipe also a hash
     of the lines, so that a rerun fed another list is another run, not the resumption of this one."""
-    if uri not in _STREAM_TEXT and not is_stream(uri):
+    if not is_stream(uri):
         return manifest_uri(uri)
     return f"{uri}@sha256:{hashlib.sha256(_read_stream(uri).encode()).hexdigest()[:16]}"
 
@@ -371,7 +369,7 @@ def _iter_manifest(uri: str, s3: S3Options | None) -> Iterator[InputItem]:
     whole archive. A URI of another scheme (http://…) is that row's error. Standard input and
     pipes are lists of one URI a line; their relative paths are relative to the working directory."""
     lower = uri.lower()
-    stream = uri in _STREAM_TEXT or is_stream(uri)
+    stream = is_stream(uri)
     if not stream and not lower.endswith(MANIFEST_SUFFIXES):
         raise InputError(f"{uri}: unknown manifest type; use .txt (one URI a line), .csv or .parquet "
                          f"(columns {MANIFEST_URI!r}, optional {MANIFEST_MEMBER!r}; or S3 Inventory's "
