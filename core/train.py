@@ -28,9 +28,10 @@ import tf_keras as keras
 
 from core import bundle as bundles
 from core import calibration, datasets, registry
-from core.config import PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
+from core.config import HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not
 from core.errors import ConfigError
+from core.head_init import warm_start_head
 from core.feature_cache import (cache_features, train_head_on_features, train_on_cached_activations,
                                 uses_cached_finetune)
 from core.train_data import build_datasets, named_input_errors, split_data, steps_per_epoch
@@ -85,10 +86,20 @@ def train_phases(model, run: TrainRun, train_ds, val_ds) -> None:
         if phase == PHASE_HEAD and training_path(cfg) == PATH_CACHED_HEAD:
             train_head_on_features(model, run)
         else:
+            if phase == PHASE_HEAD and cfg.head_init == HEAD_INIT_IMAGENET:
+                warm_start_on_the_fly(model, run)
             compile_for_phase(model, cfg, phase, steps)
             cbs = phase_callbacks(run, phase, run.best(PHASE_HEAD))
             run.history[phase] = run_phase(model, cfg, phase, train_ds, val_ds, cbs, steps=steps)
         run.timings[f"{phase}_s"] = round(time.time() - t0, 1)
+
+
+def warm_start_on_the_fly(model, run: TrainRun) -> None:
+    """core.head_init's warm start where the head trains on the fly: one plain backbone pass over
+    the training photos gives the features it reads."""
+    x, y = cache_features(run.cfg, registry.feature_extractor(model), run.train, 0,
+                          desc="head init: features of the training photos", dtype=np.float32)
+    run.card["head_init"] = warm_start_head(model, run.cfg.backbone, run.cfg.weights, x, y, run.train.classes)
 
 
 def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: str | None = None) -> TrainResult:
@@ -112,6 +123,7 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
         result = measure_for_export(model, cfg, train_set, val_set, val_ds)
     run.timings["final_metrics_s"] = round(time.time() - t0, 1)
     result.extras["timings"] = run.timings
+    result.card.update(run.card)
     result.history = run.history
     if checkpoint_dir:
         (Path(checkpoint_dir) / HISTORY_FILE).write_text(json.dumps(run.history, indent=1))

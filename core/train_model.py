@@ -40,6 +40,7 @@ class TrainRun:
     callbacks: Sequence = ()
     history: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    card: dict = field(default_factory=dict)  # card entries the phases add (head_init)
 
     @property
     def num_classes(self) -> int:

@@ -241,6 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
 def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callbacks: Sequence = (),
                  worker_callbacks: Callable[[int], list] | None = None):
     """A TensorflowTrainer for one run; `callbacks` are Ray Train UserCallbacks (e.g. Tune's)."""
+    if cfg.head_init != "random":
+        raise ConfigError(f"head_init {cfg.head_init} trains in one process (it reads the training photos' features "
+                          "before the head trains); drop --workers, or set head_init random")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 

