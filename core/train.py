@@ -28,10 +28,10 @@ import tf_keras as keras
 
 from core import bundle as bundles
 from core import calibration, datasets, registry
-from core.config import HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
-from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not
+from core.config import DOG_SCORE_IMAGENET, HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
+from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not, fit_imagenet_mass
 from core.errors import ConfigError
-from core.head_init import warm_start_head
+from core.head_init import assign_rows, class_mean_probs, warm_start_head
 from core.feature_cache import (cache_features, train_head_on_features, train_on_cached_activations,
                                 uses_cached_finetune)
 from core.train_data import build_datasets, named_input_errors, split_data, steps_per_epoch
@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: s
         else:
             train_phases(model, run, train_ds, val_ds)
         t0 = time.time()
-        result = measure_for_export(model, cfg, train_set, val_set, val_ds)
+        result = measure_for_export(model, cfg, train_set, val_set, val_ds, head_init=run.card.get("head_init"))
     run.timings["final_metrics_s"] = round(time.time() - t0, 1)
     result.extras["timings"] = run.timings
     result.card.update(run.card)
@@ -159,7 +159,26 @@ def dog_score_training_features(cfg: TrainConfig, chosen, train_set) -> tuple[np
     return np.concatenate(xs), np.tile(np.asarray(train_set.labels), len(xs))
 
 
-def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> TrainResult:
+def imagenet_dog_score(cfg: TrainConfig, chosen, train_set, val_x: np.ndarray, head_init: dict | None):
+    """core.dog_score.fit_imagenet_mass on the backbone's ImageNet classifier, over the rows the
+    classes took when the head was warm-started (or, without that, the rows their training
+    photos pick now: one more backbone pass)."""
+    found = registry.imagenet_classifier(cfg.backbone, cfg.weights)
+    if found is None:
+        raise ConfigError(f"dog_score_method imagenet: the weights of {cfg.backbone} ({cfg.weights}) have no "
+                          "ImageNet classifier; use dog_score_method mahalanobis")
+    kernel, bias = found
+    if head_init is not None:
+        rows = np.array([head_init["rows"][c.id] for c in train_set.classes])
+    else:
+        x, y = cache_features(cfg, registry.feature_extractor(chosen.model), train_set, 0,
+                              desc="dog score: features of the training photos", dtype=np.float32)
+        rows = assign_rows(class_mean_probs(x, y, len(train_set.classes), kernel, bias))
+    return fit_imagenet_mass(kernel, bias, rows, val_x)
+
+
+def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds, *,
+                       head_init: dict | None = None) -> TrainResult:
     """The graph to export and what its card says, for a trained model (single-process or
     distributed): the test-time average that measures best on the validation split, then the
     temperature fitted on its validation probabilities and the dog score fitted on pooled
@@ -185,6 +204,8 @@ def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds) -> T
                                         dtype=np.float32)
             fit = fit_dog_vs_not(train_x, other_x, val_x)
             fit.card["not_dogs_fingerprint"] = datasets.fingerprint(others)
+        elif cfg.dog_score_method == DOG_SCORE_IMAGENET:
+            fit = imagenet_dog_score(cfg, chosen, train_set, val_x, head_init)
         else:
             train_x, train_y = dog_score_training_features(cfg, chosen, train_set)
             sizes = " and ".join(f"{size} px" for size in [input_size_of(cfg), *(s for s, _ in chosen.resized)])

