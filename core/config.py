@@ -156,6 +156,12 @@ class TrainConfig:
             return dataclasses.replace(self, weights=os.path.abspath(os.path.expanduser(self.weights)))
         return self
 
+    def without_weights(self, **changes: Any) -> "TrainConfig":
+        """The same network with no weights loaded, for a skeleton that a checkpoint or another
+        model's weights fill: the options that read the pretrained weights are reset with them."""
+        return self.replace(weights=None, head_init=HEAD_INIT_RANDOM, dog_score_method=DOG_SCORE_MAHALANOBIS,
+                            **changes)
+
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed; `augment` may be a dict of AugmentConfig fields."""
         aug = changes.pop("augment", None)

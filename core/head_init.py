@@ -61,18 +61,27 @@ def class_mean_probs(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return sums / np.maximum(counts, 1.0)[:, None]
 
 
-def warm_start_head(model, backbone: str, weights: str | None, features: np.ndarray, labels: np.ndarray,
-                    classes: Sequence) -> dict:
-    """Set the rows of `model`'s output layer from the backbone's ImageNet classifier; returns the
-    card's `head_init` entry (which ImageNet row each class took)."""
+def _classifier(backbone: str, weights: str | None) -> tuple[np.ndarray, np.ndarray]:
     found = registry.imagenet_classifier(backbone, weights)
     if found is None:
         raise ConfigError(f"head_init imagenet: the weights of {backbone} ({weights}) have no ImageNet classifier; "
                           "use a backbone whose weights file includes it (efficientnet_lite0/1/2 with --weights "
                           "imagenet) or head_init random")
-    kernel, bias = found
-    labels = np.asarray(labels, np.int64)
-    rows = assign_rows(class_mean_probs(features, labels, len(classes), kernel, bias))
+    return found
+
+
+def pick_rows(backbone: str, weights: str | None, features: np.ndarray, labels: np.ndarray,
+              num_classes: int) -> np.ndarray:
+    """Each class's ImageNet row (-1: none), from pooled features of its training photos."""
+    kernel, bias = _classifier(backbone, weights)
+    return assign_rows(class_mean_probs(features, np.asarray(labels, np.int64), num_classes, kernel, bias))
+
+
+def apply_rows(model, backbone: str, weights: str | None, rows: Sequence[int]) -> None:
+    """Set the output layer's columns of the classes with a row to that ImageNet row; the others
+    keep their start. Every Ray Train worker applies the same rows (picked once, on the driver)."""
+    kernel, bias = _classifier(backbone, weights)
+    rows = np.asarray(rows, np.int64)
     out = registry.head_of(model).get_layer("predictions")
     k, b = (w.copy() for w in out.get_weights())
     if k.shape[0] != kernel.shape[0]:
@@ -82,6 +91,19 @@ def warm_start_head(model, backbone: str, weights: str | None, features: np.ndar
     k[:, matched] = kernel[:, rows[matched]]
     b[matched] = bias[rows[matched]]
     out.set_weights([k, b])
-    log.info("head: %d of %d classes start from ImageNet classifier rows", int(matched.sum()), len(classes))
-    return {"method": METHOD, "min_mean_prob": MIN_MEAN_PROB, "classes_matched": int(matched.sum()),
-            "rows": {getattr(c, "id", str(c)): int(r) for c, r in zip(classes, rows)}}
+    log.info("head: %d of %d classes start from ImageNet classifier rows", int(matched.sum()), len(rows))
+
+
+def card_entry(rows: Sequence[int], classes: Sequence) -> dict:
+    """The card's `head_init`: which ImageNet row each class took (-1: none)."""
+    rows = [int(r) for r in rows]
+    return {"method": METHOD, "min_mean_prob": MIN_MEAN_PROB, "classes_matched": sum(r >= 0 for r in rows),
+            "rows": {getattr(c, "id", str(c)): r for c, r in zip(classes, rows)}}
+
+
+def warm_start_head(model, backbone: str, weights: str | None, features: np.ndarray, labels: np.ndarray,
+                    classes: Sequence) -> dict:
+    """pick_rows then apply_rows; returns the card's `head_init` entry."""
+    rows = pick_rows(backbone, weights, features, labels, len(classes))
+    apply_rows(model, backbone, weights, rows)
+    return card_entry(rows, classes)

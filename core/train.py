@@ -31,7 +31,7 @@ from core import calibration, datasets, registry
 from core.config import DOG_SCORE_IMAGENET, HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not, fit_imagenet_mass
 from core.errors import ConfigError
-from core.head_init import assign_rows, class_mean_probs, warm_start_head
+from core.head_init import assign_rows, card_entry, class_mean_probs, pick_rows, warm_start_head
 from core.feature_cache import (cache_features, train_head_on_features, train_on_cached_activations,
                                 uses_cached_finetune)
 from core.train_data import build_datasets, named_input_errors, split_data, steps_per_epoch
@@ -100,6 +100,18 @@ def warm_start_on_the_fly(model, run: TrainRun) -> None:
     x, y = cache_features(run.cfg, registry.feature_extractor(model), run.train, 0,
                           desc="head init: features of the training photos", dtype=np.float32)
     run.card["head_init"] = warm_start_head(model, run.cfg.backbone, run.cfg.weights, x, y, run.train.classes)
+
+
+def head_init_rows(cfg: TrainConfig, data) -> tuple[list[int], dict]:
+    """The ImageNet rows of core.head_init for a run whose workers start their heads from them
+    (train --workers, tune): one plain backbone pass over the training photos, here; returns the
+    rows and the card's `head_init` entry."""
+    train_set, _ = split_data(cfg, data)
+    model = build_model(cfg, len(train_set.classes))
+    x, y = cache_features(cfg, registry.feature_extractor(model), train_set, 0,
+                          desc="head init: features of the training photos", dtype=np.float32)
+    rows = [int(r) for r in pick_rows(cfg.backbone, cfg.weights, x, y, len(train_set.classes))]
+    return rows, card_entry(rows, train_set.classes)
 
 
 def train(cfg: TrainConfig, data, *, callbacks: Sequence = (), checkpoint_dir: str | None = None) -> TrainResult:

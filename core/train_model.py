@@ -81,7 +81,7 @@ def build_model(cfg: TrainConfig, num_classes: int, name_suffix: str = ""):
 def model_at_size(model, cfg: TrainConfig, num_classes: int, size: int):
     """A twin of `model` with the same weights whose input is `size` px: every backbone here is
     fully convolutional with global pooling, so one set of weights serves any size."""
-    twin = build_model(cfg.replace(input_size=size, weights=None, tta_sizes=()), num_classes, f"_{size}px")
+    twin = build_model(cfg.without_weights(input_size=size, tta_sizes=()), num_classes, f"_{size}px")
     twin.set_weights(model.get_weights())
     return twin
 

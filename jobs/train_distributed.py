@@ -20,7 +20,8 @@ this module adds is the Ray part:
   resumes an interrupted run the same way.
 - Both phases train on the fly here (`head_feature_views` and `finetune_cached` are the
   single-process CPU shortcuts of core.feature_cache; caching per worker would need a collective
-  predict).
+  predict). For the same reason `head_init imagenet` picks its rows on the driver (one backbone
+  pass over the training photos) and every worker applies them to its fresh head.
 - Export: the best reported checkpoint (by val top-1) is loaded into a plain model on the
   driver, measured on the validation split and exported by core.train.export_trained, as a
   single-process run is.
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from core import storage
-from core.config import PHASE_FINETUNE, PHASE_HEAD, TrainConfig
+from core.config import HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, TrainConfig
 from core.console import VERBOSE_ENV
 from core.errors import ConfigError, JobError
 from core.options import option
@@ -218,6 +219,10 @@ def train_loop_per_worker(config: dict) -> None:
     with strategy.scope():
         model = build_model(cfg, len(train_set.classes))
     state = _restore(model, cfg)
+    if state is None and config.get("head_rows") is not None:
+        from core.head_init import apply_rows
+
+        apply_rows(model, cfg.backbone, cfg.weights, config["head_rows"])
     plan = _resume_plan(cfg, state)
     if state:
         log.info("rank %d resumed after %s epoch %d; plan %s", rank, state["phase"], state["phase_epoch"], plan)
@@ -239,11 +244,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 # ---------------------------------------------------------------- on the driver
 def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callbacks: Sequence = (),
-                 worker_callbacks: Callable[[int], list] | None = None):
-    """A TensorflowTrainer for one run; `callbacks` are Ray Train UserCallbacks (e.g. Tune's)."""
-    if cfg.head_init != "random":
-        raise ConfigError(f"head_init {cfg.head_init} trains in one process (it reads the training photos' features "
-                          "before the head trains); drop --workers, or set head_init random")
+                 worker_callbacks: Callable[[int], list] | None = None, head_rows: Sequence[int] | None = None):
+    """A TensorflowTrainer for one run; `callbacks` are Ray Train UserCallbacks (e.g. Tune's).
+    With head_init imagenet every worker starts its head from the same ImageNet rows, picked here
+    with one backbone pass over the training photos (or given as `head_rows`)."""
+    if cfg.head_init == HEAD_INIT_IMAGENET and head_rows is None:
+        from core.train import head_init_rows  # TensorFlow: only for this
+
+        head_rows, _ = head_init_rows(cfg, data)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -251,7 +259,7 @@ def make_trainer(cfg: TrainConfig, data: str, dist: DistributedConfig, *, callba
     if dist.gpus_per_worker:
         resources["GPU"] = dist.gpus_per_worker
     loop_config = {"train_config": cfg.to_dict(), "data": str(data), "cpus_per_worker": dist.cpus_per_worker,
-                   "worker_callbacks": worker_callbacks}
+                   "worker_callbacks": worker_callbacks, "head_rows": head_rows}
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -280,7 +288,8 @@ def best_checkpoint(result) -> tuple[Any, dict]:
     return max(kept, key=lambda cm: cm[1][METRIC])
 
 
-def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: DistributedConfig):
+def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: DistributedConfig,
+                      head_init: dict | None = None):
     """Load a reported checkpoint into a plain model, measure it on the validation split (the
     test-time average kept only where it measures better, as a single-process run) and export
     the bundle (core.train.export_trained); returns (bundle, metrics)."""
@@ -289,10 +298,12 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, data: str, out: str, dist: D
     from core.train_model import build_model
 
     train_set, val_set = split_data(cfg, data)
-    model = build_model(cfg.replace(weights=None), len(train_set.classes))
+    model = build_model(cfg.without_weights(), len(train_set.classes))
     load_checkpoint(model, cfg, checkpoint)
     _, val_ds = build_datasets(cfg, train_set, val_set)
-    result = measure_for_export(model, cfg, train_set, val_set, val_ds)
+    result = measure_for_export(model, cfg, train_set, val_set, val_ds, head_init=head_init)
+    if head_init is not None:
+        result.card["head_init"] = head_init
     return export_trained(result, out, train_set, distributed=asdict(dist)), result.metrics
 
 
@@ -307,6 +318,11 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
     progress: log one line per epoch here (jobs.train_progress), for a driver whose workers'
     own output is not shown."""
     t0 = time.time()
+    head_rows = head_init = None
+    if cfg.head_init == HEAD_INIT_IMAGENET:  # picked once, for the workers and the card
+        from core.train import head_init_rows  # TensorFlow: only for this
+
+        head_rows, head_init = head_init_rows(cfg, data)
     with contextlib.ExitStack() as stack:
         callbacks = []
         if progress:
@@ -315,7 +331,8 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
             epochs = {PHASE_HEAD: cfg.head_epochs, PHASE_FINETUNE: cfg.finetune_epochs}
             callbacks.append(stack.enter_context(printed_progress(epochs)))
         with sigint_handler_restored():  # Ray Train leaves its own installed
-            result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks).fit()
+            result = make_trainer(cfg, data, dist, callbacks=callbacks, worker_callbacks=worker_callbacks,
+                                  head_rows=head_rows).fit()
     poll()  # a fit aborted by SIGINT/SIGTERM returns: nothing more to do (nor export)
     checkpoint, metrics = best_checkpoint(result)
     log.info("trained in %.0f s over %d worker(s); best %s %.4f at %s epoch %s", time.time() - t0,
@@ -323,7 +340,7 @@ def run_distributed(cfg: TrainConfig, data: str, dist: DistributedConfig, out: s
     done = DistributedResult(metrics=dict(metrics), last_metrics=dict(result.metrics or {}),
                              checkpoint_path=checkpoint.path, run_path=result.path)
     if out:
-        done.bundle, done.card_metrics = export_checkpoint(checkpoint, cfg, data, out, dist)
+        done.bundle, done.card_metrics = export_checkpoint(checkpoint, cfg, data, out, dist, head_init)
     return done
 
 

@@ -166,13 +166,27 @@ def test_train_warm_starts_the_head_and_the_card_says_from_which_rows(lite0_file
     assert bundle is not None
 
 
-def test_distributed_training_refuses_head_init_imagenet(lite0_file):
-    from jobs.train_distributed import DistributedConfig, make_trainer
+@pytest.mark.slow
+def test_two_workers_start_from_the_same_imagenet_rows_and_the_card_lists_them(ray_local, lite0_file, image_factory,
+                                                                             tmp_path):
+    """train --workers with head_init imagenet: the rows are picked once on the driver, each worker
+    starts its head from them, the export's card lists them and the dog score reads them."""
+    from core.bundle import load_bundle
+    from jobs.train_distributed import DistributedConfig, run_distributed
 
-    path, _ = lite0_file
-    cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, head_init="imagenet")
-    with pytest.raises(ConfigError, match="head_init imagenet trains in one process"):
-        make_trainer(cfg, "/nowhere", DistributedConfig(workers=1))
+    state = load_state_dict(lite0_file[0])
+    state["_fc.bias"][[10, 11, 12]] = 8.0  # random weights: three ImageNet classes every photo looks like
+    path = write_pth(tmp_path / "lite0.pth", state)
+    root = image_factory.dataset(num_classes=3, images_per_class=12)
+    cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, batch_size=4,
+                      head_init="imagenet", dog_score_method="imagenet", head_epochs=1, finetune_layers=0,
+                      finetune_epochs=0, calibrate=False)
+    dist = DistributedConfig(workers=2, storage=str(tmp_path / "ray"), run_name="lite")
+    run_distributed(cfg, str(root), dist, out=str(tmp_path / "bundle"))
+    card = load_bundle(str(tmp_path / "bundle")).card
+    assert sorted(card["head_init"]["rows"].values()) == [10, 11, 12]
+    assert card["dog_score"]["method"] == "imagenet-breed-mass" and card["distributed"]["workers"] == 2
+
 
 
 def test_the_imagenet_mass_score_separates_breed_rows_from_the_rest_and_the_layer_agrees():
@@ -249,3 +263,18 @@ def test_the_packaged_lite2_weights_see_the_sample_bucket_dogs_as_their_breeds(s
     assert np.mean((top1 >= 151) & (top1 <= 275)) >= 0.95
     assert len(set(top1.tolist())) >= 100
     assert isinstance(backbone, keras.Model)
+
+
+def test_a_lite_preset_with_another_input_size_averaged_builds_its_twin(lite0_file, image_factory):
+    """--tta-sizes builds a twin without weights (the model's are copied in): options that read the
+    pretrained weights must not stop it."""
+    from core import datasets
+    from core.train import train
+
+    path, _ = lite0_file
+    root = image_factory.dataset(num_classes=3, images_per_class=6)
+    cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, batch_size=4,
+                      head_init="imagenet", head_feature_views=1, head_epochs=1, finetune_layers=0,
+                      finetune_epochs=0, dog_score=False, calibrate=False, tta_sizes=(48,))
+    result = train(cfg, datasets.discover(root))
+    assert result.extras["tta_sizes"] in ([], [48])  # measured, and kept only where better
