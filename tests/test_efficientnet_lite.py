@@ -166,6 +166,14 @@ def test_train_warm_starts_the_head_and_the_card_says_from_which_rows(lite0_file
     assert bundle is not None
 
 
+def _lite0_favouring_rows_10_to_12(lite0_file, tmp_path):
+    """The random Lite0 file with three ImageNet classes (10, 11, 12) every photo looks like, so the
+    synthetic classes take those rows."""
+    state = load_state_dict(lite0_file[0])
+    state["_fc.bias"][[10, 11, 12]] = 8.0
+    return write_pth(tmp_path / "lite0.pth", state)
+
+
 @pytest.mark.slow
 def test_two_workers_start_from_the_same_imagenet_rows_and_the_card_lists_them(ray_local, lite0_file, image_factory,
                                                                              tmp_path):
@@ -174,9 +182,7 @@ def test_two_workers_start_from_the_same_imagenet_rows_and_the_card_lists_them(r
     from core.bundle import load_bundle
     from jobs.train_distributed import DistributedConfig, run_distributed
 
-    state = load_state_dict(lite0_file[0])
-    state["_fc.bias"][[10, 11, 12]] = 8.0  # random weights: three ImageNet classes every photo looks like
-    path = write_pth(tmp_path / "lite0.pth", state)
+    path = _lite0_favouring_rows_10_to_12(lite0_file, tmp_path)
     root = image_factory.dataset(num_classes=3, images_per_class=12)
     cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, batch_size=4,
                       head_init="imagenet", dog_score_method="imagenet", head_epochs=1, finetune_layers=0,
@@ -217,9 +223,7 @@ def test_a_lite_bundle_scores_dogs_with_its_imagenet_classifier_on_both_runtimes
     from core.runtime import load_runtime
     from core.train import export_trained, train
 
-    state = load_state_dict(lite0_file[0])
-    state["_fc.bias"][[10, 11, 12]] = 8.0  # random weights: three ImageNet classes every photo looks like
-    path = write_pth(tmp_path / "lite0.pth", state)
+    path = _lite0_favouring_rows_10_to_12(lite0_file, tmp_path)
     root = image_factory.dataset(num_classes=3, images_per_class=6)
     cfg = TrainConfig(backbone="efficientnet_lite0", weights=str(path), input_size=64, batch_size=4,
                       head_init="imagenet", dog_score_method="imagenet", head_feature_views=1, head_epochs=1,
