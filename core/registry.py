@@ -40,6 +40,8 @@ class BackboneSpec:
     weights_format: str = "h5"  # what a local weights file is: "h5" (Keras) or "torch" (a .pth state dict)
     # resolved weights -> the ImageNet classifier (kernel [D, 1000], bias [1000]) where the file has it
     classifier: Callable[[str], "tuple | None"] | None = None
+    # where `--weights imagenet` is a file an installed package holds (not a Keras download): its path
+    installed_imagenet: Callable[[], str] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -145,7 +147,8 @@ def _lite_spec(variant_name: str) -> BackboneSpec:
 
     return BackboneSpec(f"efficientnet_{variant.name}", build, variant.input_size, lite.FEATURE_DIM, "none",
                         "efficientnet_lite", weights_format="torch",
-                        classifier=lambda weights: lite.classifier(load_state_dict(weights)))
+                        classifier=lambda weights: lite.classifier(load_state_dict(weights)),
+                        installed_imagenet=lambda: str(lite.installed_weights(variant)))
 
 
 def _register_defaults() -> None:
@@ -181,11 +184,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
     if weights == WEIGHTS_IMAGENET:
         if not spec.has_imagenet:
             raise ConfigError(f"backbone {spec.name!r} has no ImageNet weights; use --weights none or a .h5 path")
-        if spec.weights_format == "torch":
-            from core import efficientnet_lite
-
-            return str(efficientnet_lite.installed_weights(efficientnet_lite.VARIANTS[spec.name.rsplit("_", 1)[1]]))
-        return WEIGHTS_IMAGENET
+        return spec.installed_imagenet() if spec.installed_imagenet else WEIGHTS_IMAGENET
     path = Path(weights).expanduser()
     if not path.is_file():
         kind = ".pth" if spec.weights_format == "torch" else ".h5"

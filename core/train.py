@@ -31,7 +31,7 @@ from core import calibration, datasets, registry
 from core.config import DOG_SCORE_IMAGENET, HEAD_INIT_IMAGENET, PHASE_FINETUNE, PHASE_HEAD, PHASES, TrainConfig
 from core.dog_score import dog_score_layer, fit_dog_score, fit_dog_vs_not, fit_imagenet_mass
 from core.errors import ConfigError
-from core.head_init import assign_rows, card_entry, class_mean_probs, pick_rows, warm_start_head
+from core.head_init import apply_rows, card_entry, pick_rows
 from core.feature_cache import (cache_features, train_head_on_features, train_on_cached_activations,
                                 uses_cached_finetune)
 from core.train_data import build_datasets, named_input_errors, split_data, steps_per_epoch
@@ -94,23 +94,27 @@ def train_phases(model, run: TrainRun, train_ds, val_ds) -> None:
         run.timings[f"{phase}_s"] = round(time.time() - t0, 1)
 
 
+def training_photo_rows(cfg: TrainConfig, model, train_set, why: str) -> list[int]:
+    """core.head_init's ImageNet row of each class, from one plain backbone pass over the training
+    photos (where no cached features are at hand); `why` names the pass in its progress line."""
+    x, y = cache_features(cfg, registry.feature_extractor(model), train_set, 0,
+                          desc=f"{why}: features of the training photos", dtype=np.float32)
+    return [int(r) for r in pick_rows(cfg.backbone, cfg.weights, x, y, len(train_set.classes))]
+
+
 def warm_start_on_the_fly(model, run: TrainRun) -> None:
-    """core.head_init's warm start where the head trains on the fly: one plain backbone pass over
-    the training photos gives the features it reads."""
-    x, y = cache_features(run.cfg, registry.feature_extractor(model), run.train, 0,
-                          desc="head init: features of the training photos", dtype=np.float32)
-    run.card["head_init"] = warm_start_head(model, run.cfg.backbone, run.cfg.weights, x, y, run.train.classes)
+    """core.head_init's warm start where the head trains on the fly."""
+    cfg = run.cfg
+    rows = training_photo_rows(cfg, model, run.train, "head init")
+    apply_rows(model, cfg.backbone, cfg.weights, rows)
+    run.card["head_init"] = card_entry(rows, run.train.classes)
 
 
 def head_init_rows(cfg: TrainConfig, data) -> tuple[list[int], dict]:
     """The ImageNet rows of core.head_init for a run whose workers start their heads from them
-    (train --workers, tune): one plain backbone pass over the training photos, here; returns the
-    rows and the card's `head_init` entry."""
+    (train --workers, tune), picked here; returns the rows and the card's `head_init` entry."""
     train_set, _ = split_data(cfg, data)
-    model = build_model(cfg, len(train_set.classes))
-    x, y = cache_features(cfg, registry.feature_extractor(model), train_set, 0,
-                          desc="head init: features of the training photos", dtype=np.float32)
-    rows = [int(r) for r in pick_rows(cfg.backbone, cfg.weights, x, y, len(train_set.classes))]
+    rows = training_photo_rows(cfg, build_model(cfg, len(train_set.classes)), train_set, "head init")
     return rows, card_entry(rows, train_set.classes)
 
 
@@ -181,12 +185,10 @@ def imagenet_dog_score(cfg: TrainConfig, chosen, train_set, val_x: np.ndarray, h
                           "ImageNet classifier; use dog_score_method mahalanobis")
     kernel, bias = found
     if head_init is not None:
-        rows = np.array([head_init["rows"][c.id] for c in train_set.classes])
+        rows = [head_init["rows"][c.id] for c in train_set.classes]
     else:
-        x, y = cache_features(cfg, registry.feature_extractor(chosen.model), train_set, 0,
-                              desc="dog score: features of the training photos", dtype=np.float32)
-        rows = assign_rows(class_mean_probs(x, y, len(train_set.classes), kernel, bias))
-    return fit_imagenet_mass(kernel, bias, rows, val_x)
+        rows = training_photo_rows(cfg, chosen.model, train_set, "dog score")
+    return fit_imagenet_mass(kernel, bias, np.asarray(rows), val_x)
 
 
 def measure_for_export(model, cfg: TrainConfig, train_set, val_set, val_ds, *,
